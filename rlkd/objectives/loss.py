@@ -1,0 +1,221 @@
+"""DistillLoss: a base objective and the ranking term over the supervised positions, in chunks.
+
+Memory: only the selected positions are touched, ``chunk_size`` rows at a time. For each chunk the
+per-token losses *and* their gradient with respect to the student's logits are computed at once
+(the gradient of token i's loss involves row i only), and the gradient rows are kept in the
+logits' dtype. Backward then only scales and scatters them. Working memory is O(chunk x V) on top
+of that one gradient buffer, which the logits' gradient needs anyway, instead of the several
+N x V fp32 softmaxes that a plain autograd graph keeps alive.
+
+Reduction: the result is a *sum* over positions; the caller divides by the global number of
+supervised tokens (all micro-batches, all ranks), so gradient accumulation and data parallelism
+leave the loss scale unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlkd.objectives.common import compute_dtype
+from rlkd.objectives.config import LossConfig
+from rlkd.objectives.ranking import official_batch_union, ranking_terms, topk_ids
+from rlkd.objectives.registry import get_objective
+
+CHUNK_ELEMENT_BUDGET = 2**25
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor
+    n_tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_token: torch.Tensor | None = None
+
+
+@dataclass
+class _Weights:
+    rank: float
+    base: float
+    rank_fallback: bool = False
+
+
+class DistillLoss:
+    """Callable ``(student_logits, teacher_logits, mask, labels=None) -> LossOutput``."""
+
+    def __init__(self, config: LossConfig | dict | None = None, **overrides):
+        if config is None or isinstance(config, dict):
+            config = LossConfig(**{**(config or {}), **overrides})
+        elif overrides:
+            config = config.model_copy(update=overrides)
+        self.config = config
+        self.ranking = config.ranking if config.ranking.enabled else None
+        self.objective = get_objective(config.objective) if config.uses_base else None
+
+    # ---- the per-chunk computation -----------------------------------------------------------
+    def _chunk(self, student, teacher, labels, union_ids, weights: _Weights):
+        cfg = self.config
+        s = student.to(compute_dtype(student)) / cfg.temperature
+        t = teacher.to(s.dtype) / cfg.temperature if teacher is not None else None
+        terms: dict[str, torch.Tensor] = {}
+        total = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+        base_weight = torch.full_like(total, weights.base)
+        if self.ranking is not None:
+            r = self.ranking
+            rank = ranking_terms(
+                s, t, k=r.k, correlation=r.correlation, scores=r.scores,
+                regularization_strength=r.regularization_strength, backend=r.backend,
+                union_ids=union_ids, official=r.fidelity == "official",
+            )
+            terms["rank"] = rank.loss
+            terms["rank_degenerate_rows"] = rank.degenerate.to(s.dtype)
+            terms["topk_overlap"] = rank.overlap.to(s.dtype) / r.k
+            if weights.rank:
+                total = total + weights.rank * rank.loss
+            if r.mode == "dynamic":
+                base_weight = base_weight * rank.overlap.to(s.dtype) / r.k
+        if self.objective is not None and weights.base:
+            params = cfg.params
+            base = self.objective.fn(s, t, labels, **params)
+            terms["base"] = base
+            total = total + base_weight * base
+        return total, terms
+
+    # ---- entry point ------------------------------------------------------------------------------
+    def __call__(self, student_logits, teacher_logits, mask=None, labels=None) -> LossOutput:
+        student_flat, teacher_flat, positions, labels_sel = self._select(student_logits, teacher_logits, mask, labels)
+        n = positions.numel()
+        if n == 0:
+            # A micro-batch without supervised tokens is legal (e.g. a prompt filling the context):
+            # it adds nothing, but stays connected to the graph so every rank runs backward.
+            return LossOutput(student_flat.sum() * 0.0, 0, {"loss": 0.0})
+        vocab = student_flat.shape[-1]
+        chunk = self.config.chunk_size or max(1, CHUNK_ELEMENT_BUDGET // vocab)
+        union_ids, weights = self._batch_level(student_flat, teacher_flat, positions, chunk)
+        metrics: dict[str, float] = {}
+        per_token = _FusedChunkedLoss.apply(
+            student_flat, teacher_flat, positions, labels_sel, union_ids, weights, chunk, self, metrics
+        )
+        metrics["loss"] = float(per_token.detach().sum())
+        metrics["rank_fallback"] = float(weights.rank_fallback)
+        return LossOutput(per_token.sum(), n, metrics, per_token)
+
+    def _select(self, student_logits, teacher_logits, mask, labels):
+        vocab = student_logits.shape[-1]
+        needs_teacher = self.objective is not None and self.objective.needs_teacher or self.ranking is not None
+        if needs_teacher:
+            if teacher_logits is None:
+                raise ValueError("this loss needs teacher logits, got None")
+            if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
+                raise ValueError(
+                    f"teacher logits shape {tuple(teacher_logits.shape)} does not match student logits "
+                    f"{tuple(student_logits.shape)} in the leading (batch, position) dimensions"
+                )
+            if teacher_logits.shape[-1] != vocab:
+                raise ValueError(
+                    f"vocabulary mismatch: student logits have {vocab} entries, teacher logits "
+                    f"{teacher_logits.shape[-1]}; truncate both to the shared vocabulary first "
+                    "(models.shared_vocab_size in the run config)"
+                )
+        if self.ranking is not None and self.ranking.k > vocab:
+            raise ValueError(f"ranking.k={self.ranking.k} exceeds the vocabulary size {vocab}")
+        lead = student_logits.shape[:-1]
+        if mask is None:
+            mask = torch.ones(lead, dtype=torch.bool, device=student_logits.device)
+        if mask.shape != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits' leading shape {tuple(lead)}")
+        positions = mask.reshape(-1).nonzero().squeeze(-1)
+        labels_sel = None
+        if labels is not None:
+            if labels.shape != lead:
+                raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits' leading shape {tuple(lead)}")
+            labels_sel = labels.reshape(-1)[positions]
+        elif self.objective is not None and self.objective.needs_labels:
+            raise ValueError(f"objective {self.objective.name!r} needs labels")
+        student_flat = student_logits.reshape(-1, vocab)
+        teacher_flat = teacher_logits.reshape(-1, vocab) if teacher_logits is not None and needs_teacher else None
+        return student_flat, teacher_flat, positions, labels_sel
+
+    def _batch_level(self, student_flat, teacher_flat, positions, chunk):
+        """Weights, and for the official mode the batch-level union and its NaN fallback."""
+        r = self.ranking
+        if r is None:
+            return None, _Weights(rank=0.0, base=1.0)
+        if r.fidelity == "paper":
+            uses_base = self.objective is not None
+            return None, _Weights(rank=r.rank_weight, base=r.base_weight if uses_base else 0.0)
+        with torch.no_grad():
+            rows = lambda flat, i: flat.index_select(0, positions[i : i + chunk]).to(compute_dtype(flat))  # noqa: E731
+            spans = range(0, positions.numel(), chunk)
+            t_ids = torch.cat([topk_ids(rows(teacher_flat, i), r.k) for i in spans])
+            s_ids = torch.cat([topk_ids(rows(student_flat, i), r.k) for i in spans])
+            union_ids = official_batch_union(t_ids, s_ids)
+            weights = _Weights(rank=0.0, base=0.0)
+            nan = any(
+                torch.isnan(self._chunk(rows(student_flat, i), rows(teacher_flat, i), None,
+                                        union_ids[i : i + chunk], _Weights(1.0, 0.0))[0]).any()
+                for i in spans
+            )
+        # Released code: loss = rank + base / magnification, or base alone if rank is NaN.
+        weights = _Weights(rank=0.0, base=1.0, rank_fallback=True) if nan else _Weights(rank=1.0, base=1.0 / 2.0)
+        return union_ids, weights
+
+
+class _FusedChunkedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_flat, teacher_flat, positions, labels_sel, union_ids, weights, chunk, loss, metrics):
+        needs_grad = student_flat.requires_grad
+        n = positions.numel()
+        per_token = torch.empty(n, dtype=compute_dtype(student_flat), device=student_flat.device)
+        grad_rows = torch.empty((n, student_flat.shape[-1]), dtype=student_flat.dtype,
+                                device=student_flat.device) if needs_grad else None
+        sums: dict[str, torch.Tensor] = {}
+        for start in range(0, n, chunk):
+            idx = positions[start : start + chunk]
+            s_rows = student_flat.detach().index_select(0, idx)
+            t_rows = teacher_flat.detach().index_select(0, idx) if teacher_flat is not None else None
+            lab = labels_sel[start : start + chunk] if labels_sel is not None else None
+            ids = union_ids[start : start + chunk] if union_ids is not None else None
+            with torch.enable_grad():
+                s_rows.requires_grad_(needs_grad)
+                total, terms = loss._chunk(s_rows, t_rows, lab, ids, weights)
+                _check_finite(total, s_rows, t_rows, idx)
+                if needs_grad:
+                    (grad,) = torch.autograd.grad(total.sum(), s_rows)
+                    grad_rows[start : start + chunk] = grad
+            per_token[start : start + chunk] = total.detach()
+            for name, value in terms.items():
+                value = value.detach()
+                if name == "rank":
+                    value = torch.where(value.isnan(), torch.zeros_like(value), value)
+                sums[name] = sums.get(name, 0.0) + value.sum()
+        ctx.save_for_backward(positions)
+        ctx.grad_rows = grad_rows
+        ctx.flat_shape, ctx.flat_dtype = student_flat.shape, student_flat.dtype
+        metrics.update({name: float(value) for name, value in sums.items()})
+        return per_token
+
+    @staticmethod
+    def backward(ctx, grad_per_token):
+        (positions,) = ctx.saved_tensors
+        grad_rows = ctx.grad_rows
+        if grad_rows is None:
+            raise RuntimeError("DistillLoss: backward called twice or on a loss computed without gradient")
+        ctx.grad_rows = None  # the buffer is scaled in place, so a second backward would be wrong
+        grad_rows.mul_(grad_per_token.to(grad_rows.dtype).unsqueeze(-1))
+        grad_flat = torch.zeros(ctx.flat_shape, dtype=ctx.flat_dtype, device=grad_rows.device)
+        grad_flat.index_copy_(0, positions, grad_rows)
+        return grad_flat, None, None, None, None, None, None, None, None
+
+
+def _check_finite(total, s_rows, t_rows, idx):
+    if torch.isfinite(total).all():
+        return
+    bad = int((~torch.isfinite(total)).nonzero()[0, 0])
+    where = f"flattened position {int(idx[bad])}"
+    if not torch.isfinite(s_rows[bad]).all():
+        raise ValueError(f"student logits contain NaN/Inf at {where}")
+    if t_rows is not None and not torch.isfinite(t_rows[bad]).all():
+        raise ValueError(f"teacher logits contain NaN/Inf at {where}")
+    raise FloatingPointError(f"the loss is not finite at {where} although the logits are")

@@ -1,0 +1,100 @@
+"""Registry of per-token KD objectives.
+
+An objective is a pure function ``fn(student_logits, teacher_logits, labels, **params) -> loss[N]``
+over N selected positions (rows of already temperature-scaled fp32 logits). Registering it with
+``@register_objective`` makes it available by name everywhere: configs, grids, tables, the CLI.
+Hyperparameters are the function's keyword-only arguments; their defaults are the declared
+defaults and ``bounds`` gives their valid closed intervals.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+ObjectiveFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    fn: ObjectiveFn
+    defaults: Mapping[str, float]
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    needs_teacher: bool = True
+    needs_labels: bool = False
+    summary: str = ""
+
+    def resolve_params(self, params: Mapping[str, object] | None) -> dict[str, float]:
+        """Defaults overlaid with ``params``, each checked against its declared bounds."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            allowed = ", ".join(sorted(self.defaults)) or "none"
+            raise ValueError(f"objective {self.name!r}: unknown parameter(s) {unknown}; allowed: {allowed}")
+        resolved = dict(self.defaults)
+        for key, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"objective {self.name!r}: parameter {key!r} must be a number, got {value!r}")
+            value = float(value)
+            lo, hi = self.bounds.get(key, (-math.inf, math.inf))
+            if not (lo <= value <= hi) or math.isnan(value):
+                raise ValueError(f"objective {self.name!r}: parameter {key!r}={value} outside [{lo}, {hi}]")
+            resolved[key] = value
+        return resolved
+
+
+_REGISTRY: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(
+    name: str,
+    *,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+    needs_teacher: bool = True,
+    needs_labels: bool = False,
+) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Register ``fn`` under ``name``; its keyword-only arguments are its hyperparameters."""
+
+    def decorate(fn: ObjectiveFn) -> ObjectiveFn:
+        if name in _REGISTRY:
+            raise ValueError(f"objective {name!r} is already registered by {_REGISTRY[name].fn.__module__}")
+        signature = inspect.signature(fn)
+        defaults = {}
+        for param in signature.parameters.values():
+            if param.kind is inspect.Parameter.KEYWORD_ONLY:
+                if param.default is inspect.Parameter.empty:
+                    raise TypeError(f"objective {name!r}: hyperparameter {param.name!r} needs a default")
+                defaults[param.name] = float(param.default)
+        unknown_bounds = set(bounds or {}) - set(defaults)
+        if unknown_bounds:
+            raise TypeError(f"objective {name!r}: bounds for unknown parameters {sorted(unknown_bounds)}")
+        summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
+        spec = ObjectiveSpec(name, fn, defaults, dict(bounds or {}), needs_teacher, needs_labels, summary)
+        spec.resolve_params({})  # the defaults themselves must satisfy the bounds
+        _REGISTRY[name] = spec
+        return fn
+
+    return decorate
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    _load_builtin_objectives()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown objective {name!r}; registered objectives: {', '.join(list_objectives())}") from None
+
+
+def list_objectives() -> list[str]:
+    _load_builtin_objectives()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin_objectives() -> None:
+    # Importing the package registers the built-in objectives; plug-ins register on their own import.
+    import rlkd.objectives  # noqa: F401
