@@ -199,13 +199,15 @@ class _FusedChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_per_token):
         (positions,) = ctx.saved_tensors
-        grad_rows = ctx.grad_rows
-        if grad_rows is None:
-            raise RuntimeError("DistillLoss: backward called twice or on a loss computed without gradient")
-        ctx.grad_rows = None  # the buffer is scaled in place, so a second backward would be wrong
-        grad_rows.mul_(grad_per_token.to(grad_rows.dtype).unsqueeze(-1))
-        grad_flat = torch.zeros(ctx.flat_shape, dtype=ctx.flat_dtype, device=grad_rows.device)
-        grad_flat.index_copy_(0, positions, grad_rows)
+        if ctx.grad_rows is None:
+            raise RuntimeError("DistillLoss: backward through a loss that was computed without gradient")
+        grad_flat = torch.zeros(ctx.flat_shape, dtype=ctx.flat_dtype, device=ctx.grad_rows.device)
+        grad_flat.index_copy_(0, positions, ctx.grad_rows)
+        # Scale in place on the output (not on the saved rows): no extra N x V temporary, and a
+        # retained graph can run backward again (gradcheck does).
+        row_scale = torch.zeros(ctx.flat_shape[0], dtype=ctx.flat_dtype, device=grad_flat.device)
+        row_scale.index_copy_(0, positions, grad_per_token.to(ctx.flat_dtype))
+        grad_flat.mul_(row_scale.unsqueeze(-1))
         return grad_flat, None, None, None, None, None, None, None, None
 
 
