@@ -193,3 +193,18 @@ def test_ce_objective_through_the_loss_uses_shifted_labels():
     out = DistillLoss(objective="ce")(s, None, mask, labels)
     expected = torch.nn.functional.cross_entropy(s[mask], labels[mask], reduction="sum")
     assert out.loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_second_backward_needs_retain_gradient():
+    s, t, mask = _batch()
+    s.requires_grad_(True)
+    out = DistillLoss(objective="kl")(s, t, mask)
+    out.loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_gradient=True"):
+        out.loss_sum.backward()
+    s.grad = None
+    kept = DistillLoss(objective="kl", retain_gradient=True)(s, t, mask)
+    kept.loss_sum.backward(retain_graph=True)
+    first = s.grad.clone()
+    kept.loss_sum.backward()
+    assert torch.allclose(s.grad, 2 * first)

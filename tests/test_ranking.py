@@ -168,7 +168,8 @@ def test_ranking_loss_gradcheck_float64():
     s.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: ranking_terms(x, t, k=3, backend="torch").loss, (s,))
     assert torch.autograd.gradcheck(
-        lambda x: DistillLoss(objective="kl", ranking=RankingConfig(k=3, backend="torch"))(x, t).loss_sum, (s,)
+        lambda x: DistillLoss(objective="kl", ranking=RankingConfig(k=3, backend="torch"), retain_gradient=True)(x, t).loss_sum,
+        (s,),
     )
 
 

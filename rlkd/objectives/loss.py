@@ -2,10 +2,12 @@
 
 Memory: only the selected positions are touched, ``chunk_size`` rows at a time. For each chunk the
 per-token losses *and* their gradient with respect to the student's logits are computed at once
-(the gradient of token i's loss involves row i only), and the gradient rows are kept in the
-logits' dtype. Backward then only scales and scatters them. Working memory is O(chunk x V) on top
-of that one gradient buffer, which the logits' gradient needs anyway, instead of the several
-N x V fp32 softmaxes that a plain autograd graph keeps alive.
+(the gradient of token i's loss involves row i only) and written into the buffer that becomes the
+logits' gradient, in the logits' dtype. Backward scales that buffer in place by the incoming
+per-token gradients and hands it over. Working memory is O(chunk x V) beyond the logits'
+gradient itself, instead of the several N x V fp32 softmaxes a plain autograd graph keeps alive.
+Because the buffer is handed over, backward runs once per forward; ``retain_gradient=True``
+keeps an unscaled copy (one more logits-sized tensor) for repeated backward, as gradcheck does.
 
 Reduction: the result is a *sum* over positions; the caller divides by the global number of
 supervised tokens (all micro-batches, all ranks), so gradient accumulation and data parallelism
@@ -23,7 +25,7 @@ from rlkd.objectives.config import LossConfig
 from rlkd.objectives.ranking import official_batch_union, ranking_terms, topk_ids
 from rlkd.objectives.registry import get_objective
 
-CHUNK_ELEMENT_BUDGET = 2**25
+CHUNK_ELEMENT_BUDGET = 2**23
 
 
 @dataclass
@@ -44,12 +46,13 @@ class _Weights:
 class DistillLoss:
     """Callable ``(student_logits, teacher_logits, mask, labels=None) -> LossOutput``."""
 
-    def __init__(self, config: LossConfig | dict | None = None, **overrides):
+    def __init__(self, config: LossConfig | dict | None = None, *, retain_gradient: bool = False, **overrides):
         if config is None or isinstance(config, dict):
             config = LossConfig(**{**(config or {}), **overrides})
         elif overrides:
             config = config.model_copy(update=overrides)
         self.config = config
+        self.retain_gradient = retain_gradient
         self.ranking = config.ranking if config.ranking.enabled else None
         self.objective = get_objective(config.objective) if config.uses_base else None
 
@@ -168,8 +171,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
         needs_grad = student_flat.requires_grad
         n = positions.numel()
         per_token = torch.empty(n, dtype=compute_dtype(student_flat), device=student_flat.device)
-        grad_rows = torch.empty((n, student_flat.shape[-1]), dtype=student_flat.dtype,
-                                device=student_flat.device) if needs_grad else None
+        grad_flat = torch.zeros_like(student_flat, memory_format=torch.contiguous_format) if needs_grad else None
         sums: dict[str, torch.Tensor] = {}
         for start in range(0, n, chunk):
             idx = positions[start : start + chunk]
@@ -183,7 +185,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
                 _check_finite(total, s_rows, t_rows, idx)
                 if needs_grad:
                     (grad,) = torch.autograd.grad(total.sum(), s_rows)
-                    grad_rows[start : start + chunk] = grad
+                    grad_flat.index_copy_(0, idx, grad)
             per_token[start : start + chunk] = total.detach()
             for name, value in terms.items():
                 value = value.detach()
@@ -191,24 +193,25 @@ class _FusedChunkedLoss(torch.autograd.Function):
                     value = torch.where(value.isnan(), torch.zeros_like(value), value)
                 sums[name] = sums.get(name, 0.0) + value.sum()
         ctx.save_for_backward(positions)
-        ctx.grad_rows = grad_rows
-        ctx.flat_shape, ctx.flat_dtype = student_flat.shape, student_flat.dtype
+        ctx.grad_flat, ctx.retain = grad_flat, loss.retain_gradient
         metrics.update({name: float(value) for name, value in sums.items()})
         return per_token
 
     @staticmethod
     def backward(ctx, grad_per_token):
         (positions,) = ctx.saved_tensors
-        if ctx.grad_rows is None:
-            raise RuntimeError("DistillLoss: backward through a loss that was computed without gradient")
-        grad_flat = torch.zeros(ctx.flat_shape, dtype=ctx.flat_dtype, device=ctx.grad_rows.device)
-        grad_flat.index_copy_(0, positions, ctx.grad_rows)
-        # Scale in place on the output (not on the saved rows): no extra N x V temporary, and a
-        # retained graph can run backward again (gradcheck does).
-        row_scale = torch.zeros(ctx.flat_shape[0], dtype=ctx.flat_dtype, device=grad_flat.device)
-        row_scale.index_copy_(0, positions, grad_per_token.to(ctx.flat_dtype))
-        grad_flat.mul_(row_scale.unsqueeze(-1))
-        return grad_flat, None, None, None, None, None, None, None, None
+        grad_flat = ctx.grad_flat
+        if grad_flat is None:
+            raise RuntimeError(
+                "DistillLoss: a second backward through the same loss; build it with "
+                "retain_gradient=True to allow that"
+            )
+        row_scale = torch.zeros(grad_flat.shape[0], dtype=grad_flat.dtype, device=grad_flat.device)
+        row_scale.index_copy_(0, positions, grad_per_token.to(grad_flat.dtype))
+        if ctx.retain:
+            return grad_flat * row_scale.unsqueeze(-1), None, None, None, None, None, None, None, None
+        ctx.grad_flat = None
+        return grad_flat.mul_(row_scale.unsqueeze(-1)), None, None, None, None, None, None, None, None
 
 
 def _check_finite(total, s_rows, t_rows, idx):
