@@ -208,3 +208,20 @@ def test_second_backward_needs_retain_gradient():
     first = s.grad.clone()
     kept.loss_sum.backward()
     assert torch.allclose(s.grad, 2 * first)
+
+
+@pytest.mark.parametrize("scores", ["logits", "probs"])
+def test_fused_ranking_gradient_with_temperature_and_low_precision(scores):
+    s, t, mask = _batch()
+    ranking = RankingConfig(k=5, scores=scores, backend="torch")
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        s1 = s.to(dtype).requires_grad_(True)
+        out = DistillLoss(objective="rkl", ranking=ranking, temperature=2.0, chunk_size=7)(s1, t.to(dtype), mask)
+        (g1,) = torch.autograd.grad(out.loss_sum, s1)
+        s2 = s.to(dtype).float().requires_grad_(True)
+        sel_s, sel_t = s2[mask] / 2.0, t.to(dtype).float()[mask] / 2.0
+        ref = (get_objective("rkl").fn(sel_s, sel_t, None)
+               + 2 * ranking_terms(sel_s, sel_t, k=5, scores=scores, backend="torch").loss).sum()
+        (g2,) = torch.autograd.grad(ref, s2)
+        assert out.loss_sum.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert g1.dtype == dtype and torch.allclose(g1.float(), g2, atol=tol)

@@ -184,3 +184,16 @@ def test_degenerate_rows_are_counted_and_never_nan():
     base_only = DistillLoss(objective="kl")(s.detach(), t).per_token
     # The degenerate row keeps its base term at weight 1 (no silent re-weighting) and adds no rank loss.
     assert out.per_token[1].item() == pytest.approx(base_only[1].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [64, 32000, 50257])
+@pytest.mark.parametrize("k", [1, 5, 15])
+def test_blockwise_topk_equals_torch_topk(vocab, k):
+    from rlkd.objectives.ranking import topk_ids
+
+    x = torch.randn(33, vocab, generator=torch.Generator().manual_seed(vocab + k))
+    x[0, -3:] = 50.0  # top entries in the ragged tail
+    x[1, :k] = torch.arange(k, dtype=x.dtype) + 40.0  # all in the first block
+    got = x.gather(-1, topk_ids(x, k)).sort(-1).values
+    assert torch.equal(got, x.topk(k).values.sort(-1).values)
+    assert torch.equal(topk_ids(x, k).sort(-1).values, x.topk(k).indices.sort(-1).values)

@@ -49,7 +49,7 @@ class LossConfig(BaseModel):
     objective: str | None = "kl"
     params: dict[str, float] = Field(default_factory=dict)
     temperature: float = Field(1.0, gt=0.0)
-    chunk_size: int | None = Field(None, ge=1, description="positions per chunk; None = as many as fit 2^23 logits (32 MiB in fp32)")
+    chunk_size: int | None = Field(None, ge=1, description="positions per chunk; None = as many as fit 2^22 logits (16 MiB in fp32)")
     ranking: RankingConfig = Field(default_factory=lambda: RankingConfig(enabled=False))
 
     @model_validator(mode="after")

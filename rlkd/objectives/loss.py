@@ -22,10 +22,10 @@ import torch
 
 from rlkd.objectives.common import compute_dtype
 from rlkd.objectives.config import LossConfig
-from rlkd.objectives.ranking import official_batch_union, ranking_terms, topk_ids
+from rlkd.objectives.ranking import gather_scores, official_batch_union, rank_loss_from_scores, topk_ids, union_ids_for
 from rlkd.objectives.registry import get_objective
 
-CHUNK_ELEMENT_BUDGET = 2**23
+CHUNK_ELEMENT_BUDGET = 2**22
 
 
 @dataclass
@@ -58,32 +58,49 @@ class DistillLoss:
 
     # ---- the per-chunk computation -----------------------------------------------------------
     def _chunk(self, student, teacher, labels, union_ids, weights: _Weights):
+        """Per-token totals and logged terms for one chunk of rows.
+
+        Returns ``(total, terms, sparse)``. With logit scores the ranking term depends on the
+        student only through <= 2k gathered logits per row; they enter as their own leaf
+        ``sparse = (leaf, ids)`` so that its gradient is scattered into the dense one instead of
+        autograd building (and adding) another chunk x V tensor.
+        """
         cfg = self.config
-        s = student.to(compute_dtype(student)) / cfg.temperature
-        t = teacher.to(s.dtype) / cfg.temperature if teacher is not None else None
+        s = student.to(compute_dtype(student))
+        t = teacher.to(s.dtype) if teacher is not None else None
+        if cfg.temperature != 1.0:
+            s, t = s / cfg.temperature, (t / cfg.temperature if t is not None else None)
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
         base_weight = torch.full_like(total, weights.base)
+        sparse = None
         if self.ranking is not None:
             r = self.ranking
-            rank = ranking_terms(
-                s, t, k=r.k, correlation=r.correlation, scores=r.scores,
+            ids, valid, overlap = union_ids_for(s, t, r.k, union_ids)
+            if r.scores == "logits":
+                # A leaf on the raw logits, so its gradient is the raw logits' gradient.
+                leaf = student.detach().gather(-1, ids).to(s.dtype).requires_grad_(student.requires_grad)
+                q = leaf / cfg.temperature if cfg.temperature != 1.0 else leaf
+                sparse = (leaf, ids)
+            else:
+                q = gather_scores(s, ids, r.scores)
+            rank, degenerate = rank_loss_from_scores(
+                gather_scores(t, ids, r.scores), q, valid, correlation=r.correlation,
                 regularization_strength=r.regularization_strength, backend=r.backend,
-                union_ids=union_ids, official=r.fidelity == "official",
+                official=r.fidelity == "official",
             )
-            terms["rank"] = rank.loss
-            terms["rank_degenerate_rows"] = rank.degenerate.to(s.dtype)
-            terms["topk_overlap"] = rank.overlap.to(s.dtype) / r.k
+            terms["rank"] = rank
+            terms["rank_degenerate_rows"] = degenerate.to(s.dtype)
+            terms["topk_overlap"] = overlap.to(s.dtype) / r.k
             if weights.rank:
-                total = total + weights.rank * rank.loss
+                total = total + weights.rank * rank
             if r.mode == "dynamic":
-                base_weight = base_weight * rank.overlap.to(s.dtype) / r.k
+                base_weight = base_weight * overlap.to(s.dtype) / r.k
         if self.objective is not None and weights.base:
-            params = cfg.params
-            base = self.objective.fn(s, t, labels, **params)
+            base = self.objective.fn(s, t, labels, **cfg.params)
             terms["base"] = base
             total = total + base_weight * base
-        return total, terms
+        return total, terms, sparse
 
     # ---- entry point ------------------------------------------------------------------------------
     def __call__(self, student_logits, teacher_logits, mask=None, labels=None) -> LossOutput:
@@ -181,10 +198,14 @@ class _FusedChunkedLoss(torch.autograd.Function):
             ids = union_ids[start : start + chunk] if union_ids is not None else None
             with torch.enable_grad():
                 s_rows.requires_grad_(needs_grad)
-                total, terms = loss._chunk(s_rows, t_rows, lab, ids, weights)
+                total, terms, sparse = loss._chunk(s_rows, t_rows, lab, ids, weights)
                 _check_finite(total, s_rows, t_rows, idx)
                 if needs_grad:
-                    (grad,) = torch.autograd.grad(total.sum(), s_rows)
+                    leaves = [s_rows] + ([sparse[0]] if sparse is not None else [])
+                    grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
+                    grad = grads[0] if grads[0] is not None else torch.zeros_like(s_rows)
+                    if sparse is not None and grads[1] is not None:
+                        grad.scatter_add_(-1, sparse[1], grads[1].to(grad.dtype))
                     grad_flat.index_copy_(0, idx, grad)
             per_token[start : start + chunk] = total.detach()
             for name, value in terms.items():
