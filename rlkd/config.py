@@ -1,0 +1,132 @@
+"""The validated run configuration of `rlkd train` (YAML file plus dotted key=value overrides)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rlkd.objectives import LossConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsConfig(_Strict):
+    teacher: str                      # Hub id or local path
+    student: str
+    tokenizer: str | None = None      # default: the student path, if it holds a tokenizer
+    teacher_tokenizer: str | None = None  # default: the teacher path, if it holds a tokenizer
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    # "shared": when the two vocab sizes differ only by padding rows, compare logits on the shared
+    # prefix min(V_teacher, V_student); checked against both tokenizers before any compute.
+    vocab_truncation: Literal["none", "shared"] = "none"
+
+
+class DataConfig(_Strict):
+    task: Literal["gsm8k", "dolly", "xsum", "selfinst", "vicuna", "sni", "unni", "pretrain", "tokenized"]
+    split: str = "train"
+    path: str | None = None           # explicit JSONL file; overrides data_dir/source
+    data_dir: str | None = None       # default: RLKD_DATA_DIR or ../shared/data
+    source: Literal["auto", "local", "hub"] = "auto"
+    max_length: int = Field(512, ge=2)
+    mask_convention: Literal["shifted", "official_off_by_one"] = "shifted"
+    exclude_eval_overlap: bool = True  # Dolly: drop training rows that are in RLKD's test split
+    limit: int | None = Field(None, ge=1)
+    shuffle: bool = True
+
+
+class TrainSection(_Strict):
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1)   # optimizer steps
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    optimizer: Literal["torch_adamw", "deepspeed_adamw"] = "torch_adamw"
+
+
+class DeepSpeedSection(_Strict):
+    student_config: str | None = None  # JSON file; default ds_configs/zero3_bf16.json (GPU) or zero3_fp32_cpu.json
+    teacher_config: str | None = None  # default ds_configs/teacher_zero3_inference.json
+    teacher_offload_params: bool = False
+    student_offload_optimizer: bool = False
+
+
+class CheckpointSection(_Strict):
+    every_steps: int = Field(0, ge=0)  # 0: only the final export
+    keep_last: int = Field(2, ge=1)
+
+
+class RunConfig(_Strict):
+    output_dir: str
+    seed: int = 72
+    models: ModelsConfig
+    data: DataConfig
+    loss: LossConfig = Field(default_factory=LossConfig)  # validated by the objective library
+    train: TrainSection = Field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    log_every: int = Field(1, ge=1)
+    progress_bar: bool = True
+    export: bool = True
+
+
+class ConfigError(ValueError):
+    """Invalid run configuration; the message names the offending key."""
+
+
+def _format_validation(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid run config"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> RunConfig:
+    tree: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree.update(loaded)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None

@@ -1,0 +1,49 @@
+"""`rlkd train --config run.yaml [key=value ...] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlkd.config import ConfigError, load_config
+from rlkd.data.jsonl import DataError
+from rlkd.models import VocabMismatchError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlkd train", description="Distil a student from a teacher (DeepSpeed ZeRO-3).")
+    parser.add_argument("--config", required=True, help="run config YAML (see examples/tiny_run.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. train.max_steps=10 loss.ranking.enabled=true")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--data-dir", help="local data directory (sets data.data_dir)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"rlkd train: {exc}", file=sys.stderr)
+        return 2
+    from rlkd.engine.train import run_training
+
+    try:
+        result = run_training(cfg, resume=args.resume)
+    except (DataError, VocabMismatchError) as exc:
+        print(f"rlkd train: {exc}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"run finished: export {result.export_dir}; metrics {result.metrics_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

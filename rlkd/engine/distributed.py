@@ -1,0 +1,52 @@
+"""torch.distributed set-up that works under deepspeed/torchrun launchers and in a plain process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_distributed() -> tuple[int, int, int]:
+    """Initialise the process group once; returns (rank, world_size, local_rank).
+
+    Without a launcher (no RANK in the environment) this starts a one-process gloo group, so the
+    engine can be driven in-process (tests, the benchmark harness).
+    """
+    # DeepSpeed still calls the collectives torch renamed; the notice repeats every step.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                               "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                               "MASTER_PORT": str(_free_port())})
+        import deepspeed
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; float64 on CPU for gloo, on the current device for nccl)."""
+    out = values.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

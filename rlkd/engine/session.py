@@ -1,0 +1,134 @@
+"""A distillation session: the frozen ZeRO-3 teacher engine, the ZeRO-3 student engine, the loss.
+
+The teacher gets its own DeepSpeed inference engine (no optimizer, its own config, optional CPU
+parameter offload), so it is partitioned like the student but never enters the optimizer or the
+student's checkpoints. Each model is loaded while its own HfDeepSpeedConfig is the active one, so
+`from_pretrained` puts weights straight into ZeRO-3 partitions; both config objects are kept alive
+for the session because transformers only holds a weak reference to the active one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from rlkd.config import RunConfig
+from rlkd.data import Batch, ResumableBatches, build_samples
+from rlkd.data.jsonl import DataError
+from rlkd.engine.distributed import device_for, ensure_distributed
+from rlkd.engine.ds_config import student_ds_config, teacher_ds_config
+from rlkd.engine.schedule import lr_multiplier
+from rlkd.models import VocabPlan, config_vocab_size, load_causal_lm, load_tokenizer, plan_vocab, resolve_dtype
+
+
+def build_loss(cfg: RunConfig):
+    from rlkd.objectives import DistillLoss
+
+    return DistillLoss(cfg.loss)
+
+
+def _scheduler_factory(cfg: RunConfig):
+    train = cfg.train
+    fn = partial(lr_multiplier, schedule=train.schedule, warmup_steps=train.warmup_steps,
+                 total_steps=train.max_steps, min_lr_ratio=train.min_lr_ratio)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def _pad_id(tokenizer, vocab: VocabPlan) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None and candidate < vocab.shared_size:
+            return int(candidate)
+    return 0  # padded positions are masked out of attention and loss; any in-vocab id will do
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    vocab: VocabPlan
+    tokenizer: Any
+    batches: ResumableBatches
+    teacher: Any  # DeepSpeedEngine (inference)
+    student: Any  # DeepSpeedEngine
+    loss_fn: Any
+    ds_configs: dict[str, dict]
+    _hf_ds_configs: list = field(default_factory=list)
+
+    def teacher_logits(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return out.logits[..., : self.vocab.shared_size]
+
+    def student_logits(self, batch: Batch) -> torch.Tensor:
+        out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return out.logits[..., : self.vocab.shared_size]
+
+    def close(self) -> None:
+        """Drop the engines and the global HfDeepSpeedConfig so later plain `from_pretrained` calls
+        in this process load ordinary (unpartitioned) models."""
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        self.teacher = self.student = None
+        self._hf_ds_configs.clear()
+        unset_hf_deepspeed_config()
+
+
+def _check_data_ids(samples, vocab: VocabPlan) -> None:
+    for index, sample in enumerate(samples):
+        top = max(sample.input_ids)
+        if top >= vocab.shared_size:
+            raise DataError(f"training sample {index} contains token id {top}, outside the shared vocab "
+                            f"of size {vocab.shared_size}")
+
+
+def build_session(cfg: RunConfig) -> Session:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    rank, world_size, local_rank = ensure_distributed()
+    device = device_for(local_rank)
+    dtype = resolve_dtype(cfg.models.dtype)
+    torch.manual_seed(cfg.seed)
+
+    # Everything that can be wrong with vocabularies or data is checked before weights load.
+    tokenizer = load_tokenizer(cfg.models.tokenizer or cfg.models.student)
+    teacher_tokenizer = load_tokenizer(cfg.models.teacher_tokenizer or cfg.models.teacher)
+    vocab = plan_vocab(config_vocab_size(cfg.models.teacher), config_vocab_size(cfg.models.student),
+                       teacher_tokenizer, tokenizer, cfg.models.vocab_truncation)
+    samples = build_samples(cfg.data, tokenizer)
+    _check_data_ids(samples, vocab)
+    batches = ResumableBatches(samples, cfg.train.micro_batch_size, rank=rank, world_size=world_size,
+                               seed=cfg.seed, shuffle=cfg.data.shuffle, pad_id=_pad_id(tokenizer, vocab))
+
+    t_config = teacher_ds_config(cfg, dtype, world_size)
+    s_config = student_ds_config(cfg, dtype, world_size)
+    hf_refs = []
+
+    hf_refs.append(HfDeepSpeedConfig(t_config))
+    teacher_model = load_causal_lm(cfg.models.teacher, dtype)
+    teacher_model.requires_grad_(False)
+    teacher_model.eval()
+    teacher_engine, *_ = deepspeed.initialize(model=teacher_model, config=t_config)
+    teacher_engine.eval()
+
+    hf_refs.append(HfDeepSpeedConfig(s_config))
+    student_model = load_causal_lm(cfg.models.student, dtype,
+                                   gradient_checkpointing=cfg.models.gradient_checkpointing)
+    student_model.train()
+    optimizer = None
+    if cfg.train.optimizer == "torch_adamw":
+        optimizer = torch.optim.AdamW(student_model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                      eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
+    student_engine, *_ = deepspeed.initialize(model=student_model, optimizer=optimizer,
+                                              model_parameters=student_model.parameters(),
+                                              lr_scheduler=_scheduler_factory(cfg), config=s_config)
+    return Session(cfg=cfg, rank=rank, world_size=world_size, device=device, dtype=dtype, vocab=vocab,
+                   tokenizer=tokenizer, batches=batches, teacher=teacher_engine, student=student_engine,
+                   loss_fn=build_loss(cfg), ds_configs={"teacher": t_config, "student": s_config},
+                   _hf_ds_configs=hf_refs)

@@ -1,0 +1,196 @@
+"""The distillation loop behind `rlkd train`, also callable in-process:
+
+    from rlkd.engine.train import run_training
+    result = run_training(cfg)            # cfg: RunConfig, a dict, or a YAML path
+    result.export_dir, result.metrics_path
+
+Loss normalisation: each micro-batch contributes `loss_sum`, the SUM of per-token losses over its
+supervised positions; the step's loss is the total over all micro-batches and ranks divided by the
+global count of supervised positions, which is all-reduced before the first backward. DeepSpeed
+averages gradients over ranks and divides each micro-batch loss by the accumulation steps, so each
+micro-batch loss is scaled by world_size * grad_accum / global_count to undo both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlkd.config import RunConfig, load_config
+from rlkd.data.encode import IGNORE_INDEX
+from rlkd.engine import checkpoint
+from rlkd.engine.distributed import all_reduce_sum
+from rlkd.engine.manifest import build_manifest, write_json_atomic
+from rlkd.engine.session import Session, build_session
+
+
+# Metrics the loss reports per micro-batch rather than as sums over token positions.
+COUNT_METRICS = frozenset({"rank_fallback"})
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    export_dir: Path | None       # consolidated HF checkpoint (save_pretrained), None if export disabled
+    metrics_path: Path            # JSONL, one row per logged optimizer step
+    manifest_path: Path
+    steps: int                    # optimizer steps completed
+    resumed_from: int | None      # step of the checkpoint resumed from, if any
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_config(cfg: RunConfig | dict | str | Path, overrides) -> RunConfig:
+    if isinstance(cfg, RunConfig):
+        return load_config(base=cfg.model_dump(), overrides=overrides) if overrides else cfg
+    if isinstance(cfg, dict):
+        return load_config(base=cfg, overrides=overrides)
+    return load_config(cfg, overrides=overrides)
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """After a resume, drop rows a killed run logged past its last checkpoint."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train_step(session: Session, step: int) -> dict[str, float]:
+    """One optimizer step (grad_accum micro-batches); returns the step's metrics (global means)."""
+    cfg, engine = session.cfg, session.student
+    micro_batches = [next(session.batches).to(session.device) for _ in range(cfg.train.grad_accum)]
+    # "ce" has nothing to learn where the next token is unknown (the official mask's after-EOS
+    # position), so those positions do not count towards its normaliser.
+    label_only = cfg.loss.objective == "ce" and not (cfg.loss.ranking.enabled)
+    counted = [(b.supervised & (b.labels != IGNORE_INDEX)) if label_only else b.supervised for b in micro_batches]
+    local = torch.tensor([float(c.sum()) for c in counted], dtype=torch.float64).sum()
+    attended = sum(float(b.attention_mask.sum()) for b in micro_batches)
+    global_count = float(all_reduce_sum(local.reshape(1).to(session.device))[0])
+    if global_count == 0:
+        raise RuntimeError(f"step {step}: no supervised token in any micro-batch on any rank")
+    scale = session.world_size * cfg.train.grad_accum / global_count
+    lr = engine.lr_scheduler.get_last_lr()[0] if engine.lr_scheduler is not None else cfg.train.lr
+
+    sums: dict[str, float] = {}
+    loss_total = 0.0
+    for batch in micro_batches:
+        teacher_logits = session.teacher_logits(batch)
+        student_logits = session.student_logits(batch)
+        out = session.loss_fn(student_logits, teacher_logits, batch.supervised, labels=batch.labels)
+        engine.backward(out.loss_sum * scale)
+        engine.step()  # DeepSpeed only updates at the accumulation boundary
+        loss_total += float(out.loss_sum.detach())
+        for key, value in out.metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+
+    keys = sorted(sums)
+    packed = torch.tensor([loss_total, attended] + [sums[k] for k in keys], dtype=torch.float64)
+    packed = all_reduce_sum(packed.to(session.device)).cpu()
+    metrics = {"step": step + 1, "loss": float(packed[0]) / global_count, "lr": lr,
+               "supervised_tokens": global_count, "tokens": float(packed[1])}
+    for index, key in enumerate(keys):
+        total = float(packed[2 + index])
+        metrics[key] = total if key in COUNT_METRICS else total / global_count
+    grad_norm = engine.get_global_grad_norm()
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+    return metrics
+
+
+def _export(session: Session, export_dir: Path) -> None:
+    """Consolidate the ZeRO-3 partitions into one HF checkpoint (collective; rank 0 writes)."""
+    engine = session.student
+    if engine.zero_optimization_stage() == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict()
+    if session.rank == 0:
+        tmp = export_dir.with_name(export_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if session.tokenizer is not None:
+            session.tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(export_dir, ignore_errors=True)
+        os.replace(tmp, export_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
+                 overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
+    """Train the student for `cfg.train.max_steps` optimizer steps; see the module docstring.
+
+    Works under `deepspeed`/`torchrun` launchers and in a plain process (one-rank gloo group).
+    `resume=True` continues from the latest checkpoint in `<output_dir>/checkpoints` if there is one.
+    """
+    from tqdm import tqdm
+
+    cfg = _as_config(cfg, overrides)
+    output_dir = Path(cfg.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    metrics_path = output_dir / "metrics.jsonl"
+    export_dir = output_dir / "export"
+    manifest_path = output_dir / "manifest.json"
+
+    session = build_session(cfg)
+    try:
+        rank = session.rank
+        if rank == 0:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        start_step, resumed_from = 0, None
+        if resume:
+            client_state = checkpoint.load(session.student, checkpoint_dir, rank)
+            if client_state is not None:
+                start_step = resumed_from = int(client_state["step"])
+                session.batches.load_state(client_state["loader"])
+        if rank == 0:
+            if resumed_from is not None:
+                _trim_metrics(metrics_path, resumed_from)
+            elif metrics_path.exists():
+                metrics_path.unlink()
+            write_json_atomic(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
+                                                            {"status": "running", "resumed_from": resumed_from}))
+
+        last: dict[str, Any] = {}
+        bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=(rank != 0 or not cfg.progress_bar),
+                   desc="rlkd train", dynamic_ncols=True)
+        for step in range(start_step, cfg.train.max_steps):
+            started = time.perf_counter()
+            last = train_step(session, step)
+            elapsed = time.perf_counter() - started
+            last["step_time_s"] = elapsed
+            last["tokens_per_s"] = last["tokens"] / elapsed
+            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.train.max_steps):
+                with metrics_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+            bar.update(1)
+            every = cfg.checkpoint.every_steps
+            if every and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps:
+                checkpoint.save(session.student, checkpoint_dir, step + 1, session.batches.state(), rank,
+                                cfg.checkpoint.keep_last)
+        bar.close()
+
+        if cfg.export:
+            _export(session, export_dir)
+        if rank == 0:
+            write_json_atomic(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
+                                                            {"status": "finished", "resumed_from": resumed_from,
+                                                             "steps": cfg.train.max_steps, "final_metrics": last}))
+        return TrainResult(output_dir=output_dir, export_dir=export_dir if cfg.export else None,
+                           metrics_path=metrics_path, manifest_path=manifest_path, steps=cfg.train.max_steps,
+                           resumed_from=resumed_from, last_metrics=last)
+    finally:
+        session.close()

@@ -1,0 +1,1 @@
+"""Cluster launchers for `rlkd train` (Slurm)."""

@@ -1,0 +1,82 @@
+"""`rlkd launch slurm --nodes N --gpus-per-node G --config run.yaml [key=value ...] [--dry-run]`."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rlkd.config import ConfigError, load_config
+from rlkd.launch.slurm import SlurmJob, hosts_from_environment, node_commands, render
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlkd launch", description="Launch `rlkd train` on a cluster.")
+    sub = parser.add_subparsers(dest="target", required=True)
+    slurm = sub.add_parser("slurm", help="render (and submit) a Slurm batch script: srun + torchrun per node")
+    slurm.add_argument("--config", required=True, help="run config YAML (validated before anything is written)")
+    slurm.add_argument("overrides", nargs="*", metavar="key=value", help="passed on to `rlkd train`")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--gpus-per-node", type=int, required=True)
+    slurm.add_argument("--dry-run", action="store_true", help="print the script and each node's command; submit nothing")
+    slurm.add_argument("--resume", action="store_true", help="pass --resume to `rlkd train`")
+    slurm.add_argument("--job-name", default="rlkd-train")
+    slurm.add_argument("--time", default="24:00:00")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--cpus-per-task", type=int, default=16)
+    slurm.add_argument("--master-port", type=int, default=29500)
+    slurm.add_argument("--script", help="where to write the sbatch script (default <output_dir>/slurm/train.sbatch)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        print("rlkd launch: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"rlkd launch: {exc}", file=sys.stderr)
+        return 2
+    output_dir = Path(cfg.output_dir).resolve()
+    job = SlurmJob(config=Path(args.config).resolve(), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                   overrides=list(args.overrides), resume=args.resume, job_name=args.job_name, time=args.time,
+                   cpus_per_task=args.cpus_per_task, master_port=args.master_port,
+                   log_dir=output_dir / "slurm-logs", partition=args.partition, account=args.account)
+    script_text = render(job)
+    script_path = Path(args.script) if args.script else output_dir / "slurm" / "train.sbatch"
+
+    if args.dry_run:
+        hosts, origin = hosts_from_environment(args.nodes)
+        try:
+            commands = node_commands(job, hosts)
+        except ValueError as exc:
+            print(f"rlkd launch: {exc}", file=sys.stderr)
+            return 2
+        print(f"# sbatch script (would be written to {script_path}):")
+        print(script_text)
+        print(f"# hosts: {origin}")
+        print(f"# world size {args.nodes * args.gpus_per_node}; master {hosts[0]}:{args.master_port}")
+        for node_rank, (host, ranks, command) in enumerate(commands):
+            print(f"[node {node_rank} {host}] ranks {ranks.start}-{ranks.stop - 1}: {command}")
+        return 0
+
+    script_path.parent.mkdir(parents=True, exist_ok=True)
+    job.log_dir.mkdir(parents=True, exist_ok=True)
+    script_path.write_text(script_text, encoding="utf-8")
+    if shutil.which("sbatch") is None:
+        print(f"rlkd launch: wrote {script_path}, but `sbatch` is not on PATH; submit it on the cluster",
+              file=sys.stderr)
+        return 1
+    done = subprocess.run(["sbatch", str(script_path)], capture_output=True, text=True)
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    return done.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Render the Slurm batch script for a multi-node `rlkd train` (srun + torchrun static rendezvous)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlkd.paths import REPO_ROOT
+
+TEMPLATE = REPO_ROOT / "scripts" / "slurm" / "rlkd_train.sbatch.template"
+
+
+@dataclass
+class SlurmJob:
+    config: Path
+    nodes: int
+    gpus_per_node: int
+    overrides: list[str] = field(default_factory=list)
+    resume: bool = False
+    job_name: str = "rlkd-train"
+    time: str = "24:00:00"
+    cpus_per_task: int = 16
+    master_port: int = 29500
+    log_dir: Path = Path("slurm-logs")
+    partition: str | None = None
+    account: str | None = None
+    omp_num_threads: int = 4
+    launcher: str = "torchrun"
+    env: dict[str, str] = field(default_factory=dict)
+
+    def train_args(self) -> list[str]:
+        return list(self.overrides) + (["--resume"] if self.resume else [])
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list ("gpu[001-003,7],login1") as `scontrol show hostnames` prints it."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if not prefix and not ranges:
+            continue
+        if ranges is None:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            if "-" in part:
+                start, end = part.split("-", 1)
+                width = len(start)
+                hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(start), int(end) + 1))
+            else:
+                hosts.append(prefix + part)
+    return hosts
+
+
+def render(job: SlurmJob) -> str:
+    extra = []
+    if job.partition:
+        extra.append(f"#SBATCH --partition={job.partition}")
+    if job.account:
+        extra.append(f"#SBATCH --account={job.account}")
+    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items())]
+    args = job.train_args()
+    values = {
+        "JOB_NAME": job.job_name, "NODES": str(job.nodes), "GPUS_PER_NODE": str(job.gpus_per_node),
+        "CPUS_PER_TASK": str(job.cpus_per_task), "TIME": job.time, "LOG_DIR": str(job.log_dir),
+        "EXTRA_SBATCH": "\n".join(extra), "MASTER_PORT": str(job.master_port),
+        "OMP_NUM_THREADS": str(job.omp_num_threads), "EXTRA_ENV": "\n".join(env_lines),
+        "LAUNCHER": job.launcher, "CONFIG": shlex.quote(str(job.config)),
+        "TRAIN_ARGS": "".join(" " + shlex.quote(a) for a in args),
+    }
+    text = TEMPLATE.read_text(encoding="utf-8")
+    for key, value in values.items():
+        text = text.replace(f"@@{key}@@", value)
+    leftover = re.findall(r"@@[A-Z_]+@@", text)
+    if leftover:
+        raise ValueError(f"{TEMPLATE}: unfilled placeholders {leftover}")
+    if "'" in values["CONFIG"] + values["TRAIN_ARGS"]:
+        raise ValueError("config path and overrides must not need shell quoting inside the srun command")
+    return text
+
+
+def node_commands(job: SlurmJob, hosts: list[str]) -> list[tuple[str, range, str]]:
+    """(host, global ranks, command) for each node: what torchrun runs there."""
+    if len(hosts) != job.nodes:
+        raise ValueError(f"--nodes {job.nodes} but the node list has {len(hosts)} hosts: {hosts}")
+    master = hosts[0]
+    out = []
+    for node_rank, host in enumerate(hosts):
+        command = [job.launcher, f"--nnodes={job.nodes}", f"--nproc_per_node={job.gpus_per_node}",
+                   f"--node_rank={node_rank}", f"--master_addr={master}", f"--master_port={job.master_port}",
+                   "-m", "rlkd.cli", "train", "--config", str(job.config), *job.train_args()]
+        ranks = range(node_rank * job.gpus_per_node, (node_rank + 1) * job.gpus_per_node)
+        out.append((host, ranks, shlex.join(command)))
+    return out
+
+
+def hosts_from_environment(nodes: int) -> tuple[list[str], str]:
+    """Hosts of the current allocation (SLURM_JOB_NODELIST), or placeholders outside one."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if nodelist:
+        return expand_nodelist(nodelist), f"SLURM_JOB_NODELIST={nodelist}"
+    return [f"node{i}" for i in range(nodes)], "placeholder hosts (no SLURM_JOB_NODELIST; Slurm picks the nodes)"
