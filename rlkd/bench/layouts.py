@@ -1,0 +1,144 @@
+"""How the cells of a results directory are laid out as the paper's tables.
+
+A layout maps each finished cell to (row label, column key, value) entries and knows where the
+paper's number for a (row, column) lives. Column keys are ``task/metric``; a layout whose columns
+are a sweep (Table 5: k) uses ``task/metric|k=K``; Table 8 splits columns by correlation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from rlkd.bench.paper import paper_table
+
+ALIGNMENT = [("cr@1", "CR@1"), ("cr@2", "CR@2"), ("cr@3", "CR@3"), ("cr@4", "CR@4"), ("cr@5", "CR@5"),
+             ("mor@3", "MOR@3"), ("mor@5", "MOR@5"), ("mor@10", "MOR@10"), ("mor@20", "MOR@20")]
+LOWER_IS_BETTER = re.compile(r"(^|/)[a-z_]*(ppl|seconds|loss|kl)(\||$)")
+# Bookkeeping metrics a cell records but no table shows (they do not compare across objectives).
+HIDDEN_METRICS = re.compile(r"/(final_train_loss|train_step_seconds|total|no_answer)$")
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+
+    @property
+    def lower_is_better(self) -> bool:
+        return bool(LOWER_IS_BETTER.search(self.key))
+
+
+@dataclass
+class Section:
+    title: str
+    columns: list[Column]
+
+
+@dataclass
+class Layout:
+    name: str
+    title: str
+    sections: list[Section]
+    paper_table: str | None = None
+    column_sweep: str | None = None  # sweep key whose values become columns (Table 5)
+    split_by_correlation: bool = False  # Table 8: Pearson / SRCC columns, paper table transposed
+    reference_rows: tuple[str, ...] = ("Teacher", "Start")  # never marked best
+    row_order: tuple[str, ...] = ()  # preferred row order where there is no paper table
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- placing cells ------------------------------------------------------------------------
+    def row_label(self, cell: dict[str, Any]) -> str:
+        label = cell["method"]
+        if self.split_by_correlation:
+            label = label.replace(" (Pearson)", "")
+        if self.column_sweep and self.column_sweep in cell["sweep"]:
+            label = re.sub(r"^Rank-\d+", "Rank-k", label)
+        hidden = {self.column_sweep} if self.column_sweep else set()
+        if label.startswith("Rank-") or "Rank-k" in label:
+            hidden.add("k")
+        extras = [f"{k}={v}" for k, v in sorted(cell["sweep"].items()) if k not in hidden]
+        return f"{label} [{', '.join(extras)}]" if extras else label
+
+    def column_key(self, cell: dict[str, Any], metric: str) -> str:
+        key = f"{cell['task']}/{metric}"
+        if self.column_sweep and self.column_sweep in cell["sweep"]:
+            key += f"|{self.column_sweep}={cell['sweep'][self.column_sweep]}"
+        if self.split_by_correlation:
+            ranking = (cell.get("loss") or {}).get("ranking") or {}
+            key = f"{'Pearson' if ranking.get('correlation') == 'pearson' else 'SRCC'}:{key}"
+        return key
+
+    def entries(self, cell: dict[str, Any], metrics: dict[str, float]) -> Iterable[tuple[str, str, float]]:
+        row = self.row_label(cell)
+        for metric, value in metrics.items():
+            yield row, self.column_key(cell, metric), float(value)
+
+    # -- the paper ----------------------------------------------------------------------------
+    def paper_value(self, row: str, column_key: str) -> float | None:
+        if not self.paper_table:
+            return None
+        table = paper_table(self.paper_table)
+        if self.split_by_correlation:
+            correlation, _, _ = column_key.partition(":")
+            return table.value(correlation, row)
+        return table.value(row, column_key)
+
+    def paper_rows(self) -> list[str]:
+        return list(paper_table(self.paper_table).rows) if self.paper_table else list(self.row_order)
+
+
+def _alignment_columns(task: str, prefix: str = "", with_ppl: bool = True, label: str = "") -> list[Column]:
+    columns = [Column(f"{task}/{prefix}ppl", "PPL↓")] if with_ppl else []
+    return columns + [Column(f"{task}/{prefix}{key}", f"{header}{label}") for key, header in ALIGNMENT]
+
+
+_DOWNSTREAM = [Column("gsm8k/correct", "GSM8K correct"), Column("gsm8k/score", "GSM8K score"),
+               Column("dolly/rouge1", "Dolly R-1"), Column("dolly/rouge2", "Dolly R-2"),
+               Column("dolly/rougeL", "Dolly R-L"), Column("xsum/rouge1", "XSum R-1"),
+               Column("xsum/rouge2", "XSum R-2"), Column("xsum/rougeL", "XSum R-L")]
+
+
+def get_layout(name: str | None) -> Layout:
+    if name is None or name == "generic":
+        return Layout("generic", "Results", [])
+    builders = {
+        "table1": lambda: Layout("table1", "Table 1: pre-training task, multi-modal learning on data already learned",
+                                 [Section("", _alignment_columns("pretrain"))], paper_table="table1"),
+        "table7": lambda: Layout("table7", "Table 7: pre-training, out-of-distribution test slices",
+                                 [Section("", _alignment_columns("pretrain"))], paper_table="table7"),
+        "table3": lambda: Layout("table3", "Table 3: agreement of each model's peak predictions with the reference",
+                                 [Section("", _alignment_columns("pretrain", with_ppl=False))], paper_table="table3",
+                                 reference_rows=()),
+        "table2": lambda: Layout("table2", "Table 2: downstream test sets", [Section("", list(_DOWNSTREAM))],
+                                 paper_table="table2"),
+        "table6": lambda: Layout("table6", "Table 6: dynamic vs fixed allocation", [Section("", list(_DOWNSTREAM))],
+                                 paper_table="table6"),
+        "table4": lambda: Layout("table4", "Table 4: total training time (s)",
+                                 [Section("", [Column("gsm8k/train_seconds", "Time (s)↓")])], paper_table="table4"),
+        "table5": lambda: Layout("table5", "Table 5: GSM8K correct count vs ranking range k",
+                                 [Section("", [Column(f"gsm8k/correct|k={k}", f"k={k}") for k in (5, 10, 15, 20, 25, 30)])],
+                                 paper_table="table5", column_sweep="k"),
+        "table8": lambda: Layout("table8", "Table 8: ranking objective, Pearson vs SRCC (GSM8K correct)",
+                                 [Section("", [Column("Pearson:gsm8k/correct", "Pearson"),
+                                               Column("SRCC:gsm8k/correct", "SRCC")])],
+                                 paper_table="table8", split_by_correlation=True),
+        "default": lambda: Layout("default", "Embedded synthetic benchmark (multi-modal Markov source)", [
+            Section("Alignment with the teacher (held-out sequences)", _alignment_columns("synthetic")),
+            Section("Alignment with the true next-token distribution",
+                    [Column("synthetic/true_kl", "KL(true‖student)↓")]
+                    + _alignment_columns("synthetic", "true_", with_ppl=False, label=" (true)")),
+            Section("Downstream: greedy continuation of the source's most likely path",
+                    [Column("synthetic/exact_match", "Exact match"), Column("synthetic/token_accuracy", "Token acc."),
+                     Column("synthetic/rouge1", "ROUGE-1"), Column("synthetic/rouge2", "ROUGE-2"),
+                     Column("synthetic/rougeL", "ROUGE-L")]),
+        ], row_order=("Start", "Teacher", "KL", "KL+R", "RKL", "RKL+R", "JSD", "JSD+R", "TVD", "TVD+R", "AKL",
+                      "AKL+R", "Rank-5")),
+    }
+    builders["mini_table1"] = lambda: Layout(
+        "mini_table1", "Mini reproduction of Table 1 (SmolLM2-135M teacher, pruned student)",
+        [Section("", _alignment_columns("pretrain"))], paper_table="table1")
+    if name not in builders:
+        raise KeyError(f"unknown table layout {name!r}; known: generic, {', '.join(builders)}")
+    return builders[name]()

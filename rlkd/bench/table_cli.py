@@ -1,0 +1,60 @@
+"""`rlkd table RESULTS_DIR`: Markdown, CSV and LaTeX tables beside the paper, plus plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rlkd.bench.layouts import get_layout
+from rlkd.bench.plots import alignment_curves, k_sweep
+from rlkd.bench.store import load_cells
+from rlkd.bench.tables import collect, write_tables
+
+
+def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path | None = None) -> dict[str, Path]:
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"{results_dir}: no such results directory")
+    if layout_name is None:
+        spec_file = results_dir / "spec.json"
+        if spec_file.is_file():
+            layout_name = json.loads(spec_file.read_text()).get("layout")
+    layout = get_layout(layout_name)
+    cells = load_cells(results_dir)
+    if not cells:
+        raise FileNotFoundError(f"{results_dir}: no finished or failed cells (nothing has run yet?)")
+    out_dir = out_dir or results_dir
+    paths = write_tables(results_dir, layout, cells, out_dir)
+    grid = collect(cells, layout)
+    prefixes = sorted({c.split("/", 1)[1].split("cr@")[0] for c in grid.columns()
+                       if "/" in c and "cr@" in c and "|" not in c})
+    for prefix in prefixes:
+        name = f"alignment_{prefix.rstrip('_')}.png" if prefix else "alignment.png"
+        label = "against the true distribution" if prefix == "true_" else "against the teacher"
+        plot = alignment_curves(grid, out_dir / name, prefix=prefix,
+                                title=f"{layout.title}: top-k agreement {label} (solid: +R, dashed: without R, "
+                                      "dash-dot: ranking loss only, dotted: reference models)")
+        if plot:
+            paths[name] = plot
+    sweep = k_sweep(grid, out_dir / "k_sweep.png", title=layout.title)
+    if sweep:
+        paths["k_sweep"] = sweep
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlkd table", description=__doc__)
+    parser.add_argument("results", type=Path, help="a results directory written by `rlkd bench`, e.g. results/default")
+    parser.add_argument("--layout", help="table layout (default: the one the spec named): generic, table1..table8, "
+                                         "default, mini_table1")
+    parser.add_argument("--out", type=Path, help="where to write the tables (default: the results directory)")
+    args = parser.parse_args(argv)
+    try:
+        paths = make_tables(args.results, args.layout, args.out)
+    except (FileNotFoundError, KeyError) as exc:
+        print(f"rlkd table: {exc}", file=sys.stderr)
+        return 2
+    for kind, path in paths.items():
+        print(f"{kind:>8}: {path}")
+    return 0

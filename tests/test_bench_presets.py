@@ -1,0 +1,185 @@
+"""Every paper preset dry-runs, renders valid engine configs, and matches the paper's setup.
+
+The expected values below are the paper's (../shared/papers/rlkd.md sec. 2.3 and Appendix B-F),
+written out here independently of the preset files."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+
+from rlkd.bench.cell import run_config, validate_run_config
+from rlkd.bench.cli import main as bench_main, resolve_spec_path
+from rlkd.bench.paper import paper_table
+from rlkd.bench.spec import expand, load_spec
+
+PRESETS = Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
+TINYLLAMA = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
+LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
+RFT_TEACHER = "OFA-Sys/gsm8k-rft-llama7b2-u13b"
+DOWNSTREAM = {"gsm8k": dict(epochs=2, teacher=RFT_TEACHER, rows=7473),
+              "dolly": dict(epochs=1, teacher=LLAMA2_7B, rows=None),
+              "xsum": dict(epochs=1, teacher=LLAMA2_7B, rows=20000)}
+# Row labels each preset must produce.
+EXPECTED_ROWS = {
+    "table1": {"Start", "KL", "KL+R", "RKL", "RKL+R", "JSD", "JSD+R", "TVD", "TVD+R", "AKL", "AKL+R"},
+    "table2": set(paper_table("table2").rows),
+    "table4": {"KL", "KL+R", "Rank-15"},
+    "table5": {"Rank-5", "Rank-10", "Rank-15", "Rank-20", "Rank-25", "Rank-30"}
+    | {f"{o}+R" for o in ("KL", "RKL", "TVD")},
+    "table6": set(paper_table("table6").rows),
+    "table7": {"Start", "KL", "KL+R", "RKL", "RKL+R", "JSD", "JSD+R", "TVD", "TVD+R", "AKL", "AKL+R"},
+    "table8": {"Rank-5", "Rank-15", "KL+R", "RKL+R", "JSD+R", "TVD+R", "FD+R", "AKL+R"}
+    | {f"{m} (Pearson)" for m in ("Rank-5", "Rank-15", "KL+R", "RKL+R", "JSD+R", "TVD+R", "FD+R", "AKL+R")},
+}
+
+
+def _presets():
+    return sorted(PRESETS.glob("table*.yaml"))
+
+
+def test_there_is_a_preset_for_every_training_table():
+    assert {p.stem for p in _presets()} == set(EXPECTED_ROWS)
+
+
+@pytest.mark.parametrize("path", _presets(), ids=lambda p: p.stem)
+def test_preset_matches_the_papers_setup(path, tmp_path):
+    spec = load_spec(path)
+    cells = expand(spec)
+    assert spec.layout == path.stem and spec.paper["table"] == path.stem
+    assert {c["method"] for c in cells} == EXPECTED_ROWS[path.stem]
+    pretrain = path.stem in ("table1", "table7")
+    for cell in cells:
+        train = cell["train"]
+        assert train["student"] == TINYLLAMA
+        if cell["kind"] == "reference":
+            continue
+        loss = cell["loss"]
+        assert cell["seed"] == 72 and loss["temperature"] == 1.0
+        assert train["lr"] == 2e-5 and train["grad_clip"] == 1.0
+        ranking = loss["ranking"]
+        if ranking["enabled"] and ranking["mode"] != "rank_only":
+            assert (ranking["rank_weight"], ranking["base_weight"]) == (2.0, 1.0)
+            assert ranking["k"] == (15 if pretrain else (cell["sweep"].get("k", 5)))
+        if loss["objective"] == "akl":
+            assert loss["params"] == {"mu": 0.5}
+        # SeqKD (cross-entropy) and FD (KL) learn from the teacher's generations, nothing else does.
+        assert bool(train.get("teacher_generations")) == cell["method"].startswith(("SeqKD", "FD"))
+        if cell["method"].startswith("SeqKD"):
+            assert loss["objective"] == "ce" and not ranking["enabled"]
+        if cell["method"].startswith("FD"):
+            assert loss["objective"] == "kl"
+        tree = run_config(cell, tmp_path / cell["id"], cache_dir=tmp_path, create_models=False)
+        validate_run_config(tree)
+        if pretrain:
+            assert train["teacher"] == LLAMA2_7B and train["dataset"] == "pretrain"
+            steps, seq, tokens = (500, 400, 1e5) if path.stem == "table1" else (2000, 2048, 5e5)
+            assert tree["train"]["max_steps"] == steps and tree["data"]["max_length"] == seq
+            # about 0.1M (Table 1) / 0.5M (Table 7) tokens per optimizer step
+            assert abs(train["global_batch"] * seq - tokens) / tokens < 0.1
+            assert cell["eval"]["kind"] == "alignment"
+        else:
+            expected = DOWNSTREAM[cell["task"]]
+            assert train["teacher"] == expected["teacher"] and train["epochs"] == expected["epochs"]
+            assert train["global_batch"] == 64 and train["seq_len"] == 2048
+            assert tree["train"]["micro_batch_size"] * tree["train"]["grad_accum"] == 64
+            if expected["rows"]:
+                assert tree["train"]["max_steps"] == math.ceil(expected["epochs"] * expected["rows"] / 64)
+            assert cell["eval"] == {"kind": "task", "protocol": "greedy", "batch_size": 8}
+            assert bool(train.get("teacher_sft")) == (cell["task"] in ("dolly", "xsum"))
+
+
+@pytest.mark.parametrize("path", _presets(), ids=lambda p: p.stem)
+def test_preset_dry_runs_normal_and_tiny(path, tmp_path, capsys):
+    for extra in ([], ["--tiny"]):
+        code = bench_main([str(path), "--dry-run", "--results-dir", str(tmp_path / "r"), *extra])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "engine config of" not in out
+        assert f"{len(expand(load_spec(path, tiny=bool(extra))))} cells" in out
+    tiny_cells = expand(load_spec(path, tiny=True))
+    assert all(c["train"]["student"] == "@tiny/student" for c in tiny_cells)
+    assert all(c["train"].get("max_steps", 99) <= 2 for c in tiny_cells if c["kind"] == "distill")
+
+
+def test_slurm_dry_run_renders_one_launch_per_cell(tmp_path, capsys):
+    assert bench_main(["paper/table4", "--dry-run", "--slurm", "--nodes", "2", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    launches = [line for line in out.splitlines() if line.startswith("rlkd launch slurm")]
+    assert len(launches) == 3 and all("--nodes 2 --gpus-per-node 8 --config" in line for line in launches)
+    config = Path(launches[0].split("--config ")[1].split()[0])
+    assert config.is_file() and "max_steps: 234" in config.read_text()
+    launch = pytest.importorskip("rlkd.launch.cli")
+    # The engine's launcher accepts the rendered command and prints each node's torchrun line.
+    assert launch.main(shlex.split(launches[0])[2:] + ["--dry-run"]) == 0
+    assert "--nnodes=2 --nproc_per_node=8" in capsys.readouterr().out
+
+
+def test_mini_table1_spec_dry_runs_with_three_seeds_for_kl(tmp_path, capsys):
+    path = PRESETS.parent / "mini" / "table1_smollm2.yaml"
+    cells = expand(load_spec(path))
+    seeds = {}
+    for cell in cells:
+        seeds.setdefault(cell["method"], set()).add(cell["seed"])
+        if cell["kind"] == "distill" and cell["loss"]["ranking"]["enabled"]:
+            ranking = cell["loss"]["ranking"]
+            assert (ranking["k"], ranking["rank_weight"], ranking["base_weight"]) == (15, 2.0, 1.0)
+    assert seeds["KL"] == seeds["KL+R"] == {1, 2, 3}
+    assert all(seeds[f"{o}{r}"] == {1} for o in ("RKL", "JSD", "TVD", "AKL") for r in ("", "+R"))
+    assert {"Teacher", "Start"} <= set(seeds)
+    assert bench_main([str(path), "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    assert "engine config of" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, only, expected", [
+    ("paper/table4", None, {"KL", "KL+R", "Rank-15"}),            # downstream GSM8K, Table 4 timing column
+    ("paper/table2", "re:^dolly-KL-", {"KL"}),                    # teacher SFT stage first, then ROUGE
+    ("paper/table2", "re:^gsm8k-(SeqKD|FD)-", {"SeqKD", "FD"}),   # trained on cached teacher generations
+    ("paper/table1", "Start,KL+R", {"Start", "KL+R"}),             # pre-training, CR/MOR/PPL alignment
+    ("paper/table5", "Rank-10", {"Rank-10"}),                      # ranking loss alone, swept k
+    ("paper/table6", r"re:^gsm8k-KL\+R_Dynamic-", {"KL+R (Dynamic)"}),  # Eq. 2 dynamic allocation
+    ("paper/table7", "JSD+R", {"JSD+R"}),
+    ("paper/table8", r"re:^gsm8k-TVD\+R_Pearson-", {"TVD+R (Pearson)"}),  # Pearson instead of Spearman
+])
+def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("rlkd.engine.train")
+    from rlkd.bench.cell import _shared_tokenizer
+
+    if _shared_tokenizer() is None:
+        pytest.skip("needs the local Llama-2 tokenizer (../shared/data/tokenizers/llama2)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = [preset, "--tiny", "--results-dir", str(tmp_path)] + (["--only", only] if only else [])
+    code = bench_main(args)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    from rlkd.bench.store import load_cells
+
+    cells = load_cells(tmp_path)
+    assert {c["config"]["method"] for c in cells} == expected
+    assert all(c["status"]["status"] == "done" for c in cells)
+    table = (tmp_path / "table.md").read_text()
+    from rlkd.bench.layouts import get_layout
+
+    layout = get_layout(load_spec(resolve_spec_path(preset)).layout)  # e.g. Table 5 shows Rank-10 as row Rank-k
+    assert all(f"| {layout.row_label(c['config'])} |" in table for c in cells)
+    for cell in cells:
+        metrics = cell["metrics"]
+        if "gsm8k" in cell["config"]["task"]:
+            assert 0 <= metrics["correct"] <= 2 and "train_seconds" in metrics
+        elif cell["config"]["task"] == "dolly":
+            assert 0 <= metrics["rougeL"] <= 100
+        else:
+            assert 0 <= metrics["cr@1"] <= 100 and metrics["ppl"] > 1
+
+
+@pytest.mark.parametrize("path", sorted(PRESETS.parent.rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_spec_under_benchmarks_loads_and_expands(path):
+    for tiny in (False, True):
+        spec = load_spec(path, tiny=tiny) if (tiny is False or "tiny" in path.read_text()) else None
+        if spec is not None:
+            cells = expand(spec)
+            assert cells and len({c["id"] for c in cells}) == len(cells)

@@ -1,0 +1,169 @@
+"""The grid runner: atomic cells, skip by config hash, failures recorded, kill-and-restart safe.
+
+A fake executor stands in for training, so these tests exercise only the bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+from rlkd.bench.runner import run_grid
+from rlkd.bench.spec import expand, parse_spec
+from rlkd.bench.store import STAGING, load_cells
+
+REGISTRY = lambda: ["kl", "rkl", "jsd"]  # noqa: E731
+
+
+def _cells(seeds=(1, 2), objectives=("kl", "rkl"), **extra):
+    raw = {"name": "t", "tasks": [{"name": "toy"}], "objectives": list(objectives),
+           "variants": ["none", "R"], "seeds": list(seeds), **extra}
+    return expand(parse_spec(raw, registry=REGISTRY))
+
+
+class FakeExecutor:
+    """Deterministic metrics from the cell config; counts calls; can fail chosen cells."""
+
+    def __init__(self, fail=()):
+        self.calls: list[str] = []
+        self.fail = set(fail)
+        self.lock = threading.Lock()
+
+    def run(self, cell, workdir):
+        with self.lock:
+            self.calls.append(cell["id"])
+        (workdir / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+        if cell["method"] in self.fail:
+            raise RuntimeError(f"boom in {cell['method']}")
+        return {"score": float(cell["seed"]) + (0.5 if cell["loss"]["ranking"]["enabled"] else 0.0)}
+
+
+def test_every_cell_is_stored_with_config_metrics_log_provenance(tmp_path):
+    cells = _cells()
+    summary = run_grid(cells, tmp_path, FakeExecutor(), progress=False)
+    assert summary.ok and len(summary.done) == len(cells) == 8
+    for cell in cells:
+        d = tmp_path / cell["id"]
+        assert json.loads((d / "config.json").read_text())["config_hash"] == cell["config_hash"]
+        assert json.loads((d / "status.json").read_text())["status"] == "done"
+        expected = cell["seed"] + (0.5 if "+R" in cell["method"] else 0.0)
+        assert json.loads((d / "metrics.json").read_text()) == {"score": expected}
+        assert (d / "train_log.jsonl").is_file()
+        provenance = json.loads((d / "provenance.json").read_text())
+        assert provenance["versions"]["python"] and provenance["duration_s"] >= 0
+    assert not [p for p in (tmp_path / STAGING).iterdir() if p.is_dir()]
+
+
+def test_finished_cells_are_skipped_by_config_hash(tmp_path):
+    cells = _cells()
+    run_grid(cells, tmp_path, FakeExecutor(), progress=False)
+    again = FakeExecutor()
+    summary = run_grid(cells, tmp_path, again, progress=False)
+    assert again.calls == [] and len(summary.skipped) == len(cells)
+    # Changing a setting changes the hash, so only the changed cells run again.
+    changed = _cells(defaults={"lr": 1e-4})
+    assert {c["id"] for c in changed}.isdisjoint({c["id"] for c in cells})
+    third = FakeExecutor()
+    run_grid(changed, tmp_path, third, progress=False)
+    assert sorted(third.calls) == sorted(c["id"] for c in changed)
+
+
+def test_a_failed_cell_is_recorded_and_the_grid_continues(tmp_path):
+    cells = _cells()
+    summary = run_grid(cells, tmp_path, FakeExecutor(fail={"RKL+R"}), progress=False)
+    failed = [c for c in cells if c["method"] == "RKL+R"]
+    assert set(summary.failed) == {c["id"] for c in failed}
+    assert len(summary.done) == len(cells) - len(failed)
+    for cell in failed:
+        status = json.loads((tmp_path / cell["id"] / "status.json").read_text())
+        assert status["status"] == "failed" and "boom in RKL+R" in status["error"]
+        assert "RuntimeError" in status["traceback"]
+        assert not (tmp_path / cell["id"] / "metrics.json").exists()
+    # By default the next run retries only the failed cells, and a success replaces the record.
+    retry = FakeExecutor()
+    summary = run_grid(cells, tmp_path, retry, progress=False)
+    assert sorted(retry.calls) == sorted(c["id"] for c in failed) and summary.ok
+    loaded = load_cells(tmp_path)
+    assert len(loaded) == len(cells) and all(e["status"]["status"] == "done" for e in loaded)
+
+
+def test_skip_failed_leaves_failed_cells_alone(tmp_path):
+    cells = _cells()
+    run_grid(cells, tmp_path, FakeExecutor(fail={"KL"}), progress=False)
+    later = FakeExecutor()
+    summary = run_grid(cells, tmp_path, later, retry_failed=False, progress=False)
+    assert later.calls == [] and len(summary.failed) == 2
+
+
+def test_parallel_jobs_run_every_cell_once(tmp_path):
+    cells = _cells(seeds=(1, 2, 3))
+    executor = FakeExecutor()
+    summary = run_grid(cells, tmp_path, executor, jobs=3, progress=False)
+    assert summary.ok and sorted(executor.calls) == sorted(c["id"] for c in cells)
+
+
+def test_returning_no_metrics_is_a_failure(tmp_path):
+    class Empty:
+        def run(self, cell, workdir):
+            return {}
+
+    cells = _cells(seeds=(1,), objectives=("kl",))
+    summary = run_grid(cells, tmp_path, Empty(), progress=False)
+    assert len(summary.failed) == len(cells)
+    assert all("expected non-empty metrics" in e for e in summary.failed.values())
+
+
+_KILLABLE = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from rlkd.bench.runner import run_grid
+    from rlkd.bench.spec import expand, parse_spec
+
+    out, hang_on = Path(sys.argv[1]), sys.argv[2]
+    raw = {"name": "t", "tasks": [{"name": "toy"}], "objectives": ["kl", "rkl"],
+           "variants": ["none", "R"], "seeds": [1]}
+    cells = expand(parse_spec(raw, registry=lambda: ["kl", "rkl"]))
+
+    class Executor:
+        def run(self, cell, workdir):
+            with open(out.parent / "calls.txt", "a") as f:
+                f.write(cell["id"] + "\\n")
+            checkpoint = workdir / "checkpoint.json"
+            resumed_from = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
+            checkpoint.write_text(json.dumps({"step": 5}))
+            (workdir / "metrics_partial.json").write_text("{")  # a torn file the kill leaves behind
+            if cell["method"] == hang_on and resumed_from == 0:
+                print("HANGING", flush=True)
+                time.sleep(600)
+            return {"resumed_from": resumed_from}
+
+    run_grid(cells, out, Executor(), progress=False)
+""")
+
+
+def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text(_KILLABLE)
+    out = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "RKL"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "HANGING"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    calls_before = (tmp_path / "calls.txt").read_text().split()
+    published = {e["config"]["method"]: e for e in load_cells(out)}
+    assert set(published) == {"KL"}  # the cell that was running is not visible, even partially
+    assert published["KL"]["metrics"] == {"resumed_from": 0.0}
+    hung_id = calls_before[-1]
+    assert (out / STAGING / hung_id / "checkpoint.json").is_file()
+
+    subprocess.run([sys.executable, str(script), str(out), "RKL"], check=True, timeout=120)
+    calls_after = (tmp_path / "calls.txt").read_text().split()[len(calls_before):]
+    assert published["KL"]["config"]["id"] not in calls_after  # finished cell not repeated
+    final = {e["config"]["method"]: e["metrics"] for e in load_cells(out)}
+    assert set(final) == {"KL", "KL+R", "RKL", "RKL+R"}
+    assert final["RKL"] == {"resumed_from": 5.0}  # picked up the killed cell's checkpoint
