@@ -14,6 +14,10 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
 
 
+def probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.to(compute_dtype(logits)), dim=-1)
+
+
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row. Logits are finite (checked by the caller), so both logs are finite."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)

@@ -188,12 +188,14 @@ class _FusedChunkedLoss(torch.autograd.Function):
         needs_grad = student_flat.requires_grad
         n = positions.numel()
         per_token = torch.empty(n, dtype=compute_dtype(student_flat), device=student_flat.device)
-        grad_flat = torch.zeros_like(student_flat, memory_format=torch.contiguous_format) if needs_grad else None
+        grad_flat = None
+        if needs_grad:  # rows outside the mask need zeros only when there are such rows
+            alloc = torch.empty_like if n == student_flat.shape[0] else torch.zeros_like
+            grad_flat = alloc(student_flat, memory_format=torch.contiguous_format)
         sums: dict[str, torch.Tensor] = {}
         for start in range(0, n, chunk):
             idx = positions[start : start + chunk]
-            s_rows = student_flat.detach().index_select(0, idx)
-            t_rows = teacher_flat.detach().index_select(0, idx) if teacher_flat is not None else None
+            s_rows, t_rows = _rows(student_flat, idx), _rows(teacher_flat, idx)
             lab = labels_sel[start : start + chunk] if labels_sel is not None else None
             ids = union_ids[start : start + chunk] if union_ids is not None else None
             with torch.enable_grad():
@@ -233,6 +235,16 @@ class _FusedChunkedLoss(torch.autograd.Function):
             return grad_flat * row_scale.unsqueeze(-1), None, None, None, None, None, None, None, None
         ctx.grad_flat = None
         return grad_flat.mul_(row_scale.unsqueeze(-1)), None, None, None, None, None, None, None, None
+
+
+def _rows(flat, idx):
+    """The rows ``idx`` of ``flat``, as a view when they are consecutive (no copy)."""
+    if flat is None:
+        return None
+    first = int(idx[0])
+    if int(idx[-1]) - first + 1 == idx.numel():
+        return flat.detach().narrow(0, first, idx.numel())
+    return flat.detach().index_select(0, idx)
 
 
 def _check_finite(total, s_rows, t_rows, idx):
