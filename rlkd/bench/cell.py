@@ -38,6 +38,7 @@ from typing import Any
 
 from rlkd.bench.spec import config_hash, deep_merge
 from rlkd.bench.store import write_json_atomic
+from rlkd.provenance import atomic_write_jsonl
 
 _TRAIN_KEYS = {
     "teacher", "student", "tokenizer", "dataset", "data_split", "data_path", "data_dir", "seq_len",
@@ -343,9 +344,7 @@ def ensure_teacher_generations(train: dict[str, Any], shared_dir: Path, teacher_
             "decoding": decoding.as_dict(), "rows": len(rows),
             "sources": {f: file_sha256(f) for f in lines_by_file}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "hit_eos": sum(g.hit_eos for g in generations)})
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write_jsonl(out, rows)
         return str(out)
 
 

@@ -28,7 +28,8 @@ from rlkd.config import RunConfig, load_config
 from rlkd.data.encode import IGNORE_INDEX
 from rlkd.engine import checkpoint
 from rlkd.engine.distributed import all_reduce_sum
-from rlkd.engine.manifest import build_manifest, write_json_atomic
+from rlkd.engine.manifest import build_manifest
+from rlkd.provenance import atomic_write_json, atomic_write_text
 from rlkd.engine.session import Session, build_session
 
 
@@ -61,9 +62,7 @@ def _trim_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train_step(session: Session, step: int) -> dict[str, float]:
@@ -160,7 +159,7 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
                 _trim_metrics(metrics_path, resumed_from)
             elif metrics_path.exists():
                 metrics_path.unlink()
-            write_json_atomic(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
+            atomic_write_json(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
                                                             {"status": "running", "resumed_from": resumed_from}))
 
         last: dict[str, Any] = {}
@@ -186,7 +185,7 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
         if cfg.export:
             _export(session, export_dir)
         if rank == 0:
-            write_json_atomic(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
+            atomic_write_json(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
                                                             {"status": "finished", "resumed_from": resumed_from,
                                                              "steps": cfg.train.max_steps, "final_metrics": last}))
         return TrainResult(output_dir=output_dir, export_dir=export_dir if cfg.export else None,
