@@ -131,3 +131,12 @@ def test_references_and_filters():
     assert {c["method"] for c in filter_cells(cells, "t-Rank*,*-RKL-*")} == {"RKL"}
     with pytest.raises(SpecError, match="bad regex"):
         filter_cells(cells, "re:(")
+
+
+def test_non_default_hyperparameters_are_part_of_the_row_label():
+    from rlkd.bench.spec import ObjectiveRef, objective_label
+
+    assert objective_label(ObjectiveRef(name="jsd", params={"beta": 0.1})) == "JSD(beta=0.1)"
+    assert objective_label(ObjectiveRef(name="jsd", params={"beta": 0.5})) == "JSD"
+    assert objective_label(ObjectiveRef(name="akl")) == "AKL"
+    assert objective_label(ObjectiveRef(name="jsd", params={"beta": 0.1}, label="GKD")) == "GKD"

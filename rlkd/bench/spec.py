@@ -266,7 +266,19 @@ def _check_objectives(spec: GridSpec, source: str, registry: Callable[[], list[s
 
 
 def objective_label(ref: ObjectiveRef) -> str:
-    return ref.label or ref.name.upper()
+    """The row label: the given one, else the name upper-cased plus every non-default
+    hyperparameter (e.g. ``JSD(beta=0.1)``), so rows with different conventions never merge."""
+    if ref.label:
+        return ref.label
+    from rlkd.objectives import get_objective
+
+    try:
+        defaults = get_objective(ref.name).defaults
+    except KeyError:  # a name known only to an injected test registry
+        defaults = {}
+    changed = {k: v for k, v in sorted(ref.params.items()) if float(v) != defaults.get(k)}
+    suffix = ",".join(f"{k}={v:g}" for k, v in changed.items())
+    return ref.name.upper() + (f"({suffix})" if suffix else "")
 
 
 def method_label(objective: str | None, variant: str, ranking: dict[str, Any]) -> str:
