@@ -214,3 +214,17 @@ def test_objectives_cli_lists_every_objective(capsys):
     for name in list_objectives():
         assert name in out
     assert "beta=0.5 in [0, 1]" in out
+
+
+def test_akl_head_search_agrees_with_a_full_sort_on_peaked_and_flat_rows():
+    from rlkd.objectives import akl
+
+    g = torch.Generator().manual_seed(3)
+    peaked = torch.randn(8, 5000, generator=g, dtype=torch.float64)
+    peaked[:, :3] += 12.0  # the head ends within the first candidates
+    flat = torch.randn(8, 5000, generator=g, dtype=torch.float64) * 0.1  # it does not: full-sort fallback
+    s = torch.randn(16, 5000, generator=g, dtype=torch.float64)
+    t = torch.cat([peaked, flat])
+    got = get_objective("akl").fn(s, t, None).numpy()
+    np.testing.assert_allclose(got, _akl_slow(_probs(t)[:, :], _probs(s)), rtol=1e-9)
+    assert akl.HEAD_CANDIDATES < 5000
