@@ -94,6 +94,11 @@ def build_session(cfg: RunConfig) -> Session:
     rank, world_size, local_rank = ensure_distributed()
     device = device_for(local_rank)
     dtype = resolve_dtype(cfg.models.dtype)
+    if device.type == "cpu":
+        # The ranking term's gradients leave subnormal floats in the backward pass and Adam's
+        # moments; x86 CPUs compute on those many times slower (measured: the whole KL+R step
+        # 1.14x KL with them, 1.04x without). Flushing them to zero changes no value above 1e-38.
+        torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
 
     # Everything that can be wrong with vocabularies or data is checked before weights load.
