@@ -62,13 +62,7 @@ def alignment_curves(grid: Grid, out_path: Path, prefix: str = "", title: str = 
             ax.legend(fontsize=7, ncol=2)
             break
     fig.suptitle(textwrap.fill(title or "Top-k agreement", 110), fontsize=10)
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    return _save(fig, out_path)
 
 
 def k_sweep(grid: Grid, out_path: Path, title: str = "") -> Path | None:
@@ -89,6 +83,11 @@ def k_sweep(grid: Grid, out_path: Path, title: str = "") -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title or "k sweep")
+    return _save(fig, out_path)
+
+
+def _save(fig, out_path: Path) -> Path:
+    """Lay out, write beside the target and rename into place (no half-written PNG)."""
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp.png")
