@@ -136,7 +136,7 @@ class DistillLoss:
                 raise ValueError(
                     f"vocabulary mismatch: student logits have {vocab} entries, teacher logits "
                     f"{teacher_logits.shape[-1]}; truncate both to the shared vocabulary first "
-                    "(models.shared_vocab_size in the run config)"
+                    "(models.vocab_truncation: shared in the run config)"
                 )
         if self.ranking is not None and self.ranking.k > vocab:
             raise ValueError(f"ranking.k={self.ranking.k} exceeds the vocabulary size {vocab}")
@@ -166,16 +166,14 @@ class DistillLoss:
             uses_base = self.objective is not None
             return None, _Weights(rank=r.rank_weight, base=r.base_weight if uses_base else 0.0)
         with torch.no_grad():
-            rows = lambda flat, i: flat.index_select(0, positions[i : i + chunk]).to(compute_dtype(flat))  # noqa: E731
-            spans = range(0, positions.numel(), chunk)
-            t_ids = torch.cat([topk_ids(rows(teacher_flat, i), r.k) for i in spans])
-            s_ids = torch.cat([topk_ids(rows(student_flat, i), r.k) for i in spans])
+            spans = [positions[i : i + chunk] for i in range(0, positions.numel(), chunk)]
+            t_ids = torch.cat([topk_ids(_rows(teacher_flat, idx), r.k) for idx in spans])
+            s_ids = torch.cat([topk_ids(_rows(student_flat, idx), r.k) for idx in spans])
             union_ids = official_batch_union(t_ids, s_ids)
-            weights = _Weights(rank=0.0, base=0.0)
             nan = any(
-                torch.isnan(self._chunk(rows(student_flat, i), rows(teacher_flat, i), None,
-                                        union_ids[i : i + chunk], _Weights(1.0, 0.0))[0]).any()
-                for i in spans
+                torch.isnan(self._chunk(_rows(student_flat, idx), _rows(teacher_flat, idx), None,
+                                        union_ids[i * chunk : (i + 1) * chunk], _Weights(1.0, 0.0))[0]).any()
+                for i, idx in enumerate(spans)
             )
         # Released code: loss = rank + base / magnification, or base alone if rank is NaN.
         weights = _Weights(rank=0.0, base=1.0, rank_fallback=True) if nan else _Weights(rank=1.0, base=1.0 / 2.0)
