@@ -105,16 +105,10 @@ class GridSpec(_Strict):
     tiny: dict[str, Any] = Field(default_factory=dict)  # deep-merged over the spec by --tiny
     paper: dict[str, Any] = Field(default_factory=dict)  # the paper's setup, for the preset test
 
-    @field_validator("objectives", mode="before")
+    @field_validator("objectives", "variants", mode="before")
     @classmethod
-    def _objective_strings(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _variant_strings(cls, value: Any) -> Any:
+    def _bare_names(cls, value: Any) -> Any:
+        """A bare string in either list is shorthand for ``{name: <string>}``."""
         if isinstance(value, list):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
