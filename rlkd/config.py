@@ -36,7 +36,9 @@ class DataConfig(_Strict):
     max_length: int = Field(512, ge=2)
     mask_convention: Literal["shifted", "official_off_by_one"] = "shifted"
     exclude_eval_overlap: bool = True  # Dolly: drop training rows that are in RLKD's test split
-    limit: int | None = Field(None, ge=1)
+    skip: int = Field(0, ge=0)              # rows of the source passed over first
+    limit: int | None = Field(None, ge=1)   # rows (pretrain: documents) read from the source
+    max_samples: int | None = Field(None, ge=1)  # encoded samples kept (pretrain: packed sequences)
     shuffle: bool = True
 
 
@@ -76,6 +78,9 @@ class RunConfig(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    # Directory of cached teacher logits (rlkd.teacher_cache): the teacher runs once over the
+    # training samples and every step, epoch and later run with the same teacher and data reads them.
+    teacher_cache: str | None = None
     log_every: int = Field(1, ge=1)
     progress_bar: bool = True
     export: bool = True

@@ -105,3 +105,76 @@ def test_teacher_generations_replace_responses_once_and_are_reused(tmp_path, mon
     with pytest.raises(CellConfigError, match="prompt/response task"):
         ensure_teacher_generations({**train, "dataset": "pretrain", "data_path": str(documents)}, tmp_path / "s2",
                                    teacher)
+
+
+def _staged_spec(docs: Path, **student_sft):
+    return {"name": "staged", "tasks": [{"name": "pretrain"}], "objectives": ["kl"], "variants": ["none"],
+            "seeds": [1], "references": ["teacher", "student"],
+            "defaults": {"teacher": "@tiny/teacher", "student": "@tiny/student", "dataset": "pretrain",
+                         "data_path": str(docs), "train_examples": 3, "train_samples": 4, "seq_len": 32,
+                         "global_batch": 2, "micro_batch": 2, "max_steps": 1, "precision": "fp32",
+                         "teacher_cache": True,
+                         "student_sft": {"skip_examples": 3, "train_examples": None, "train_samples": None,
+                                         "max_steps": 2, "lr": 1e-3, **student_sft}},
+            "eval": {"kind": "alignment", "source": "train", "batch_size": 2,
+                     "extra_sets": {"heldout": {"text_path": str(docs), "skip_rows": 6, "slice_len": 32,
+                                                "max_slices": 3}}}}
+
+
+def test_reference_rows_carry_the_training_keys_only_when_staged():
+    plain = {"name": "p", "tasks": [{"name": "pretrain"}], "objectives": ["kl"], "variants": ["none"],
+             "references": ["student"], "defaults": {"teacher": "T", "student": "S", "dataset": "pretrain", "lr": 1.0}}
+    other_lr = {**plain, "defaults": {**plain["defaults"], "lr": 2.0}}
+    start = [expand(parse_spec(s, registry=lambda: ["kl"]))[0] for s in (plain, other_lr)]
+    assert start[0]["train"] == {"teacher": "T", "student": "S"}
+    assert start[0]["config_hash"] == start[1]["config_hash"]  # a base model does not depend on lr
+    staged = [expand(parse_spec({**s, "defaults": {**s["defaults"], "student_sft": {"max_steps": 3}}},
+                                registry=lambda: ["kl"]))[0] for s in (plain, other_lr)]
+    assert staged[0]["train"]["student_sft"] == {"max_steps": 3}
+    assert staged[0]["config_hash"] != staged[1]["config_hash"]
+
+
+def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path, monkeypatch):
+    import torch
+
+    from rlkd.bench import cell as cell_module
+    from rlkd.bench.cell import run_cell_inprocess
+    from rlkd.eval.alignment import compare_models
+    from rlkd.eval.generate import load_checkpoint
+
+    if cell_module._shared_tokenizer() is None:
+        pytest.skip("needs the local Llama-2 tokenizer")
+    words = "the cat sat on a mat while dogs ran far away from home and birds sang".split()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
+                            for i in range(12)))
+    cells = {c["method"]: c for c in expand(parse_spec(_staged_spec(docs), registry=lambda: ["kl"]))}
+    cache, shared = tmp_path / "res" / ".cache", tmp_path / "res" / ".shared"
+    start = run_cell_inprocess(cells["Start"], tmp_path / "start", cache_dir=cache, shared_dir=shared)
+    stages = [p for p in shared.iterdir() if p.name.startswith("student_sft-")]
+    assert len(stages) == 1 and (stages[0] / "done.json").is_file()
+    stage_log = [json.loads(line) for line in (stages[0] / "train_log.jsonl").read_text().splitlines()]
+    assert len(stage_log) == 2
+
+    # The Start row is the stage's student, scored on the training sequences against the teacher;
+    # recomputed here with plain models (no cache) it must agree.
+    student, tokenizer = load_checkpoint(str(stages[0] / "export"), dtype="float32", device="cpu")
+    teacher, _ = load_checkpoint(str(cache / "tiny-teacher"), dtype="float32", device="cpu")
+    from rlkd.bench.cell import _alignment_slices
+
+    slices = _alignment_slices(cells["Start"], {"source": "train"}, tokenizer, cache)
+    assert len(slices) == 4 and all(len(s) == 32 for s in slices)
+    with torch.no_grad():
+        direct = compare_models(student, teacher, slices, batch_size=2).metrics
+    for key in ("cr@1", "cr@3", "mor@5", "mor@20"):
+        assert start[key] == pytest.approx(direct[key], abs=1e-9), key
+    assert start["ppl"] == pytest.approx(direct["ppl_student"], rel=1e-5)
+    assert start["teacher_ppl"] == pytest.approx(direct["ppl_teacher"], rel=1e-5)
+    assert {"heldout_cr@1", "heldout_ppl"} <= set(start)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the stage and the teacher logits must be reused")
+
+    monkeypatch.setattr(cell_module, "_train", no_training)
+    teacher_row = run_cell_inprocess(cells["Teacher"], tmp_path / "teacher", cache_dir=cache, shared_dir=shared)
+    assert teacher_row["cr@5"] == 100.0 and teacher_row["ppl"] == pytest.approx(teacher_row["teacher_ppl"], rel=1e-5)

@@ -130,6 +130,9 @@ def test_mini_table1_spec_dry_runs_with_three_seeds_for_kl(tmp_path, capsys):
     assert seeds["KL"] == seeds["KL+R"] == {1, 2, 3}
     assert all(seeds[f"{o}{r}"] == {1} for o in ("RKL", "JSD", "TVD", "AKL") for r in ("", "+R"))
     assert {"Teacher", "Start"} <= set(seeds)
+    train = cells[0]["train"]  # the Start row is the pre-trained pruned student, scored like the others
+    assert train["student_sft"]["skip_examples"] == train["train_examples"]  # no training document reused
+    assert train["teacher_cache"] and cells[0]["eval"]["source"] == "train"
     assert bench_main([str(path), "--dry-run", "--results-dir", str(tmp_path)]) == 0
     assert "engine config of" not in capsys.readouterr().out
 

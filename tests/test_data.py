@@ -107,6 +107,18 @@ def test_pretrain_packing_with_bos_and_eos(data_dir, llama_tokenizer):
     assert all(b.supervised == [True] * 63 + [False] for b in blocks)
 
 
+def test_skip_and_limit_select_a_window_of_documents_and_samples(data_dir, llama_tokenizer):
+    from rlkd.config import DataConfig
+    from rlkd.data import build_samples
+
+    everything = load_rows("pretrain", "train", data_dir=data_dir, limit=9)
+    assert load_rows("pretrain", "train", data_dir=data_dir, skip=4, limit=5) == everything[4:9]
+    config = DataConfig(task="pretrain", data_dir=str(data_dir), skip=4, limit=5, max_length=64, max_samples=3)
+    samples = build_samples(config, llama_tokenizer)
+    assert [s.input_ids for s in samples] == [b.input_ids for b in pack_documents(everything[4:9], llama_tokenizer,
+                                                                                  64, "shifted")[:3]]
+
+
 def test_malformed_jsonl_and_missing_fields_name_file_and_line(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"question": "q", "answer": "a"}\n{"question": "q",\n')

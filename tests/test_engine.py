@@ -105,6 +105,22 @@ def test_zero3_teacher_logits_equal_plain_teacher(run_config, tiny_models):
     torch.testing.assert_close(zero3[real], reference[real], rtol=0, atol=1e-5)
 
 
+def test_cross_entropy_runs_never_load_the_teacher(run_config):
+    from rlkd.engine.session import build_session
+    from rlkd.engine.train import train_step
+
+    run_config["loss"] = {"objective": "ce"}
+    session = build_session(load_config(base=run_config))
+    try:
+        assert session.teacher is None and session.teacher_cache is None
+        batch = next(session.batches)
+        assert session.teacher_logits(batch) is None
+        metrics = train_step(session, 0)
+    finally:
+        session.close()
+    assert metrics["loss"] > 0 and metrics["loss"] == pytest.approx(metrics["base"])
+
+
 def test_grad_accumulation_4x1_equals_1x4(run_config, tiny_models):
     """Global-token normalisation: 4 micro-batches of 1 must give the update of 1 batch of 4,
     although the micro-batches hold different numbers of response tokens."""

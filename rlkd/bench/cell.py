@@ -12,6 +12,13 @@ Neutral training keys (``defaults:`` / ``tasks[].train`` in a spec):
     grad_clip, optimizer, precision, gradient_checkpointing, vocab_truncation, checkpoint_every
     teacher_sft: {epochs | max_steps, lr, ...}   fine-tune the teacher on the task first (once per
                                          spec, cached), as the paper did for Dolly and XSum
+    student_sft: {...}                   the same cross-entropy stage for the student (e.g. healing a
+                                         layer-pruned copy on other documents); "Start" is its result
+    skip_examples                        source rows passed over before train_examples are read
+    train_samples                        keep the first N encoded samples (pretrain: packed sequences)
+    teacher_cache: true                  compute the teacher's logits over the training samples once
+                                         (exact float32, shared by every cell of the spec) instead of
+                                         a teacher forward per step; alignment evaluation reuses them
     teacher_generations: true            train on the teacher's greedy responses to the training
                                          prompts instead of the references (SeqKD, FD); generated once,
                                          cached with provenance, reused by every cell
@@ -19,7 +26,10 @@ Neutral training keys (``defaults:`` / ``tasks[].train`` in a spec):
     engine: {...}                        raw engine config overlaid last (escape hatch)
 Neutral evaluation keys (``eval:``):
     kind: task | alignment | synthetic; task (eval task name), data_path, data_dir, limit,
-    max_new_tokens, batch_size, protocol; alignment: text_path, slice_len, max_slices
+    max_new_tokens, batch_size, protocol
+    alignment: source: text (default) with text_path, skip_rows, slice_len, max_slices; or
+    source: train, the cell's own training sequences (the paper's Table 1 "data already learned");
+    extra_sets: {name: {same keys}} scored too, their metrics prefixed ``name_``
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ _TRAIN_KEYS = {
     "weight_decay", "schedule", "warmup_steps", "grad_clip", "optimizer", "precision",
     "gradient_checkpointing", "vocab_truncation", "checkpoint_every", "teacher_sft", "engine",
     "exclude_eval_overlap", "keep_checkpoints", "shuffle", "teacher_generations", "generation",
+    "train_samples", "teacher_cache", "skip_examples", "student_sft",
 }
 
 
@@ -234,10 +245,17 @@ def run_config(cell: dict[str, Any], workdir: Path, *, cache_dir: Path, teacher:
     if train.get("tokenizer"):
         tree["models"]["tokenizer"] = train["tokenizer"]
     for key, target in (("data_path", "path"), ("data_dir", "data_dir"), ("train_examples", "limit"),
-                        ("mask_convention", "mask_convention")):
+                        ("mask_convention", "mask_convention"), ("train_samples", "max_samples"),
+                        ("skip_examples", "skip")):
         if key in train:
             tree["data"][target] = train[key]
+    if train.get("teacher_cache"):
+        tree["teacher_cache"] = str(teacher_cache_dir(cache_dir))
     return deep_merge(tree, train.get("engine", {}))
+
+
+def teacher_cache_dir(cache_dir: Path) -> Path:
+    return cache_dir / "teacher_logits"
 
 
 def _loss_tree(loss: dict[str, Any]) -> dict[str, Any]:
@@ -267,26 +285,39 @@ def _train(tree: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
     return Path(result.export_dir), log
 
 
-def ensure_teacher_sft(cell: dict[str, Any], shared_dir: Path, cache_dir: Path) -> str:
-    """Fine-tune the base teacher on the task with cross-entropy once; every cell reuses it."""
-    stage = dict(cell["train"])
-    sft = dict(stage.pop("teacher_sft"))
-    stage.update(sft)
-    stage["student"] = stage["teacher"]  # the model being fine-tuned is the teacher itself
-    key = config_hash({"teacher_sft": stage, "task": cell["task"]})[:12]
-    out = shared_dir / f"teacher_sft-{cell['task']}-{key}"
+CE_LOSS = {"objective": "ce", "params": {}, "temperature": 1.0, "ranking": {"enabled": False}}
+
+
+def ensure_sft(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: Path) -> str:
+    """Fine-tune the base ``role`` model ("teacher" or "student") with cross-entropy on the stage
+    given by ``train.<role>_sft`` (overlaid on the cell's training keys) once; every cell reuses it."""
+    stage = {k: v for k, v in cell["train"].items() if k not in ("teacher_sft", "student_sft", "teacher_cache")}
+    stage.update(cell["train"][f"{role}_sft"])
+    stage["student"] = cell["train"][role]  # the model being fine-tuned
+    key = config_hash({f"{role}_sft": stage, "task": cell["task"]})[:12]
+    out = shared_dir / f"{role}_sft-{cell['task']}-{key}"
     export = out / "export"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel cells wait for one teacher fine-tuning
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel cells wait for one fine-tuning
         if (out / "done.json").is_file() and export.is_dir():
             return str(export)
-        loss = {"objective": "ce", "params": {}, "temperature": 1.0, "ranking": {"enabled": False}}
-        fake = {**cell, "id": f"teacher_sft-{cell['task']}", "seed": stage.get("seed", 72)}
-        tree = run_config(fake, out, cache_dir=cache_dir, loss=loss, train=stage)
-        export_dir, _ = _train(tree)
+        fake = {**cell, "id": f"{role}_sft-{cell['task']}", "seed": stage.get("seed", 72)}
+        tree = run_config(fake, out, cache_dir=cache_dir, loss=CE_LOSS, train=stage)
+        export_dir, log = _train(tree)
+        atomic_write_jsonl(out / "train_log.jsonl", log)
         write_json_atomic(out / "done.json", {"config": tree})
         return str(export_dir)
+
+
+def _stage_models(cell: dict[str, Any], shared_dir: Path, cache_dir: Path) -> tuple[str | None, str]:
+    """(teacher, student) paths after their optional cross-entropy stages."""
+    train = cell["train"]
+    teacher = (ensure_sft(cell, "teacher", shared_dir, cache_dir) if train.get("teacher_sft")
+               else resolve_model(train["teacher"], cache_dir) if "teacher" in train else None)
+    student = (ensure_sft(cell, "student", shared_dir, cache_dir) if train.get("student_sft")
+               else resolve_model(train["student"], cache_dir))
+    return teacher, student
 
 
 def _response_field(task: str, row: dict[str, Any]) -> str:
@@ -348,7 +379,8 @@ def ensure_teacher_generations(train: dict[str, Any], shared_dir: Path, teacher_
         return str(out)
 
 
-def evaluate(cell: dict[str, Any], model_path: str, workdir: Path, *, teacher_path: str | None) -> dict[str, float]:
+def evaluate(cell: dict[str, Any], model_path: str, workdir: Path, *, teacher_path: str | None,
+             cache_dir: Path | None = None) -> dict[str, float]:
     evaluation = dict(cell.get("eval") or {})
     kind = evaluation.get("kind", "task")
     if kind == "task":
@@ -364,7 +396,7 @@ def evaluate(cell: dict[str, Any], model_path: str, workdir: Path, *, teacher_pa
         keep = ("correct", "total", "score", "no_answer", "rouge1", "rouge2", "rougeL")
         return {k: float(v) for k, v in metrics.items() if k in keep}
     if kind == "alignment":
-        return _alignment(evaluation, model_path, teacher_path)
+        return _alignment(cell, evaluation, model_path, teacher_path, cache_dir)
     if kind == "synthetic":
         from rlkd.bench.default import evaluate_synthetic
 
@@ -372,30 +404,84 @@ def evaluate(cell: dict[str, Any], model_path: str, workdir: Path, *, teacher_pa
     raise CellConfigError(f"unknown eval kind {kind!r}; use task, alignment or synthetic")
 
 
-def _alignment(evaluation: dict[str, Any], model_path: str, teacher_path: str | None) -> dict[str, float]:
-    import torch
-
-    from rlkd.data.jsonl import iter_jsonl
-    from rlkd.eval.alignment import compare_models, make_token_slices
+def _alignment(cell: dict[str, Any], evaluation: dict[str, Any], model_path: str, teacher_path: str | None,
+               cache_dir: Path | None) -> dict[str, float]:
+    """CR/MOR/PPL of the model against the teacher on the main set and on each of ``extra_sets``."""
     from rlkd.eval.generate import load_checkpoint
 
     if teacher_path is None:
         raise CellConfigError("alignment evaluation needs a teacher")
-    student, tokenizer = load_checkpoint(model_path, dtype="float32", device="cpu")
-    teacher, _ = load_checkpoint(teacher_path, dtype="float32", device="cpu")
-    text_path = Path(evaluation["text_path"])
+    model, tokenizer = load_checkpoint(model_path, dtype="float32", device="cpu")
+    teacher = None
+    use_cache = bool(cell["train"].get("teacher_cache")) and cache_dir is not None
+    sets = {"": evaluation, **{f"{name}_": {**evaluation, "source": "text", **extra}
+                              for name, extra in (evaluation.get("extra_sets") or {}).items()}}
+    metrics: dict[str, float] = {}
+    for prefix, settings in sets.items():
+        slices = _alignment_slices(cell, settings, tokenizer, cache_dir)
+        if use_cache:
+            reference = _cached_teacher(teacher_path, slices, model.config.vocab_size, cache_dir,
+                                        int(settings.get("batch_size", 4)))
+        else:
+            teacher = teacher or load_checkpoint(teacher_path, dtype="float32", device="cpu")[0]
+            reference = teacher
+        for name, value in _compare(model, reference, slices, int(settings.get("batch_size", 4))).items():
+            metrics[prefix + name] = value
+    return metrics
+
+
+def _alignment_slices(cell: dict[str, Any], settings: dict[str, Any], tokenizer, cache_dir: Path | None):
+    from rlkd.data.jsonl import iter_jsonl
+    from rlkd.eval.alignment import make_token_slices
+
+    source = settings.get("source", "text")
+    if source == "train":
+        from rlkd.config import load_config
+        from rlkd.data import build_samples
+
+        tree = run_config(cell, Path("unused"), cache_dir=cache_dir or Path("unused"), loss=CE_LOSS,
+                          create_models=False)
+        samples = build_samples(load_config(base=tree).data, tokenizer)
+        return [s.input_ids for s in samples]
+    if source != "text":
+        raise CellConfigError(f"alignment source {source!r}: use text or train")
+    text_path = Path(settings["text_path"])
     if not text_path.is_absolute() and not text_path.exists():
         from rlkd.paths import default_data_dir
 
-        data_dir = evaluation.get("data_dir") or default_data_dir()
+        data_dir = settings.get("data_dir") or default_data_dir()
         text_path = Path(data_dir) / text_path if data_dir else text_path
-    skip = int(evaluation.get("skip_rows", 0))  # held-out documents after the training ones
-    texts = (row[evaluation.get("text_field", "text")] for i, (_, row) in enumerate(iter_jsonl(text_path))
+    skip = int(settings.get("skip_rows", 0))  # held-out documents after the training ones
+    texts = (row[settings.get("text_field", "text")] for i, (_, row) in enumerate(iter_jsonl(text_path))
              if i >= skip)
-    slices = make_token_slices(texts, tokenizer, int(evaluation.get("slice_len", 128)),
-                               max_slices=evaluation.get("max_slices"))
+    return make_token_slices(texts, tokenizer, int(settings.get("slice_len", 128)),
+                             max_slices=settings.get("max_slices"))
+
+
+def _cached_teacher(teacher_path: str, slices, vocab_size: int, cache_dir: Path, batch_size: int):
+    """The teacher as cached logits over these slices (built with a plain fp32 teacher if new)."""
+    from rlkd import teacher_cache
+    from rlkd.eval.generate import load_checkpoint
+
+    loaded = []
+
+    def forward(input_ids, attention_mask):
+        if not loaded:
+            loaded.append(load_checkpoint(teacher_path, dtype="float32", device="cpu")[0])
+        return loaded[0](input_ids=input_ids, attention_mask=attention_mask).logits
+
+    cache = teacher_cache.open_or_build(teacher_cache_dir(cache_dir), teacher_path, slices, vocab_size, forward,
+                                        batch_size=batch_size)
+    return cache.as_model()
+
+
+def _compare(model, reference, slices, batch_size: int) -> dict[str, float]:
+    import torch
+
+    from rlkd.eval.alignment import compare_models
+
     with torch.no_grad():
-        result = compare_models(student, teacher, slices, batch_size=int(evaluation.get("batch_size", 4)))
+        result = compare_models(model, reference, slices, batch_size=batch_size)
     metrics = {k: v for k, v in result.metrics.items() if k.startswith(("cr@", "mor@")) and "corpus" not in k}
     metrics["ppl"] = result.metrics.get("ppl_student", float("nan"))
     metrics["teacher_ppl"] = result.metrics.get("ppl_teacher", float("nan"))
@@ -420,21 +506,21 @@ def resolve_results_refs(value: Any, results_dir: Path) -> Any:
 def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path, shared_dir: Path) -> dict[str, float]:
     cell = resolve_results_refs(cell, cache_dir.parent)
     train = cell["train"]
+    teacher, student = _stage_models(cell, shared_dir, cache_dir)
     if cell["kind"] == "reference":
-        teacher = resolve_model(train["teacher"], cache_dir) if "teacher" in train else None
-        model = teacher if cell["reference"] == "teacher" else resolve_model(train["student"], cache_dir)
-        return evaluate(cell, model, workdir, teacher_path=teacher)
-    teacher = ensure_teacher_sft(cell, shared_dir, cache_dir) if train.get("teacher_sft") else None
+        model = teacher if cell["reference"] == "teacher" else student
+        return evaluate(cell, model, workdir, teacher_path=teacher, cache_dir=cache_dir)
     if train.get("teacher_generations"):
-        generated = ensure_teacher_generations(train, shared_dir, teacher or resolve_model(train["teacher"], cache_dir))
+        generated = ensure_teacher_generations(train, shared_dir, teacher)
         # The generated file already holds exactly the selected rows.
         train = {**{k: v for k, v in train.items() if k not in ("train_examples", "teacher_generations", "generation")},
                  "data_path": generated, "exclude_eval_overlap": False}
+    train = {**train, "student": student}
     tree = run_config(cell, workdir / "train", cache_dir=cache_dir, teacher=teacher, train=train)
     started = time.perf_counter()
     export_dir, log = _train(tree)
     train_seconds = time.perf_counter() - started
-    metrics = evaluate(cell, str(export_dir), workdir, teacher_path=tree["models"]["teacher"])
+    metrics = evaluate(cell, str(export_dir), workdir, teacher_path=tree["models"]["teacher"], cache_dir=cache_dir)
     metrics["train_seconds"] = train_seconds
     metrics["train_step_seconds"] = sum(float(row.get("step_time_s", 0.0)) for row in log)
     if log:

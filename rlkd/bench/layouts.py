@@ -138,7 +138,11 @@ def get_layout(name: str | None) -> Layout:
     }
     builders["mini_table1"] = lambda: Layout(
         "mini_table1", "Mini reproduction of Table 1 (SmolLM2-135M teacher, pruned student)",
-        [Section("", _alignment_columns("pretrain"))], paper_table="table1")
+        [Section("Trained-on sequences (the paper's Table 1 setting; paper: Llama-2-7B -> TinyLlama)",
+                 _alignment_columns("pretrain")),
+         Section("Held-out slices (not trained on; like the paper's Table 7)",
+                 _alignment_columns("pretrain", "heldout_"))],
+        paper_table="table1", row_order=("Start", "Teacher"))
     if name not in builders:
         raise KeyError(f"unknown table layout {name!r}; known: generic, {', '.join(builders)}")
     return builders[name]()

@@ -341,10 +341,13 @@ def expand(spec: GridSpec) -> list[dict[str, Any]]:
     for task in spec.tasks:
         train = deep_merge(spec.defaults, task.train)
         evaluation = deep_merge(spec.eval, task.eval)
+        # A reference row scores the base models, unless a fine-tuning stage makes them or it is
+        # scored on the training sequences: then the training keys define it too.
+        whole = any(k in train for k in ("teacher_sft", "student_sft")) or evaluation.get("source") == "train"
+        reference_train = dict(train) if whole else {k: train[k] for k in ("teacher", "student") if k in train}
         for reference in spec.references:
             semantic = {"task": task.name, "kind": "reference", "reference": reference, "seed": None, "loss": None,
-                        "train": {k: train[k] for k in ("teacher", "student") if k in train},
-                        "eval": evaluation}
+                        "train": reference_train, "eval": evaluation}
             add(_make_cell(spec, task, semantic, "Teacher" if reference == "teacher" else "Start", {}))
         for variant in spec.variants:
             rank_only = variant.name.startswith("rank_only")

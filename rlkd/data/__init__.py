@@ -14,7 +14,7 @@ def build_samples(data_cfg, tokenizer) -> list[Encoded]:
     """Load and encode the rows named by a `DataConfig` (see rlkd.config)."""
     rows = load_rows(data_cfg.task, data_cfg.split, path=data_cfg.path, data_dir=data_cfg.data_dir,
                      source=data_cfg.source, exclude_eval_overlap=data_cfg.exclude_eval_overlap,
-                     limit=data_cfg.limit)
+                     limit=data_cfg.limit, skip=data_cfg.skip)
     convention = data_cfg.mask_convention
     if data_cfg.task == "tokenized":
         encoded = [encode_token_row(r, data_cfg.max_length, convention) for r in rows]
@@ -22,9 +22,9 @@ def build_samples(data_cfg, tokenizer) -> list[Encoded]:
         if tokenizer is None:
             raise DataError(f"task {data_cfg.task!r} needs a tokenizer (models.tokenizer)")
         if data_cfg.task == "pretrain":
-            return pack_documents(rows, tokenizer, data_cfg.max_length, convention)
+            return pack_documents(rows, tokenizer, data_cfg.max_length, convention)[: data_cfg.max_samples]
         encoded = [encode_prompt_response(r, tokenizer, data_cfg.max_length, convention) for r in rows]
     kept = [e for e in encoded if e is not None]
     if not kept:
         raise DataError(f"task {data_cfg.task!r}: no example has a response token within max_length={data_cfg.max_length}")
-    return kept
+    return kept[: data_cfg.max_samples]

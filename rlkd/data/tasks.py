@@ -127,11 +127,12 @@ def _token_row(row: dict[str, Any], where: str) -> TokenRow:
 
 def load_rows(task: str, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None,
               source: str = "auto", exclude_eval_overlap: bool = True,
-              limit: int | None = None) -> list[PromptResponse] | list[str] | list[TokenRow]:
+              limit: int | None = None, skip: int = 0) -> list[PromptResponse] | list[str] | list[TokenRow]:
     """Load one split of a task.
 
     Returns PromptResponse items for SFT tasks, document strings for `pretrain`, TokenRow items for
     `tokenized`. `exclude_eval_overlap` drops Dolly training rows flagged `in_rlkd_dolly_test`.
+    `skip` source rows are passed over before up to `limit` rows are read.
     """
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; choose from {list(TASKS)}")
@@ -154,7 +155,9 @@ def load_rows(task: str, split: str, *, path: str | Path | None = None, data_dir
 
     overlap = _OverlapFilter(data_dir) if task == "dolly" and split == "train" and exclude_eval_overlap else None
     out: list = []
-    for where, row in rows:
+    for index, (where, row) in enumerate(rows):
+        if index < skip:
+            continue
         if limit is not None and len(out) >= limit:
             break
         if task == "tokenized":

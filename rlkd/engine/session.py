@@ -54,13 +54,19 @@ class Session:
     vocab: VocabPlan
     tokenizer: Any
     batches: ResumableBatches
-    teacher: Any  # DeepSpeedEngine (inference)
+    teacher: Any  # DeepSpeedEngine (inference); None when every training row's logits are cached
     student: Any  # DeepSpeedEngine
     loss_fn: Any
     ds_configs: dict[str, dict]
     _hf_ds_configs: list = field(default_factory=list)
+    teacher_cache: Any = None  # rlkd.teacher_cache.TeacherLogitCache
 
-    def teacher_logits(self, batch: Batch) -> torch.Tensor:
+    def teacher_logits(self, batch: Batch) -> torch.Tensor | None:
+        if not self.loss_fn.needs_teacher:  # e.g. "ce": the teacher is never loaded
+            return None
+        if self.teacher_cache is not None:
+            logits = self.teacher_cache.logits(batch.input_ids, batch.attention_mask, dtype=self.dtype)
+            return logits[..., : self.vocab.shared_size]
         with torch.no_grad():
             out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         return out.logits[..., : self.vocab.shared_size]
@@ -115,12 +121,23 @@ def build_session(cfg: RunConfig) -> Session:
     s_config = student_ds_config(cfg, dtype, world_size)
     hf_refs = []
 
-    hf_refs.append(HfDeepSpeedConfig(t_config))
-    teacher_model = load_causal_lm(cfg.models.teacher, dtype)
-    teacher_model.requires_grad_(False)
-    teacher_model.eval()
-    teacher_engine, *_ = deepspeed.initialize(model=teacher_model, config=t_config)
-    teacher_engine.eval()
+    def build_teacher():
+        hf_refs.append(HfDeepSpeedConfig(t_config))
+        teacher_model = load_causal_lm(cfg.models.teacher, dtype)
+        teacher_model.requires_grad_(False)
+        teacher_model.eval()
+        engine, *_ = deepspeed.initialize(model=teacher_model, config=t_config)
+        engine.eval()
+        return engine
+
+    loss_fn = build_loss(cfg)
+    teacher_engine = cache = None
+    if not loss_fn.needs_teacher:
+        pass
+    elif cfg.teacher_cache:
+        cache = _open_teacher_cache(cfg, samples, vocab, device, build_teacher)
+    else:
+        teacher_engine = build_teacher()
 
     hf_refs.append(HfDeepSpeedConfig(s_config))
     student_model = load_causal_lm(cfg.models.student, dtype,
@@ -135,5 +152,25 @@ def build_session(cfg: RunConfig) -> Session:
                                               lr_scheduler=_scheduler_factory(cfg), config=s_config)
     return Session(cfg=cfg, rank=rank, world_size=world_size, device=device, dtype=dtype, vocab=vocab,
                    tokenizer=tokenizer, batches=batches, teacher=teacher_engine, student=student_engine,
-                   loss_fn=build_loss(cfg), ds_configs={"teacher": t_config, "student": s_config},
-                   _hf_ds_configs=hf_refs)
+                   loss_fn=loss_fn, ds_configs={"teacher": t_config, "student": s_config},
+                   _hf_ds_configs=hf_refs, teacher_cache=cache)
+
+
+def _open_teacher_cache(cfg: RunConfig, samples, vocab: VocabPlan, device, build_teacher):
+    """The cached teacher logits of every training sample, computed first with a ZeRO-3 teacher
+    engine that is dropped afterwards (every later step reads the cache)."""
+    from rlkd import teacher_cache
+
+    engine = None
+
+    def forward(input_ids, attention_mask):
+        nonlocal engine
+        if engine is None:
+            engine = build_teacher()
+        return engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    cache = teacher_cache.open_or_build(cfg.teacher_cache, cfg.models.teacher, [s.input_ids for s in samples],
+                                        vocab.shared_size, forward, batch_size=cfg.train.micro_batch_size,
+                                        device=device)
+    del engine
+    return cache

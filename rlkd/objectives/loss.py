@@ -121,9 +121,13 @@ class DistillLoss:
         metrics["rank_fallback"] = float(weights.rank_fallback)
         return LossOutput(per_token.sum(), n, metrics, per_token)
 
+    @property
+    def needs_teacher(self) -> bool:
+        return self.objective is not None and self.objective.needs_teacher or self.ranking is not None
+
     def _select(self, student_logits, teacher_logits, mask, labels):
         vocab = student_logits.shape[-1]
-        needs_teacher = self.objective is not None and self.objective.needs_teacher or self.ranking is not None
+        needs_teacher = self.needs_teacher
         if needs_teacher:
             if teacher_logits is None:
                 raise ValueError("this loss needs teacher logits, got None")
