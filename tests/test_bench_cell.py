@@ -178,3 +178,41 @@ def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path,
     monkeypatch.setattr(cell_module, "_train", no_training)
     teacher_row = run_cell_inprocess(cells["Teacher"], tmp_path / "teacher", cache_dir=cache, shared_dir=shared)
     assert teacher_row["cr@5"] == 100.0 and teacher_row["ppl"] == pytest.approx(teacher_row["teacher_ppl"], rel=1e-5)
+
+
+def test_a_cell_trained_by_its_slurm_job_is_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from rlkd.bench import cell as cell_module
+    from rlkd.bench.cli import main as bench_main
+    from rlkd.bench.cell import run_cell_inprocess
+    from rlkd.engine.train import run_training
+
+    if cell_module._shared_tokenizer() is None:
+        pytest.skip("needs the local Llama-2 tokenizer")
+    words = "one two three four five six seven eight nine ten".split()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(words[(i * j) % 10] for j in range(50))}) + "\n"
+                            for i in range(12)))
+    spec_path = tmp_path / "staged.yaml"
+    spec_path.write_text(yaml.safe_dump(_staged_spec(docs)))
+    results = tmp_path / "results"
+    cells = {c["method"]: c for c in expand(parse_spec(_staged_spec(docs), registry=lambda: ["kl"]))}
+    kl = cells["KL"]
+
+    assert bench_main([str(spec_path), "--dry-run", "--slurm", "--results-dir", str(results)]) == 0
+    assert "student_sft stage has not run yet" in capsys.readouterr().out  # the stage comes first
+    cache, shared = results / ".cache", results / ".shared"
+    run_cell_inprocess(cells["Start"], results / ".staging" / cells["Start"]["id"], cache_dir=cache,
+                       shared_dir=shared)
+    assert bench_main([str(spec_path), "--dry-run", "--slurm", "--results-dir", str(results)]) == 0
+    launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rlkd launch slurm")]
+    assert len(launches) == 1 and kl["id"][:60] in launches[0]
+    job_config = results / ".slurm" / f"{kl['id']}.yaml"
+    assert "student_sft-pretrain-" in yaml.safe_load(job_config.read_text())["models"]["student"]
+
+    run_training(job_config)  # what the Slurm job runs
+    monkeypatch.setattr("rlkd.engine.train.run_training",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    metrics = run_cell_inprocess(kl, results / ".staging" / kl["id"], cache_dir=cache, shared_dir=shared)
+    assert {"cr@1", "mor@20", "ppl", "heldout_cr@1", "final_train_loss"} <= set(metrics)

@@ -278,6 +278,9 @@ def validate_run_config(tree: dict[str, Any]) -> None:
 def _train(tree: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
     from rlkd.engine.train import run_training
 
+    finished = finished_training(tree)
+    if finished is not None:
+        return finished
     result = run_training(tree, resume=True)
     log = [json.loads(line) for line in Path(result.metrics_path).read_text().splitlines() if line.strip()]
     if result.export_dir is None:
@@ -285,17 +288,45 @@ def _train(tree: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
     return Path(result.export_dir), log
 
 
+def finished_training(tree: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]] | None:
+    """A training that already finished in the cell's directory with exactly this engine config (a
+    Slurm job from ``rlkd bench --dry-run --slurm``): its export and log are used as they are."""
+    from rlkd.config import load_config
+
+    out = Path(tree["output_dir"])
+    manifest_path, export, metrics = out / "manifest.json", out / "export", out / "metrics.jsonl"
+    if not (manifest_path.is_file() and (export / "config.json").is_file() and metrics.is_file()):
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("status") != "finished":
+        return None
+    if manifest.get("config") != load_config(base=tree).model_dump(mode="json"):
+        print(f"{out}: a finished training with another config is there; training again", flush=True)
+        return None
+    return export, [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
 CE_LOSS = {"objective": "ce", "params": {}, "temperature": 1.0, "ranking": {"enabled": False}}
+
+
+def _sft_stage(cell: dict[str, Any], role: str, shared_dir: Path) -> tuple[Path, dict[str, Any]]:
+    stage = {k: v for k, v in cell["train"].items() if k not in ("teacher_sft", "student_sft", "teacher_cache")}
+    stage.update(cell["train"][f"{role}_sft"])
+    stage["student"] = cell["train"][role]  # the model being fine-tuned
+    key = config_hash({f"{role}_sft": stage, "task": cell["task"]})[:12]
+    return shared_dir / f"{role}_sft-{cell['task']}-{key}", stage
+
+
+def finished_stage(cell: dict[str, Any], role: str, shared_dir: Path) -> str | None:
+    """The export of the cell's ``<role>_sft`` stage if it has run, else None."""
+    out, _ = _sft_stage(cell, role, shared_dir)
+    return str(out / "export") if (out / "done.json").is_file() and (out / "export").is_dir() else None
 
 
 def ensure_sft(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: Path) -> str:
     """Fine-tune the base ``role`` model ("teacher" or "student") with cross-entropy on the stage
     given by ``train.<role>_sft`` (overlaid on the cell's training keys) once; every cell reuses it."""
-    stage = {k: v for k, v in cell["train"].items() if k not in ("teacher_sft", "student_sft", "teacher_cache")}
-    stage.update(cell["train"][f"{role}_sft"])
-    stage["student"] = cell["train"][role]  # the model being fine-tuned
-    key = config_hash({f"{role}_sft": stage, "task": cell["task"]})[:12]
-    out = shared_dir / f"{role}_sft-{cell['task']}-{key}"
+    out, stage = _sft_stage(cell, role, shared_dir)
     export = out / "export"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "a") as lock:

@@ -101,17 +101,37 @@ def check_engine_configs(cells, out_dir: Path) -> list[tuple[str, str]]:
 
 
 def _print_slurm(cells, out_dir: Path, args) -> None:
-    """One `rlkd launch slurm` job per pending cell; the engine config is written next to it."""
-    from rlkd.bench.cell import run_config
+    """One `rlkd launch slurm` job per pending cell; the engine config is written next to it. The
+    jobs train into the cells' staging directories; running the spec again afterwards (without
+    --slurm) evaluates and stores each cell whose training finished there, without retraining."""
+    from rlkd.bench.cell import finished_stage, run_config
 
-    print("\n# Slurm: one job per cell (run configs written under .slurm/)")
+    print("\n# Slurm: one job per cell (run configs written under .slurm/); afterwards "
+          "`rlkd bench SPEC` evaluates and stores the trained cells")
     for cell in cells:
         if is_done(out_dir / cell["id"], cell["config_hash"]) or cell["kind"] != "distill":
+            continue
+        train = dict(cell["train"])
+        if train.get("teacher_generations"):
+            print(f"# {cell['id']}: trains on teacher generations; run it locally (rlkd bench SPEC --only ...)")
+            continue
+        missing = []
+        for role in ("teacher", "student"):
+            if not train.get(f"{role}_sft"):
+                continue
+            stage_export = finished_stage(cell, role, out_dir / ".shared")
+            if stage_export is None:
+                missing.append(role)
+            else:
+                train[role] = stage_export
+        if missing:
+            print(f"# {cell['id']}: its {' and '.join(r + '_sft' for r in missing)} stage has not run yet; "
+                  "run one cell locally first (rlkd bench SPEC --only ...), which runs the stage once")
             continue
         config_path = out_dir / ".slurm" / f"{cell['id']}.yaml"
         try:
             tree = run_config(cell, out_dir / ".staging" / cell["id"] / "train", cache_dir=out_dir / ".cache",
-                              create_models=False)
+                              train=train, create_models=False)
         except Exception as exc:  # noqa: BLE001 - a dry run reports, it does not stop
             print(f"# {cell['id']}: cannot render ({type(exc).__name__}: {exc})")
             continue
