@@ -152,3 +152,13 @@ def test_table_cli_errors(tmp_path, capsys):
     assert "no such results directory" in capsys.readouterr().err
     assert table_main([str(tmp_path)]) == 2
     assert "nothing has run yet" in capsys.readouterr().err
+
+
+def test_mini_table1_layout_puts_the_paper_beside_the_trained_on_section_only():
+    layout = get_layout("mini_table1")
+    trained, heldout = layout.sections
+    assert [c.key for c in trained.columns][:2] == ["pretrain/ppl", "pretrain/cr@1"]
+    assert all(c.key.startswith("pretrain/heldout_") for c in heldout.columns)
+    assert layout.paper_value("KL+R", "pretrain/cr@5") == paper_table("table1").value("KL+R", "pretrain/cr@5") == 12.65
+    assert layout.paper_value("KL+R", "pretrain/heldout_cr@5") is None
+    assert trained.columns[0].lower_is_better and heldout.columns[0].lower_is_better  # PPL
