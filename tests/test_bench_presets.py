@@ -27,6 +27,7 @@ DOWNSTREAM = {"gsm8k": dict(epochs=2, teacher=RFT_TEACHER, rows=7473),
 EXPECTED_ROWS = {
     "table1": {"Start", "KL", "KL+R", "RKL", "RKL+R", "JSD", "JSD+R", "TVD", "TVD+R", "AKL", "AKL+R"},
     "table2": set(paper_table("table2").rows),
+    "table3": set(paper_table("table3").rows),
     "table4": {"KL", "KL+R", "Rank-15"},
     "table5": {"Rank-5", "Rank-10", "Rank-15", "Rank-20", "Rank-25", "Rank-30"}
     | {f"{o}+R" for o in ("KL", "RKL", "TVD")},
@@ -41,7 +42,7 @@ def _presets():
     return sorted(PRESETS.glob("table*.yaml"))
 
 
-def test_there_is_a_preset_for_every_training_table():
+def test_there_is_a_preset_for_every_table():
     assert {p.stem for p in _presets()} == set(EXPECTED_ROWS)
 
 
@@ -52,6 +53,14 @@ def test_preset_matches_the_papers_setup(path, tmp_path):
     assert spec.layout == path.stem and spec.paper["table"] == path.stem
     assert {c["method"] for c in cells} == EXPECTED_ROWS[path.stem]
     pretrain = path.stem in ("table1", "table7")
+    if path.stem == "table3":  # evaluation only: pretrained models against Llama-2-70B
+        models = {c["method"]: c["train"]["candidate"] for c in cells}
+        assert models == {"13B (Llama-2)": "meta-llama/Llama-2-13b-hf", "7B (Llama-2)": LLAMA2_7B,
+                          "3B (OpenELM)": "apple/OpenELM-3B", "1B (OpenELM)": "apple/OpenELM-1_1B",
+                          "450M (OpenELM)": "apple/OpenELM-450M", "270M (OpenELM)": "apple/OpenELM-270M"}
+        assert all(c["kind"] == "reference" and c["train"]["teacher"] == "meta-llama/Llama-2-70b-hf"
+                   and c["eval"]["kind"] == "alignment" and c["eval"]["max_slices"] == 5000 for c in cells)
+        return
     for cell in cells:
         train = cell["train"]
         assert train["student"] == TINYLLAMA
@@ -101,7 +110,8 @@ def test_preset_dry_runs_normal_and_tiny(path, tmp_path, capsys):
         assert "engine config of" not in out
         assert f"{len(expand(load_spec(path, tiny=bool(extra))))} cells" in out
     tiny_cells = expand(load_spec(path, tiny=True))
-    assert all(c["train"]["student"] == "@tiny/student" for c in tiny_cells)
+    assert all(c["train"].get("student", c["train"].get("candidate")).startswith("@tiny/") for c in tiny_cells)
+    assert all(c["train"]["teacher"] == "@tiny/teacher" for c in tiny_cells)
     assert all(c["train"].get("max_steps", 99) <= 2 for c in tiny_cells if c["kind"] == "distill")
 
 
@@ -146,6 +156,7 @@ def test_mini_table1_spec_dry_runs_with_three_seeds_for_kl(tmp_path, capsys):
     ("paper/table5", "Rank-10", {"Rank-10"}),                      # ranking loss alone, swept k
     ("paper/table6", r"re:^gsm8k-KL\+R_Dynamic-", {"KL+R (Dynamic)"}),  # Eq. 2 dynamic allocation
     ("paper/table7", "JSD+R", {"JSD+R"}),
+    ("paper/table3", "13B (Llama-2),7B (Llama-2)", {"13B (Llama-2)", "7B (Llama-2)"}),  # evaluation only
     ("paper/table8", r"re:^gsm8k-TVD\+R_Pearson-", {"TVD+R (Pearson)"}),  # Pearson instead of Spearman
 ])
 def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypatch, capsys):

@@ -56,7 +56,7 @@ _TRAIN_KEYS = {
     "weight_decay", "schedule", "warmup_steps", "grad_clip", "optimizer", "precision",
     "gradient_checkpointing", "vocab_truncation", "checkpoint_every", "teacher_sft", "engine",
     "exclude_eval_overlap", "keep_checkpoints", "shuffle", "teacher_generations", "generation",
-    "train_samples", "teacher_cache", "skip_examples", "student_sft",
+    "train_samples", "teacher_cache", "skip_examples", "student_sft", "candidate",
 }
 
 
@@ -341,13 +341,13 @@ def ensure_sft(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: Pat
         return str(export_dir)
 
 
-def _stage_models(cell: dict[str, Any], shared_dir: Path, cache_dir: Path) -> tuple[str | None, str]:
+def _stage_models(cell: dict[str, Any], shared_dir: Path, cache_dir: Path) -> tuple[str | None, str | None]:
     """(teacher, student) paths after their optional cross-entropy stages."""
     train = cell["train"]
     teacher = (ensure_sft(cell, "teacher", shared_dir, cache_dir) if train.get("teacher_sft")
                else resolve_model(train["teacher"], cache_dir) if "teacher" in train else None)
     student = (ensure_sft(cell, "student", shared_dir, cache_dir) if train.get("student_sft")
-               else resolve_model(train["student"], cache_dir))
+               else resolve_model(train["student"], cache_dir) if "student" in train else None)
     return teacher, student
 
 
@@ -539,7 +539,8 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path, 
     train = cell["train"]
     teacher, student = _stage_models(cell, shared_dir, cache_dir)
     if cell["kind"] == "reference":
-        model = teacher if cell["reference"] == "teacher" else student
+        model = {"teacher": teacher, "student": student}.get(cell["reference"]) \
+            or resolve_model(train["candidate"], cache_dir)
         return evaluate(cell, model, workdir, teacher_path=teacher, cache_dir=cache_dir)
     if train.get("teacher_generations"):
         generated = ensure_teacher_generations(train, shared_dir, teacher)

@@ -102,6 +102,9 @@ class GridSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [72], min_length=1)
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     references: list[Literal["teacher", "student"]] = Field(default_factory=list)
+    # Evaluation-only rows: {row label: model}, each scored against the teacher (the paper's Table 3
+    # scores Llama-2 and OpenELM models against Llama-2-70B).
+    candidates: dict[str, str] = Field(default_factory=dict)
     tiny: dict[str, Any] = Field(default_factory=dict)  # deep-merged over the spec by --tiny
     paper: dict[str, Any] = Field(default_factory=dict)  # the paper's setup, for the preset test
 
@@ -349,6 +352,10 @@ def expand(spec: GridSpec) -> list[dict[str, Any]]:
             semantic = {"task": task.name, "kind": "reference", "reference": reference, "seed": None, "loss": None,
                         "train": reference_train, "eval": evaluation}
             add(_make_cell(spec, task, semantic, "Teacher" if reference == "teacher" else "Start", {}))
+        for label, model in spec.candidates.items():
+            semantic = {"task": task.name, "kind": "reference", "reference": "candidate", "seed": None, "loss": None,
+                        "train": {**reference_train, "candidate": model}, "eval": evaluation}
+            add(_make_cell(spec, task, semantic, label, {}))
         for variant in spec.variants:
             rank_only = variant.name.startswith("rank_only")
             if rank_only:
