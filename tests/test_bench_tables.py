@@ -62,6 +62,9 @@ def test_paired_t_against_hand_formula():
     assert sum(d) / 3 == mean
     constant = paired_t([2.0, 3.0], [1.0, 2.0])
     assert constant.t is None and constant.p == 0.0
+    # equal differences that floating point leaves a hair apart (1/8160 of a percentage scale)
+    rounded = paired_t([0.1 + 1 / 81.6, 0.3 + 1 / 81.6, 0.7 + 1 / 81.6], [0.1, 0.3, 0.7])
+    assert 0 < rounded.diff.sd < 1e-15 and rounded.t is None and rounded.p == 0.0
     assert paired_t([1.0], [0.5]).p is None
 
 
@@ -162,3 +165,4 @@ def test_mini_table1_layout_puts_the_paper_beside_the_trained_on_section_only():
     assert layout.paper_value("KL+R", "pretrain/cr@5") == paper_table("table1").value("KL+R", "pretrain/cr@5") == 12.65
     assert layout.paper_value("KL+R", "pretrain/heldout_cr@5") is None
     assert trained.columns[0].lower_is_better and heldout.columns[0].lower_is_better  # PPL
+    assert all(c.header.endswith("(held-out)") for c in heldout.columns)  # effects rows stay unambiguous

@@ -17,7 +17,7 @@ ALIGNMENT = [("cr@1", "CR@1"), ("cr@2", "CR@2"), ("cr@3", "CR@3"), ("cr@4", "CR@
              ("mor@3", "MOR@3"), ("mor@5", "MOR@5"), ("mor@10", "MOR@10"), ("mor@20", "MOR@20")]
 LOWER_IS_BETTER = re.compile(r"(^|/)[a-z_]*(ppl|seconds|loss|kl)(\||$)")
 # Bookkeeping metrics a cell records but no table shows (they do not compare across objectives).
-HIDDEN_METRICS = re.compile(r"/(final_train_loss|train_step_seconds|total|no_answer)$")
+HIDDEN_METRICS = re.compile(r"/(final_train_loss|train_step_seconds|total|no_answer|([a-z]+_)?teacher_ppl)$")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Layout:
 
 
 def _alignment_columns(task: str, prefix: str = "", with_ppl: bool = True, label: str = "") -> list[Column]:
-    columns = [Column(f"{task}/{prefix}ppl", "PPL↓")] if with_ppl else []
+    columns = [Column(f"{task}/{prefix}ppl", f"PPL↓{label}")] if with_ppl else []
     return columns + [Column(f"{task}/{prefix}{key}", f"{header}{label}") for key, header in ALIGNMENT]
 
 
@@ -141,7 +141,7 @@ def get_layout(name: str | None) -> Layout:
         [Section("Trained-on sequences (the paper's Table 1 setting; paper: Llama-2-7B -> TinyLlama)",
                  _alignment_columns("pretrain")),
          Section("Held-out slices (not trained on; like the paper's Table 7)",
-                 _alignment_columns("pretrain", "heldout_"))],
+                 _alignment_columns("pretrain", "heldout_", label=" (held-out)"))],
         paper_table="table1", row_order=("Start", "Teacher"))
     if name not in builders:
         raise KeyError(f"unknown table layout {name!r}; known: generic, {', '.join(builders)}")

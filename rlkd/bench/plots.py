@@ -35,6 +35,11 @@ def alignment_curves(grid: Grid, out_path: Path, prefix: str = "", title: str = 
             continue
         estimate = grid.estimate(row, column)
         series[(row, match["metric"])][int(match["k"])] = estimate.mean
+    # A model scored against itself (the teacher against the teacher) is 100 everywhere: it says
+    # nothing and would squeeze every other curve into the bottom of the axes.
+    identical = {row for row, _ in series if all(v == 100.0 for (r, _), pts in series.items() if r == row
+                                                 for v in pts.values())}
+    series = {key: points for key, points in series.items() if key[0] not in identical}
     if not series:
         return None
     objectives = sorted({_base_objective(row)[0] for row, _ in series} - set(REFERENCE_STYLE))

@@ -55,8 +55,8 @@ def paired_t(with_r: Sequence[float], without_r: Sequence[float], confidence: fl
     estimate = mean_ci(diffs, confidence)
     if len(diffs) < 2:
         return PairedTest(estimate, None, None)
-    if estimate.sd == 0:
-        # Every seed moved by the same amount: the t statistic is undefined (0/0 or ±inf).
+    if estimate.sd <= 1e-9 * max(1.0, abs(estimate.mean)):
+        # Every seed moved by the same amount (to rounding): the t statistic is undefined (0/0 or ±inf).
         return PairedTest(estimate, None, None if estimate.mean == 0 else 0.0)
     result = stats.ttest_rel(with_r, without_r)
     return PairedTest(estimate, float(result.statistic), float(result.pvalue))
