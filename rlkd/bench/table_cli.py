@@ -31,7 +31,8 @@ def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path
                        if "/" in c and "cr@" in c and "|" not in c})
     for prefix in prefixes:
         name = f"alignment_{prefix.rstrip('_')}.png" if prefix else "alignment.png"
-        label = "against the true distribution" if prefix == "true_" else "against the teacher"
+        label = ("against the true distribution" if prefix == "true_" else "against the teacher"
+                 + (f", {prefix.rstrip('_')} set" if prefix else ""))
         plot = alignment_curves(grid, out_dir / name, prefix=prefix,
                                 title=f"{layout.title}: top-k agreement {label} (solid: +R, dashed: without R, "
                                       "dash-dot: ranking loss only, dotted: reference models)")
