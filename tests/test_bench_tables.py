@@ -166,3 +166,20 @@ def test_mini_table1_layout_puts_the_paper_beside_the_trained_on_section_only():
     assert layout.paper_value("KL+R", "pretrain/heldout_cr@5") is None
     assert trained.columns[0].lower_is_better and heldout.columns[0].lower_is_better  # PPL
     assert all(c.header.endswith("(held-out)") for c in heldout.columns)  # effects rows stay unambiguous
+
+
+def test_curves_leave_out_a_model_scored_against_itself(tmp_path):
+    from rlkd.bench.plots import curve_series
+
+    class Executor:
+        def run(self, cell, workdir):
+            if cell["method"] == "Teacher":
+                return {"cr@1": 100.0, "cr@2": 100.0, "mor@3": 100.0}
+            return {"cr@1": 50.0 + cell["seed"], "cr@2": 20.0, "mor@3": 40.0}
+
+    raw = {"name": "c", "layout": "table1", "tasks": [{"name": "pretrain"}], "objectives": ["kl"],
+           "variants": ["none"], "seeds": [1, 2], "references": ["teacher"],
+           "defaults": {"teacher": "T", "student": "S"}}
+    run_grid(expand(parse_spec(raw, registry=REGISTRY)), tmp_path, Executor(), progress=False)
+    series = curve_series(collect(load_cells(tmp_path), get_layout("table1")))
+    assert series == {("KL", "cr"): {1: 51.5, 2: 20.0}, ("KL", "mor"): {3: 40.0}}

@@ -26,20 +26,24 @@ def _base_objective(row: str) -> tuple[str, bool]:
     return row, False
 
 
-def alignment_curves(grid: Grid, out_path: Path, prefix: str = "", title: str = "") -> Path | None:
-    """CR@k (left) and MOR@k (right) against k; one colour per objective, dashed without R."""
+def curve_series(grid: Grid, prefix: str = "") -> dict[tuple[str, str], dict[int, float]]:
+    """{(row, "cr" | "mor"): {k: mean}} for the columns with this metric prefix."""
     series: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for (row, column) in grid.values:
         match = _AT_K.match(column)
         if not match or match["prefix"] != prefix:
             continue
-        estimate = grid.estimate(row, column)
-        series[(row, match["metric"])][int(match["k"])] = estimate.mean
+        series[(row, match["metric"])][int(match["k"])] = grid.estimate(row, column).mean
     # A model scored against itself (the teacher against the teacher) is 100 everywhere: it says
     # nothing and would squeeze every other curve into the bottom of the axes.
     identical = {row for row, _ in series if all(v == 100.0 for (r, _), pts in series.items() if r == row
                                                  for v in pts.values())}
-    series = {key: points for key, points in series.items() if key[0] not in identical}
+    return {key: points for key, points in series.items() if key[0] not in identical}
+
+
+def alignment_curves(grid: Grid, out_path: Path, prefix: str = "", title: str = "") -> Path | None:
+    """CR@k (left) and MOR@k (right) against k; one colour per objective, dashed without R."""
+    series = curve_series(grid, prefix)
     if not series:
         return None
     objectives = sorted({_base_objective(row)[0] for row, _ in series} - set(REFERENCE_STYLE))
