@@ -62,6 +62,30 @@ def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+_CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".py")
+
+
+def checkpoint_fingerprint(checkpoint: str | Path, full: bool = True) -> dict[str, Any]:
+    """Identity of a checkpoint directory.
+
+    ``full``: sha256 over (relative name, sha256) of every config, weight and tokenizer file.
+    Otherwise a cheaper fingerprint over names, sizes and modification times (labelled so).
+    A Hub id that is not a local directory is recorded by name only.
+    """
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return {"checkpoint": str(checkpoint), "hash_mode": "hub-id", "sha256": None}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES)
+    digest = hashlib.sha256()
+    for f in files:
+        rel = f.relative_to(path).as_posix()
+        stat = f.stat()
+        token = file_sha256(f) if full else f"{stat.st_size}:{stat.st_mtime_ns}"
+        digest.update(f"{rel}\0{token}\n".encode())
+    return {"checkpoint": str(path.resolve()), "hash_mode": "content" if full else "size-mtime",
+            "sha256": digest.hexdigest(), "n_files": len(files)}
+
+
 def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in packages:

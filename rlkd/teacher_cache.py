@@ -22,28 +22,21 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from rlkd.provenance import atomic_write_json, file_sha256, utc_now
+from rlkd.provenance import atomic_write_json, checkpoint_fingerprint, utc_now
 
-# (input_ids [B, L], attention_mask [B, L]) -> logits [B, L, >= vocab]
-TeacherForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-_WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin")
+# Returns the teacher, called as ``teacher(input_ids=, attention_mask=, use_cache=False).logits``;
+# only called when an entry has to be built.
+LoadTeacher = Callable[[], Any]
 
 
 def teacher_identity(teacher: str | Path) -> str:
-    """Content hash of a local checkpoint's config and weight files; a Hub id stands for itself."""
-    path = Path(teacher)
-    if not path.is_dir():
-        return f"hub:{teacher}"
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
-                       and "tokenizer" not in p.name):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
-    return digest.hexdigest()
+    """Content hash of a local checkpoint's files; a Hub id stands for itself."""
+    return checkpoint_fingerprint(teacher)["sha256"] or f"hub:{teacher}"
 
 
 def sequence_key(ids: Sequence[int]) -> bytes:
@@ -145,10 +138,11 @@ def _agree(dist, flag: bool, device: torch.device) -> bool:
 
 
 def open_or_build(root: str | Path, teacher: str | Path, sequences: Sequence[Sequence[int]], vocab_size: int,
-                  forward: TeacherForward | None, *, batch_size: int = 4, pad_id: int = 0,
+                  load_teacher: LoadTeacher | None, *, batch_size: int = 4, pad_id: int = 0,
                   device: torch.device | str = "cpu", teacher_id: str | None = None) -> TeacherLogitCache:
-    """The cache entry under ``root`` for (teacher, sequences, vocab), built with ``forward`` first if
-    it does not exist yet. Collective under torch.distributed: every rank must call it."""
+    """The cache entry under ``root`` for (teacher, sequences, vocab), built first with the model
+    ``load_teacher()`` returns if it does not exist yet. Collective under torch.distributed: every
+    rank must call it."""
     dist, rank, world = _dist()
     device = torch.device(device)
     unique: dict[bytes, list[int]] = {}
@@ -162,15 +156,15 @@ def open_or_build(root: str | Path, teacher: str | Path, sequences: Sequence[Seq
     with _locked(Path(root) / f".{directory.name}.lock", enabled=rank == 0):
         ready = _agree(dist, (directory / "meta.json").is_file(), device)
         if not ready:
-            if forward is None:
+            if load_teacher is None:
                 raise FileNotFoundError(f"teacher logit cache {directory} does not exist and no teacher was given")
-            _build(directory, teacher, teacher_id, seqs, vocab_size, forward, batch_size, pad_id, device,
+            _build(directory, teacher, teacher_id, seqs, vocab_size, load_teacher(), batch_size, pad_id, device,
                    dist, rank, world)
     return TeacherLogitCache(directory)
 
 
 def _build(directory: Path, teacher, teacher_id: str, seqs: list[list[int]], vocab_size: int,
-           forward: TeacherForward, batch_size: int, pad_id: int, device: torch.device, dist, rank: int,
+           model, batch_size: int, pad_id: int, device: torch.device, dist, rank: int,
            world: int) -> None:
     staging = directory.with_name(directory.name + ".building")
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
@@ -185,7 +179,8 @@ def _build(directory: Path, teacher, teacher_id: str, seqs: list[list[int]], voc
         dist.barrier()
     store = np.load(staging / "logits.npy", mmap_mode="r+")
     mine = list(range(rank, len(seqs), world))
-    calls = -(-len(range(0, len(seqs), world)) // batch_size)  # equal forward count on every rank
+    per_rank = -(-len(seqs) // world)
+    calls = -(-per_rank // batch_size)  # equal forward count on every rank
     for call in range(calls):
         picked = mine[call * batch_size:(call + 1) * batch_size] or mine[-1:] or [0]
         width = max(len(seqs[i]) for i in picked)
@@ -195,7 +190,7 @@ def _build(directory: Path, teacher, teacher_id: str, seqs: list[list[int]], voc
             input_ids[row, :len(seqs[index])] = torch.tensor(seqs[index])
             attention[row, :len(seqs[index])] = 1
         with torch.no_grad():
-            logits = forward(input_ids.to(device), attention.to(device))
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
         logits = logits[..., :vocab_size].float().cpu().numpy()
         for row, index in enumerate(picked):
             store[offsets[index]:offsets[index + 1]] = logits[row, :lengths[index]]

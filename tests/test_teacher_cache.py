@@ -32,11 +32,12 @@ def test_lookup_returns_the_teacher_logits_of_each_row_in_any_order(tiny_models,
     seqs = _sequences(7, vocab)
     calls = []
 
-    def forward(ids, mask):
-        calls.append(ids.shape)
-        return model(input_ids=ids, attention_mask=mask).logits
+    def counting_teacher(**inputs):
+        calls.append(inputs["input_ids"].shape)
+        return model(**inputs)
 
-    cache = teacher_cache.open_or_build(tmp_path, tiny_models["teacher"], seqs, vocab, forward, batch_size=3)
+    cache = teacher_cache.open_or_build(tmp_path, tiny_models["teacher"], seqs, vocab, lambda: counting_teacher,
+                                        batch_size=3)
     assert len(calls) == 3 and len(cache) == 7
     # a right-padded batch in another order, one sequence repeated
     picked = [seqs[5], seqs[0], seqs[5]]
@@ -61,8 +62,7 @@ def test_second_open_reuses_the_entry_and_other_weights_get_another(tiny_models,
     model = _plain(tiny_models["teacher"])
     vocab = model.config.vocab_size
     seqs = _sequences(4, vocab, seed=1)
-    first = teacher_cache.open_or_build(tmp_path, tiny_models["teacher"], seqs, vocab,
-                                        lambda i, m: model(input_ids=i, attention_mask=m).logits)
+    first = teacher_cache.open_or_build(tmp_path, tiny_models["teacher"], seqs, vocab, lambda: model)
     again = teacher_cache.open_or_build(tmp_path, tiny_models["teacher"], seqs, vocab, None)
     assert again.directory == first.directory
     assert json.loads((first.directory / "meta.json").read_text())["sequences"] == 4

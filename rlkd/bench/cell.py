@@ -494,15 +494,9 @@ def _cached_teacher(teacher_path: str, slices, vocab_size: int, cache_dir: Path,
     from rlkd import teacher_cache
     from rlkd.eval.generate import load_checkpoint
 
-    loaded = []
-
-    def forward(input_ids, attention_mask):
-        if not loaded:
-            loaded.append(load_checkpoint(teacher_path, dtype="float32", device="cpu")[0])
-        return loaded[0](input_ids=input_ids, attention_mask=attention_mask).logits
-
-    cache = teacher_cache.open_or_build(teacher_cache_dir(cache_dir), teacher_path, slices, vocab_size, forward,
-                                        batch_size=batch_size)
+    cache = teacher_cache.open_or_build(
+        teacher_cache_dir(cache_dir), teacher_path, slices, vocab_size,
+        lambda: load_checkpoint(teacher_path, dtype="float32", device="cpu")[0], batch_size=batch_size)
     return cache.as_model()
 
 

@@ -167,6 +167,12 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _paper_cells(table: RenderedTable, row: str, key: str, est: Estimate | None) -> list[str]:
+    """The paper's value and ours − paper, as printed beside our number."""
+    paper = table.paper.get((row, key))
+    return [_fmt(paper), _fmt(est.mean - paper) if est is not None and paper is not None else ""]
+
+
 def _ours(est: Estimate | None) -> str:
     if est is None:
         return ""
@@ -203,9 +209,7 @@ def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: 
                     text = f"**{text}**"
                 cells.append(text)
                 if with_paper:
-                    paper = table.paper.get((row, column.key))
-                    cells.append(_fmt(paper))
-                    cells.append(_fmt(est.mean - paper) if est is not None and paper is not None else "")
+                    cells += _paper_cells(table, row, column.key, est)
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     if effects:
@@ -292,9 +296,7 @@ def render_latex(tables: list[RenderedTable]) -> str:
                         text = f"\\textbf{{{text}}}"
                 cells.append(text)
                 if with_paper:
-                    paper = table.paper.get((row, column.key))
-                    cells.append(_fmt(paper))
-                    cells.append(_fmt(est.mean - paper) if est is not None and paper is not None else "")
+                    cells += _paper_cells(table, row, column.key, est)
             out.append(" & ".join(cells) + " \\\\")
         out.append("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
     return "\n".join(out)

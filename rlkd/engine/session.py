@@ -54,7 +54,7 @@ class Session:
     vocab: VocabPlan
     tokenizer: Any
     batches: ResumableBatches
-    teacher: Any  # DeepSpeedEngine (inference); None when every training row's logits are cached
+    teacher: Any  # DeepSpeedEngine (inference); None with a teacher cache or a loss that needs no teacher
     student: Any  # DeepSpeedEngine
     loss_fn: Any
     ds_configs: dict[str, dict]
@@ -132,11 +132,14 @@ def build_session(cfg: RunConfig) -> Session:
 
     loss_fn = build_loss(cfg)
     teacher_engine = cache = None
-    if not loss_fn.needs_teacher:
-        pass
-    elif cfg.teacher_cache:
-        cache = _open_teacher_cache(cfg, samples, vocab, device, build_teacher)
-    else:
+    if loss_fn.needs_teacher and cfg.teacher_cache:
+        # The ZeRO-3 teacher is built only if the cache entry is new, and dropped once it is written.
+        from rlkd import teacher_cache
+
+        cache = teacher_cache.open_or_build(cfg.teacher_cache, cfg.models.teacher, [s.input_ids for s in samples],
+                                            vocab.shared_size, build_teacher,
+                                            batch_size=cfg.train.micro_batch_size, device=device)
+    elif loss_fn.needs_teacher:
         teacher_engine = build_teacher()
 
     hf_refs.append(HfDeepSpeedConfig(s_config))
@@ -155,22 +158,3 @@ def build_session(cfg: RunConfig) -> Session:
                    loss_fn=loss_fn, ds_configs={"teacher": t_config, "student": s_config},
                    _hf_ds_configs=hf_refs, teacher_cache=cache)
 
-
-def _open_teacher_cache(cfg: RunConfig, samples, vocab: VocabPlan, device, build_teacher):
-    """The cached teacher logits of every training sample, computed first with a ZeRO-3 teacher
-    engine that is dropped afterwards (every later step reads the cache)."""
-    from rlkd import teacher_cache
-
-    engine = None
-
-    def forward(input_ids, attention_mask):
-        nonlocal engine
-        if engine is None:
-            engine = build_teacher()
-        return engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    cache = teacher_cache.open_or_build(cfg.teacher_cache, cfg.models.teacher, [s.input_ids for s in samples],
-                                        vocab.shared_size, forward, batch_size=cfg.train.micro_batch_size,
-                                        device=device)
-    del engine
-    return cache
