@@ -21,15 +21,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: rlkd <command> [options]", "", "commands:"]
+    lines = ["usage: rlkd <command> [options]   (rlkd <command> --help for its options; rlkd --version)",
+             "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
+def version() -> str:
+    """The version of the rlkd package that is running (pyproject's `version`)."""
+    import rlkd
+
+    return rlkd.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"}:
+    if not argv:  # a command is required: help on stderr, a usage error's exit code
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in {"-h", "--help"}:
         print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        print(f"rlkd {version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

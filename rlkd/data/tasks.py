@@ -64,6 +64,11 @@ def resolve_local_file(task: str, split: str, data_dir: Path) -> Path:
     return Path(data_dir) / LOCAL_FILES[key]
 
 
+def _hub_label(task: str, split: str) -> str:
+    name = HUB_DATASETS.get(task, (task, None))[0]
+    return f"hub:{name}[{split}]"
+
+
 def _hub_rows(task: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if task not in HUB_DATASETS:
         raise DataError(f"task {task!r} has no Hub dataset; give data.data_dir or data.path")
@@ -127,39 +132,46 @@ def _token_row(row: dict[str, Any], where: str) -> TokenRow:
 
 def load_rows(task: str, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None,
               source: str = "auto", exclude_eval_overlap: bool = True,
-              limit: int | None = None, skip: int = 0) -> list[PromptResponse] | list[str] | list[TokenRow]:
+              limit: int | None = None, skip: int = 0,
+              counts: dict[str, Any] | None = None) -> list[PromptResponse] | list[str] | list[TokenRow]:
     """Load one split of a task.
 
     Returns PromptResponse items for SFT tasks, document strings for `pretrain`, TokenRow items for
     `tokenized`. `exclude_eval_overlap` drops Dolly training rows flagged `in_rlkd_dolly_test`.
-    `skip` source rows are passed over before up to `limit` rows are read.
+    `skip` source rows are passed over before up to `limit` rows are read. `counts`, when given, is
+    filled with `source` (the file or Hub dataset read), `seen` (source rows met, skipped ones
+    included) and `excluded` (Dolly rows dropped as test rows), for messages about what was read.
     """
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; choose from {list(TASKS)}")
     rows: Iterable[tuple[str, dict[str, Any]]]
+    counts = {} if counts is None else counts
     if path is not None:
-        rows = _file_rows(Path(path))
+        rows, counts["source"] = _file_rows(Path(path)), str(path)
     elif source == "hub":
-        rows = _hub_rows(task, split)
+        rows, counts["source"] = _hub_rows(task, split), _hub_label(task, split)
     else:
         if data_dir is None:
             from rlkd.paths import default_data_dir
 
             data_dir = default_data_dir()
         if data_dir is not None:
-            rows = _file_rows(resolve_local_file(task, split, Path(data_dir)))
+            local = resolve_local_file(task, split, Path(data_dir))
+            rows, counts["source"] = _file_rows(local), str(local)
         elif source == "auto":
-            rows = _hub_rows(task, split)
+            rows, counts["source"] = _hub_rows(task, split), _hub_label(task, split)
         else:
             raise DataError("data.source is 'local' but no data dir was found (set --data-dir or RLKD_DATA_DIR)")
 
     overlap = _OverlapFilter(data_dir) if task == "dolly" and split == "train" and exclude_eval_overlap else None
     out: list = []
+    counts["seen"] = counts["excluded"] = 0
     for index, (where, row) in enumerate(rows):
-        if index < skip:
-            continue
         if limit is not None and len(out) >= limit:
             break
+        counts["seen"] = index + 1
+        if index < skip:
+            continue
         if task == "tokenized":
             out.append(_token_row(row, where))
         elif task == "pretrain":
@@ -167,6 +179,7 @@ def load_rows(task: str, split: str, *, path: str | Path | None = None, data_dir
         else:
             item = _prompt_response(task, row, where)
             if overlap is not None and overlap.excluded(row, where):
+                counts["excluded"] += 1
                 continue
             out.append(item)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rlkd.config import ConfigError, load_config
@@ -15,14 +16,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="run config YAML (see examples/tiny_run.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.max_steps=10 loss.ranking.enabled=true")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in output_dir; refused if the saved config differs "
+                             "in a key that changes results")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="with --resume: accept a change of KEY (or a section, e.g. models) that would be refused; "
+                             "recorded in the manifest (repeatable, or comma-separated)")
     parser.add_argument("--data-dir", help="local data directory (sets data.data_dir)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may come before and after the flags
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
@@ -33,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rlkd.engine.train import run_training
 
+    allow = [key.strip() for value in args.allow_change for key in value.split(",") if key.strip()]
     try:
-        result = run_training(cfg, resume=args.resume)
-    except (DataError, VocabMismatchError) as exc:
-        print(f"rlkd train: {exc}", file=sys.stderr)
+        result = run_training(cfg, resume=args.resume, allow_changes=allow)
+    except (ConfigError, DataError, VocabMismatchError) as exc:  # incl. PreflightError, ResumeError
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"rlkd train: {exc}", file=sys.stderr)
         return 2
     import torch.distributed as dist
 

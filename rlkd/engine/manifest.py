@@ -24,8 +24,13 @@ def data_files(data_cfg) -> list[Path]:
     return [Path(data_dir) / LOCAL_FILES[key]]
 
 
-def build_manifest(cfg, ds_configs: dict, world_size: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    files = {str(p): file_sha256(p) for p in data_files(cfg.data) if p.is_file()}
+def build_manifest(cfg, ds_configs: dict, world_size: int, extra: dict[str, Any] | None = None, *,
+                   data_files_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+    """`extra` carries the run's state: status, run_id, resumed_from and the history of its starts
+    and resumes with their configs (rlkd.engine.resume.StartPlan.manifest_fields)."""
+    if data_files_sha256 is None:
+        data_files_sha256 = {str(p): file_sha256(p) for p in data_files(cfg.data) if p.is_file()}
+    files = dict(data_files_sha256)
     manifest = {
         "config": cfg.model_dump(mode="json"),
         "git_sha": git_sha(),

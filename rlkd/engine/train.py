@@ -26,10 +26,10 @@ import torch.distributed as dist
 
 from rlkd.config import RunConfig, load_config
 from rlkd.data.encode import IGNORE_INDEX
-from rlkd.engine import checkpoint
+from rlkd.engine import preflight, resume as resuming
 from rlkd.engine.distributed import all_reduce_sum
 from rlkd.engine.manifest import build_manifest
-from rlkd.provenance import atomic_write_json, atomic_write_text
+from rlkd.provenance import atomic_write_json
 from rlkd.engine.session import Session, build_session
 
 
@@ -54,15 +54,6 @@ def _as_config(cfg: RunConfig | dict | str | Path, overrides) -> RunConfig:
     if isinstance(cfg, dict):
         return load_config(base=cfg, overrides=overrides)
     return load_config(cfg, overrides=overrides)
-
-
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """After a resume, drop rows a killed run logged past its last checkpoint."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train_step(session: Session, step: int) -> dict[str, float]:
@@ -126,41 +117,40 @@ def _export(session: Session, export_dir: Path) -> None:
 
 
 def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
-                 overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
+                 overrides: list[str] | tuple[str, ...] = (),
+                 allow_changes: list[str] | tuple[str, ...] = ()) -> TrainResult:
     """Train the student for `cfg.train.max_steps` optimizer steps; see the module docstring.
 
     Works under `deepspeed`/`torchrun` launchers and in a plain process (one-rank gloo group).
-    `resume=True` continues from the latest checkpoint in `<output_dir>/checkpoints` if there is one.
+    `resume=True` continues from the latest checkpoint in `<output_dir>/checkpoints` if there is one,
+    provided the saved config differs only in keys that cannot change results (rlkd.engine.resume;
+    `allow_changes` names keys accepted anyway). Without it, a folder holding checkpoints is refused.
+    Config, paths and the start plan are checked before any weights load (PreflightError, ResumeError).
     """
     from tqdm import tqdm
 
     cfg = _as_config(cfg, overrides)
     output_dir = Path(cfg.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
     metrics_path = output_dir / "metrics.jsonl"
     export_dir = output_dir / "export"
     manifest_path = output_dir / "manifest.json"
 
+    preflight.check(cfg)
+    plan = resuming.plan_start(cfg, resume=resume, allow_changes=allow_changes)
     session = build_session(cfg)
+    running = False  # this run has written a manifest saying "running"
     try:
         rank = session.rank
-        if rank == 0:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        plan.prepare(rank)
         if dist.is_initialized():
             dist.barrier()
-        start_step, resumed_from = 0, None
-        if resume:
-            client_state = checkpoint.load(session.student, checkpoint_dir, rank)
-            if client_state is not None:
-                start_step = resumed_from = int(client_state["step"])
-                session.batches.load_state(client_state["loader"])
+        start_step = resuming.restore(session, plan)
+        resumed_from = plan.step
         if rank == 0:
-            if resumed_from is not None:
-                _trim_metrics(metrics_path, resumed_from)
-            elif metrics_path.exists():
-                metrics_path.unlink()
             atomic_write_json(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
-                                                            {"status": "running", "resumed_from": resumed_from}))
+                                                            plan.manifest_fields("running"),
+                                                            data_files_sha256=plan.data_files_sha256))
+            running = True
 
         last: dict[str, Any] = {}
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=(rank != 0 or not cfg.progress_bar),
@@ -178,18 +168,25 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
             bar.update(1)
             every = cfg.checkpoint.every_steps
             if every and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps:
-                checkpoint.save(session.student, checkpoint_dir, step + 1, session.batches.state(), rank,
-                                cfg.checkpoint.keep_last)
+                resuming.save_checkpoint(session, plan, step + 1)
         bar.close()
 
         if cfg.export:
             _export(session, export_dir)
         if rank == 0:
             atomic_write_json(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
-                                                            {"status": "finished", "resumed_from": resumed_from,
-                                                             "steps": cfg.train.max_steps, "final_metrics": last}))
+                                                            plan.manifest_fields("finished", steps=cfg.train.max_steps,
+                                                                                 final_metrics=last)))
         return TrainResult(output_dir=output_dir, export_dir=export_dir if cfg.export else None,
                            metrics_path=metrics_path, manifest_path=manifest_path, steps=cfg.train.max_steps,
                            resumed_from=resumed_from, last_metrics=last)
+    except BaseException as exc:
+        if running:  # never leave a manifest claiming "running" behind a run that stopped
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            atomic_write_json(manifest_path, build_manifest(
+                cfg, session.ds_configs, session.world_size,
+                plan.manifest_fields(status, error=f"{type(exc).__name__}: {exc}"),
+                data_files_sha256=plan.data_files_sha256))
+        raise
     finally:
         session.close()
