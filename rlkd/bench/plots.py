@@ -1,4 +1,5 @@
-"""Figures: CR@k / MOR@k curves per objective with and without R (the paper's Fig. 5), and k sweeps."""
+"""Figures: CR@k / MOR@k curves per objective with and without R (the paper's Fig. 5), k sweeps, and
+the forest plot of the ranking loss's effect."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlkd.bench.tables import Grid  # noqa: E402
+from rlkd.bench.effects import EXAMPLES, NONE, SEEDS, Verdict  # noqa: E402
+from rlkd.bench.grid import Grid  # noqa: E402
 
 REFERENCE_STYLE = {"Teacher": "black", "Start": "grey"}  # evaluation-only rows, dotted
 _AT_K = re.compile(r"^(?P<task>[^/|:]+)/(?P<prefix>[a-z_]*?)(?P<metric>cr|mor)@(?P<k>\d+)$")
@@ -95,12 +97,68 @@ def k_sweep(grid: Grid, out_path: Path, title: str = "") -> Path | None:
     return _save(fig, out_path)
 
 
-def _save(fig, out_path: Path) -> Path:
+def _save(fig, out_path: Path, layout: bool = True) -> Path:
     """Lay out, write beside the target and rename into place (no half-written PNG)."""
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(out_path)
     return out_path
+
+
+# Forest plot colours: the interval clears 0 on the better side / on the worse side / neither.
+_VERDICT_COLOURS = {True: "#1a7f37", False: "#cf222e", None: "#57606a"}
+
+
+def forest_plot(result: Verdict, out_path: Path, title: str = "") -> Path | None:
+    """Δ(+R) with its interval, one panel per headline metric, one line per comparison, a zero
+    line; green/red where the interval clears 0 on the better/worse side."""
+    if not result.cells:
+        return None
+    pairs = [p for p in result.pairs if any(q == p for q, _ in result.cells)]
+    width = 3.3 * len(result.headlines) + 1.6
+    height = 0.42 * len(pairs) + 1.9
+    fig, axes = plt.subplots(1, len(result.headlines), figsize=(width, height), sharey=True, squeeze=False)
+    positions = {pair: len(pairs) - 1 - i for i, pair in enumerate(pairs)}  # first comparison on top
+    for ax, headline in zip(axes[0], result.headlines):
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        for pair in pairs:
+            cell = result.cells.get((pair, headline))
+            if cell is None:
+                continue
+            y = positions[pair]
+            colour = _VERDICT_COLOURS[cell.improves]
+            if cell.interval == NONE:
+                # Too few seeds for an interval: show each seed's difference, hollow.
+                ax.plot(list(cell.per_seed.values()), [y] * cell.n_seeds, "o", mfc="none", color=colour)
+                continue
+            ax.errorbar([cell.mean], [y], xerr=[[cell.mean - cell.low], [cell.high - cell.mean]],
+                        fmt="s" if cell.interval == EXAMPLES else "o", color=colour, capsize=3,
+                        linestyle="none", elinewidth=1.6)
+            ax.annotate(f"{cell.mean:+.3g}", (cell.mean, y), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7, color=colour)
+        better = "← better" if headline.lower_is_better else "better →"
+        ax.set_title(f"{headline.header}\n({better})", fontsize=9)
+        ax.set_xlabel("Δ(+R)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15)
+    axes[0][0].set_yticks(range(len(pairs)))
+    axes[0][0].set_yticklabels([p.label for p in reversed(pairs)], fontsize=9)
+    axes[0][0].set_ylim(-0.7, len(pairs) - 0.3)
+    used = result.intervals_used()
+    legend = []
+    if SEEDS in used:
+        legend.append("● 95% t-interval over seeds")
+    if EXAMPLES in used:
+        legend.append("■ 95% bootstrap interval over evaluation examples")
+    if NONE in used:
+        legend.append("○ per-seed differences (too few seeds for an interval)")
+    legend.append("green/red: interval clears 0 on the better/worse side")
+    fig.suptitle(textwrap.fill(title or "Effect of the ranking loss", 120), fontsize=10)
+    fig.text(0.5, 0.005, textwrap.fill("   ".join(legend), 150), ha="center", va="bottom", fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.06 + 0.1 / max(1, len(pairs)), 1, 1))
+    return _save(fig, out_path, layout=False)

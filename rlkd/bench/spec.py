@@ -315,7 +315,8 @@ def _sweep_value_slug(key: str, value: Any) -> str:
     return f"{short}={value}"
 
 
-def _make_cell(spec: GridSpec, task: TaskSpec, semantic: dict[str, Any], method: str, sweep: dict[str, Any]) -> dict[str, Any]:
+def _make_cell(spec: GridSpec, task: TaskSpec, semantic: dict[str, Any], method: str, sweep: dict[str, Any],
+               objective_label: str | None = None, variant: str | None = None) -> dict[str, Any]:
     digest = config_hash(semantic)
     parts = [task.name, _slug(method)]
     parts += [_slug(_sweep_value_slug(k, v)) for k, v in sorted(sweep.items())]
@@ -324,6 +325,9 @@ def _make_cell(spec: GridSpec, task: TaskSpec, semantic: dict[str, Any], method:
         "id": "-".join(p for p in parts if p),
         "spec": spec.name,
         "method": method,
+        # Tables pair X with X+R by these fields, never by parsing labels (a user label may hold "+R").
+        "objective_label": objective_label,
+        "variant": variant,
         "sweep": {k.rsplit(".", 1)[-1]: v for k, v in sweep.items()},
         "config_hash": digest,
         **semantic,
@@ -393,7 +397,8 @@ def expand(spec: GridSpec) -> list[dict[str, Any]]:
                         for path, value in chosen.items():
                             _set_path(semantic, path, value)
                         method = method_label(label, variant.name, semantic["loss"]["ranking"])
-                        add(_make_cell(spec, task, semantic, method, chosen))
+                        add(_make_cell(spec, task, semantic, method, chosen,
+                                       None if rank_only else label, variant.name))
     return cells
 
 
