@@ -230,6 +230,6 @@ def method_sentence(result: Verdict) -> str:
         parts.append(f"\"(per seed)\" = fewer than {MIN_SEEDS_FOR_INTERVAL} paired seeds and no per-example "
                      "scores: too few seeds for an interval, so the per-seed differences are listed")
     if result.family_size:
-        parts.append(f"p is Holm-adjusted over the {result.family_size} tests of this table; **bold** = adjusted "
-                     "p < 0.05")
+        tests = "the 1 test" if result.family_size == 1 else f"the {result.family_size} tests"
+        parts.append(f"p is Holm-adjusted over {tests} of this table; **bold** = adjusted p < 0.05")
     return "; ".join(parts) + "."
