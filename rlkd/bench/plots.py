@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlkd.bench.effects import EXAMPLES, NONE, SEEDS, Verdict  # noqa: E402
+from rlkd.bench.effects import EXAMPLES, NONE, RANKED_VARIANTS, SEEDS, Verdict  # noqa: E402
 from rlkd.bench.grid import Grid  # noqa: E402
 
 REFERENCE_STYLE = {"Teacher": "black", "Start": "grey"}  # evaluation-only rows, dotted
@@ -21,11 +21,18 @@ _AT_K = re.compile(r"^(?P<task>[^/|:]+)/(?P<prefix>[a-z_]*?)(?P<metric>cr|mor)@(
 _SWEEP = re.compile(r"^(?P<base>[^|]+)\|k=(?P<k>\d+)$")
 
 
-def _base_objective(row: str) -> tuple[str, bool]:
-    for suffix in ("+R (Dynamic)", "+R (Pearson)", "+R"):
-        if suffix in row:
-            return row.replace(suffix, "", 1), True
-    return row, False
+def _row_kinds(grid: Grid) -> dict[str, tuple[str, str]]:
+    """{row: (colour group, "ranked" | "plain" | "rank_only" | "reference")}, from the cells'
+    fields (a user's label may contain "+R"); rows without fields are reference models."""
+    kinds = {}
+    for arm, row in grid.arm_rows.items():
+        if arm.variant in RANKED_VARIANTS:
+            kinds.setdefault(row, (arm.objective_label or row, "ranked"))
+        elif arm.variant is not None and arm.variant.startswith("rank_only"):
+            kinds.setdefault(row, (row, "rank_only"))
+        elif arm.variant is not None:
+            kinds.setdefault(row, (arm.objective_label or row, "plain"))
+    return kinds
 
 
 def curve_series(grid: Grid, prefix: str = "") -> dict[tuple[str, str], dict[int, float]]:
@@ -48,21 +55,23 @@ def alignment_curves(grid: Grid, out_path: Path, prefix: str = "", title: str = 
     series = curve_series(grid, prefix)
     if not series:
         return None
-    objectives = sorted({_base_objective(row)[0] for row, _ in series} - set(REFERENCE_STYLE))
+    kinds = _row_kinds(grid)
+    kind = lambda row: kinds.get(row, (row, "reference"))  # noqa: E731
+    objectives = sorted({kind(row)[0] for row, _ in series if kind(row)[1] != "reference"})
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(objectives)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, metric, label in ((axes[0], "cr", "CR@k (%)"), (axes[1], "mor", "MOR@k (%)")):
         for (row, m), points in sorted(series.items()):
             if m != metric:
                 continue
-            base, ranked = _base_objective(row)
+            group, how = kind(row)
             ks = sorted(points)
-            if base in REFERENCE_STYLE:
-                style = dict(color=REFERENCE_STYLE[base], linestyle=":")
-            elif base.startswith("Rank-"):
-                style = dict(color=colours[base], linestyle="-.")
+            if how == "reference":
+                style = dict(color=REFERENCE_STYLE.get(row, "black"), linestyle=":")
+            elif how == "rank_only":
+                style = dict(color=colours[group], linestyle="-.")
             else:
-                style = dict(color=colours[base], linestyle="-" if ranked else "--")
+                style = dict(color=colours[group], linestyle="-" if how == "ranked" else "--")
             ax.plot(ks, [points[k] for k in ks], marker="o", label=row, **style)
             ax.set_xticks(ks)
         ax.set_xlabel("k")
@@ -138,7 +147,7 @@ def forest_plot(result: Verdict, out_path: Path, title: str = "") -> Path | None
             ax.errorbar([cell.mean], [y], xerr=[[cell.mean - cell.low], [cell.high - cell.mean]],
                         fmt="s" if cell.interval == EXAMPLES else "o", color=colour, capsize=3,
                         linestyle="none", elinewidth=1.6)
-            ax.annotate(f"{cell.mean:+.3g}", (cell.mean, y), textcoords="offset points", xytext=(0, 6),
+            ax.annotate(f"{cell.mean:+#.3g}", (cell.mean, y), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=7, color=colour)
         better = "← better" if headline.lower_is_better else "better →"
         ax.set_title(f"{headline.header}\n({better})", fontsize=9)
