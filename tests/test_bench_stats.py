@@ -186,3 +186,16 @@ def test_the_verdict_comes_first_with_the_layouts_headlines(tmp_path):
     assert tex.index("Effect of the ranking loss") < tex.index("Table 1:")
     png = (tmp_path / "effect.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_cells_without_the_fields_are_not_paired_by_their_labels(tmp_path):
+    _table1_results(tmp_path, seeds=(1,))
+    for config_file in tmp_path.glob("*/config.json"):
+        config = json.loads(config_file.read_text())
+        del config["objective_label"], config["variant"]
+        config_file.write_text(json.dumps(config))
+    assert table_main([str(tmp_path), "--layout", "table1"]) == 0
+    verdict_section = (tmp_path / "table.md").read_text().split("\n### ")[0]
+    assert "4 trained cell(s) lack the `objective_label`/`variant` fields" in verdict_section
+    assert "No ±R comparison here" in verdict_section and "KL+R − KL" not in verdict_section
+    assert not (tmp_path / "effect.png").exists()

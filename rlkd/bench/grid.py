@@ -51,6 +51,7 @@ class Grid:
     arm_rows: dict[Arm, str] = field(default_factory=dict)
     ranking_keys: dict[Arm, frozenset[str]] = field(default_factory=dict)  # keys of the arm's loss.ranking
     notes: list[str] = field(default_factory=list)
+    without_fields: list[str] = field(default_factory=list)  # trained cells lacking objective_label/variant
 
     def add(self, row: str, column: str, seed: Any, value: float, arm: Arm | None = None) -> None:
         if row not in self.rows:
@@ -94,6 +95,8 @@ def collect(cells: list[dict[str, Any]], layout: Layout) -> Grid:
             grid.failed.append((config["id"], entry["status"].get("error", "")))
             continue
         arm = Arm.of(config) if config.get("variant") is not None else None
+        if config.get("kind") == "distill" and "variant" not in config:
+            grid.without_fields.append(config["id"])  # written before cells carried the fields
         if arm is not None:
             ranking = (config.get("loss") or {}).get("ranking") or {}
             grid.ranking_keys[arm] = grid.ranking_keys.get(arm, frozenset()) | frozenset(ranking)

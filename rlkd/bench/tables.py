@@ -135,10 +135,15 @@ def _seed_span(result: Verdict, pair) -> str:
     return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
-def render_verdict_markdown(result: Verdict) -> list[str]:
-    if not result.cells:
-        return []
+def render_verdict_markdown(result: Verdict, without_fields: list[str] = ()) -> list[str]:
     out = [f"### {VERDICT_TITLE}\n"]
+    if without_fields:
+        # Pairing reads the cells' fields; guessing from labels would pair a "+R" user label wrongly.
+        out.append(f"{len(without_fields)} trained cell(s) lack the `objective_label`/`variant` fields (written by "
+                   "an older rlkd) and are left out of it: add the fields to their `config.json` or rerun them.\n")
+    if not result.cells:
+        out.append("No ±R comparison here: no objective has cells both with and without the ranking loss.\n")
+        return out
     header = ["Comparison", "seeds"] + [h.header for h in result.headlines]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
@@ -154,8 +159,8 @@ def render_verdict_markdown(result: Verdict) -> list[str]:
 
 
 def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: list[tuple[str, str]],
-                    result: Verdict | None = None, notes: list[str] = ()) -> str:
-    out = render_verdict_markdown(result) if result is not None else []
+                    result: Verdict | None = None, notes: list[str] = (), without_fields: list[str] = ()) -> str:
+    out = render_verdict_markdown(result, without_fields) if result is not None else []
     for table in tables:
         with_paper = bool(table.paper)
         out.append(f"### {table.title}\n")
@@ -313,7 +318,8 @@ def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]],
     effects = ranking_effects(layout, grid, order)
     result = verdict(layout, grid, order)
     paths = {"md": out_dir / "table.md", "csv": out_dir / "table.csv", "tex": out_dir / "table.tex"}
-    write_text_atomic(paths["md"], render_markdown(tables, effects, grid.failed, result, grid.notes))
+    write_text_atomic(paths["md"], render_markdown(tables, effects, grid.failed, result, grid.notes,
+                                                    grid.without_fields))
     write_text_atomic(paths["csv"], render_csv(tables, result))
     write_text_atomic(paths["tex"], render_latex(tables, result))
     return paths
