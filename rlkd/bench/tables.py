@@ -20,7 +20,7 @@ from typing import Any
 from rlkd.bench.effects import (EXAMPLES, NONE, RANKED_VARIANTS, Effect, Verdict, VerdictCell, method_sentence,
                                 ranking_effects, verdict)
 from rlkd.bench.grid import Grid, collect
-from rlkd.bench.layouts import Column, Layout, Section
+from rlkd.bench.layouts import Column, Layout
 from rlkd.bench.stats import Estimate
 
 __all__ = ["Grid", "collect", "build_tables", "ranking_effects", "verdict", "write_tables"]
@@ -217,15 +217,16 @@ def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: 
 def render_csv(tables: list[RenderedTable], result: Verdict | None = None) -> str:
     """One line per (table, row, column): machine-readable, paper value and difference included.
     The verdict's lines come first (table = "Effect of the ranking loss", mean = Δ(+R), `interval`
-    = seeds | examples | none, `p_holm`); the other tables leave those two columns empty."""
+    = seeds | examples | none, `p`, `p_holm`); the other tables leave those columns empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["table", "row", "column", "header", "n", "mean", "sd", "ci95_low", "ci95_high", "paper",
-                     "diff_vs_paper", "best", "interval", "p_holm"])
+                     "diff_vs_paper", "best", "interval", "p", "p_holm"])
     for (pair, headline), cell in (result.cells.items() if result is not None else ()):
         writer.writerow([VERDICT_TITLE, pair.label, "+".join(headline.keys), headline.header, cell.n_seeds,
                          repr(cell.mean), "", repr(cell.low) if cell.low is not None else "",
                          repr(cell.high) if cell.high is not None else "", "", "", "", cell.interval,
+                         repr(cell.p) if cell.p is not None else "",
                          repr(cell.p_holm) if cell.p_holm is not None else ""])
     for table in tables:
         for row in table.rows:
@@ -243,7 +244,7 @@ def render_csv(tables: list[RenderedTable], result: Verdict | None = None) -> st
                     repr(est.high) if est and est.high is not None else "",
                     repr(paper) if paper is not None else "",
                     repr(est.mean - paper) if est and paper is not None else "",
-                    int((row, column.key) in table.best), "", "",
+                    int((row, column.key) in table.best), "", "", "",
                 ])
     return buffer.getvalue()
 
