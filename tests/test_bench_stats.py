@@ -121,6 +121,8 @@ def test_too_few_seeds_prints_the_per_seed_differences(tmp_path):
     assert "| KL+R − KL | 2 | +10.00, +8.00 (per seed) |" in md
     assert "too few seeds for an interval" in md
     assert "t-interval of the per-seed differences" not in md.split("###")[1]  # no t-interval claimed
+    assert "| KL+R | **69.50** |" in md and "(no interval: fewer than 3 seeds)" in md  # not 69.50 ± 6.35
+    assert "| KL+R vs KL | pretrain/cr@2 | 2 | 9.00 | per seed: 10.00, 8.00 |" in md
 
 
 def test_one_seed_with_per_example_scores_gets_a_bootstrap_interval(tmp_path):

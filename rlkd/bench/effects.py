@@ -76,9 +76,10 @@ class Effect:
     base_row: str
     ranked_row: str
     column: Column
-    test: PairedTest
+    test: PairedTest | None  # None with fewer than MIN_SEEDS_FOR_INTERVAL seeds
     seeds: int
     p_holm: float | None = None
+    per_seed: list[float] = field(default_factory=list)  # the differences, where there is no test
 
 
 def tabulated_columns(layout: Layout, grid: Grid) -> list[Column]:
@@ -94,10 +95,13 @@ def ranking_effects(layout: Layout, grid: Grid, row_order: list[str] | None = No
             with_r = grid.arm_values.get((pair.ranked, column.key), {})
             without = grid.arm_values.get((pair.base, column.key), {})
             seeds = sorted(set(with_r) & set(without), key=str)
-            if seeds:
+            if len(seeds) >= MIN_SEEDS_FOR_INTERVAL:
                 test = paired_t([with_r[s] for s in seeds], [without[s] for s in seeds])
                 effects.append(Effect(pair.base_row, pair.ranked_row, column, test, len(seeds)))
-    tested = [e for e in effects if e.test.p is not None]
+            elif seeds:  # too few seeds for a test: the per-seed differences only
+                effects.append(Effect(pair.base_row, pair.ranked_row, column, None, len(seeds),
+                                      per_seed=[with_r[s] - without[s] for s in seeds]))
+    tested = [e for e in effects if e.test is not None and e.test.p is not None]
     for effect, adjusted in zip(tested, holm([e.test.p for e in tested])):
         effect.p_holm = adjusted
     return effects

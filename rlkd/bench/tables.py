@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlkd.bench.effects import (EXAMPLES, NONE, RANKED_VARIANTS, Effect, Verdict, VerdictCell, method_sentence,
-                                ranking_effects, verdict)
+from rlkd.bench.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Verdict,
+                                VerdictCell, method_sentence, ranking_effects, verdict)
 from rlkd.bench.grid import Grid, collect
 from rlkd.bench.layouts import Column, Layout
 from rlkd.bench.stats import Estimate
@@ -91,10 +91,23 @@ def _paper_cells(table: RenderedTable, row: str, key: str, est: Estimate | None)
     return [_fmt(paper), _fmt(est.mean - paper) if est is not None and paper is not None else ""]
 
 
+def _interval_shown(est: Estimate) -> bool:
+    """A t-interval from one or two seeds (1 df: ±12.7 standard errors) says nothing; it is not printed."""
+    return est.half_width is not None and est.n >= MIN_SEEDS_FOR_INTERVAL
+
+
+def _interval_caption(seeds: list[int]) -> str:
+    few, most = min(seeds, default=1), max(seeds, default=1)
+    if most >= MIN_SEEDS_FOR_INTERVAL:
+        return ", ± half-width of the 95% t-interval" + (
+            f" (none with fewer than {MIN_SEEDS_FOR_INTERVAL} seeds)" if few < MIN_SEEDS_FOR_INTERVAL else "")
+    return f" (no interval: fewer than {MIN_SEEDS_FOR_INTERVAL} seeds)" if most > 1 else ""
+
+
 def _ours(est: Estimate | None) -> str:
     if est is None:
         return ""
-    if est.half_width is None:
+    if not _interval_shown(est):
         return _fmt(est.mean)
     return f"{_fmt(est.mean)} ± {_fmt(est.half_width)}"
 
@@ -166,7 +179,7 @@ def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: 
         out.append(f"### {table.title}\n")
         seeds = sorted(_seed_counts(table))
         out.append(f"Ours: mean over seeds (n = {', '.join(map(str, seeds))})"
-                   + (", ± half-width of the 95% t-interval" if max(seeds, default=1) > 1 else "")
+                   + _interval_caption(seeds)
                    + "; **bold** = best of our rows in the column (Teacher/Start excluded)."
                    + (" `paper` = the paper's value, `Δ` = ours − paper." if with_paper else "") + "\n")
         header = ["Method"]
@@ -190,18 +203,25 @@ def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: 
         tested = sum(e.p_holm is not None for e in effects)
         out.append("### Every metric: paired ±R t-tests over seeds\n")
         out.append("Δ = (with R) − (without R), mean over the seeds both rows have; CI = 95% t-interval of the "
-                   "paired differences; p = two-sided paired t-test (scipy.stats.ttest_rel); p (Holm) = adjusted "
-                   f"over the {tested} tests of this list. With one seed there is no test.\n")
+                   "paired differences; p = two-sided paired t-test (scipy.stats.ttest_rel)"
+                   + (f"; p (Holm) = adjusted over the {tested} tests of this list" if tested else "")
+                   + f". With fewer than {MIN_SEEDS_FOR_INTERVAL} seeds there is "
+                   "no test: the CI column lists the per-seed differences.\n")
         out.append("| Comparison | Metric | n | Δ | 95% CI | t | p | p (Holm) |")
         out.append("|---|---|---|---|---|---|---|---|")
         for effect in effects:
-            d = effect.test.diff
-            ci = f"[{_fmt(d.low)}, {_fmt(d.high)}]" if d.half_width is not None else ""
-            t = _fmt(effect.test.t) if effect.test.t is not None else ""
-            p = f"{effect.test.p:.3g}" if effect.test.p is not None else ""
+            if effect.test is None:
+                mean = math.fsum(effect.per_seed) / len(effect.per_seed)
+                ci, t, p = "per seed: " + ", ".join(_fmt(d) for d in effect.per_seed), "", ""
+            else:
+                d = effect.test.diff
+                mean = d.mean
+                ci = f"[{_fmt(d.low)}, {_fmt(d.high)}]" if d.half_width is not None else ""
+                t = _fmt(effect.test.t) if effect.test.t is not None else ""
+                p = f"{effect.test.p:.3g}" if effect.test.p is not None else ""
             p_holm = f"{effect.p_holm:.3g}" if effect.p_holm is not None else ""
             out.append(f"| {effect.ranked_row} vs {effect.base_row} | {effect.column.header} | {effect.seeds} "
-                       f"| {_fmt(d.mean)} | {ci} | {t} | {p} | {p_holm} |")
+                       f"| {_fmt(mean)} | {ci} | {t} | {p} | {p_holm} |")
         out.append("")
     if notes:
         out.append("### Notes\n")
@@ -298,7 +318,7 @@ def render_latex(tables: list[RenderedTable], result: Verdict | None = None) -> 
                 est = table.estimates.get((row, column.key))
                 text = ""
                 if est is not None:
-                    text = _fmt(est.mean) + (f"$\\pm${_fmt(est.half_width)}" if est.half_width is not None else "")
+                    text = _fmt(est.mean) + (f"$\\pm${_fmt(est.half_width)}" if _interval_shown(est) else "")
                     if (row, column.key) in table.best:
                         text = f"\\textbf{{{text}}}"
                 cells.append(text)
