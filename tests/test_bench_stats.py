@@ -201,3 +201,21 @@ def test_cells_without_the_fields_are_not_paired_by_their_labels(tmp_path):
     assert "4 trained cell(s) lack the `objective_label`/`variant` fields" in verdict_section
     assert "No ±R comparison here" in verdict_section and "KL+R − KL" not in verdict_section
     assert not (tmp_path / "effect.png").exists()
+
+
+def test_table2_verdict_pairs_within_each_task(tmp_path):
+    # Distinct values per task: a Δ computed across tasks would mix 20s with 40s.
+    score = {("gsm8k", "none"): 20.0, ("gsm8k", "R"): 23.0, ("dolly", "none"): 40.0, ("dolly", "R"): 39.0}
+
+    class Executor:
+        def run(self, cell, workdir):
+            value = score[(cell["task"], cell["variant"])] + cell["seed"] / 10
+            return {"score": value} if cell["task"] == "gsm8k" else {"rougeL": value}
+
+    raw = {"name": "t2", "layout": "table2", "tasks": [{"name": "gsm8k"}, {"name": "dolly"}], "objectives": ["kl"],
+           "variants": ["none", "R"], "seeds": [1, 2, 3]}
+    layout, grid = _grid(tmp_path, raw, Executor())
+    result = verdict(layout, grid)
+    assert [h.header for h in result.headlines] == ["GSM8K score", "Dolly R-L"]  # no XSum cells: no column
+    means = {h.header: c.mean for (_, h), c in result.cells.items()}
+    assert means == {"GSM8K score": pytest.approx(3.0), "Dolly R-L": pytest.approx(-1.0)}
