@@ -7,15 +7,17 @@ kill at any instant leaves either the old file or the new one, never a torn one.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rlkd.paths import REPO_ROOT
 
@@ -102,6 +104,34 @@ def git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (blocking): one process prepares a shared file or folder,
+    the others wait, then find it made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def git_state() -> dict[str, Any]:
+    """The code that is running: HEAD's sha and whether tracked files differ from it (``dirty``).
+    ``{"sha": None, "dirty": None}`` outside a git checkout (an installed wheel)."""
+    sha = git_sha()
+    if sha is None:
+        return {"sha": None, "dirty": None}
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"sha": sha, "dirty": None}
+    return {"sha": sha, "dirty": bool(out.stdout.strip()) if out.returncode == 0 else None}
 
 
 def utc_now() -> str:

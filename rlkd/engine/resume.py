@@ -288,7 +288,8 @@ def plan_start(cfg: RunConfig, *, resume: bool, allow_changes: tuple[str, ...] |
     plan.changes = changes
     plan.metrics_rows, warnings = read_metrics(output_dir / "metrics.jsonl", plan.step)
     plan.notes += [f"warning: {w}" for w in warnings]
-    plan.notes.append(f"resuming from step {plan.step} of {cfg.train.max_steps} (checkpoint {checkpoint_dir / marker})")
+    total = f" of {cfg.train.max_steps}" if getattr(cfg.train, "epochs", None) is None else ""
+    plan.notes.append(f"resuming from step {plan.step}{total} (checkpoint {checkpoint_dir / marker})")
     if changes:
         plan.notes.append("config changes on resume: " + "; ".join(
             c.line() + (" [forced by --allow-change]" if c.forced else "") for c in changes))
