@@ -319,3 +319,14 @@ def test_sigkilled_run_resumes_in_its_lineage_and_says_so(run_config, tmp_path):
     assert _steps(out) == list(range(1, step + 4))
     tags = _tags(out)
     assert _latest(out) == tags[-1] and len(tags) <= 2
+
+
+def test_overrides_after_resume_are_applied(run_config, tmp_path, capsys, no_weights):
+    """The issue's own command line puts overrides after --resume; they must not be rejected or lost."""
+    from rlkd.engine.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config))
+    code = main(["--config", str(path), f"output_dir={tmp_path / 'x'}", "--resume", "loss.ranking.enabled=true",
+                 "loss.ranking.k=400"])
+    assert code == 2 and "loss.ranking.k=400 is larger than" in capsys.readouterr().err
