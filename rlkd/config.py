@@ -82,6 +82,10 @@ class RunConfig(_Strict):
     # training samples and every step, epoch and later run with the same teacher and data reads them.
     teacher_cache: str | None = None
     log_every: int = Field(1, ge=1)
+    # Sinks besides metrics.jsonl, same rows (rlkd.engine.reporting), and the period in steps of
+    # CR@1-5 of student vs teacher on the training batch (rlkd.engine.agreement; 0: never).
+    report_to: list[Literal["tensorboard", "wandb", "csv"]] = Field(default_factory=list)
+    agreement_every: int = Field(0, ge=0)
     progress_bar: bool = True
     export: bool = True
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlkd.config import RunConfig, load_config
+from rlkd.config import ConfigError, RunConfig, load_config
 from rlkd.data.encode import IGNORE_INDEX
-from rlkd.engine import checkpoint
+from rlkd.engine import agreement, checkpoint, reporting
 from rlkd.engine.distributed import all_reduce_sum
 from rlkd.engine.manifest import build_manifest
 from rlkd.provenance import atomic_write_json, atomic_write_text
@@ -87,6 +87,8 @@ def train_step(session: Session, step: int) -> dict[str, float]:
         teacher_logits = session.teacher_logits(batch)
         student_logits = session.student_logits(batch)
         out = session.loss_fn(student_logits, teacher_logits, batch.supervised, labels=batch.labels)
+        if agreement.due(cfg.agreement_every, step):
+            out.metrics.update(agreement.agreement_sums(student_logits, teacher_logits, batch.supervised))
         engine.backward(out.loss_sum * scale)
         engine.step()  # DeepSpeed only updates at the accumulation boundary
         loss_total += float(out.loss_sum.detach())
@@ -141,7 +143,11 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
     export_dir = output_dir / "export"
     manifest_path = output_dir / "manifest.json"
 
+    missing = reporting.missing_packages(cfg.report_to)
+    if missing:
+        raise ConfigError(f"report_to: {', '.join(missing)} not installed (pip install 'rlkd[{missing[0]}]')")
     session = build_session(cfg)
+    reporter = None
     try:
         rank = session.rank
         if rank == 0:
@@ -162,6 +168,7 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
             atomic_write_json(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
                                                             {"status": "running", "resumed_from": resumed_from}))
 
+        reporter = reporting.open_reporter(cfg.report_to, output_dir, rank, resumed_from, cfg.model_dump())
         last: dict[str, Any] = {}
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=(rank != 0 or not cfg.progress_bar),
                    desc="rlkd train", dynamic_ncols=True)
@@ -174,6 +181,7 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.train.max_steps):
                 with metrics_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(last) + "\n")
+                reporter.write(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
             bar.update(1)
             every = cfg.checkpoint.every_steps
@@ -192,4 +200,6 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
                            metrics_path=metrics_path, manifest_path=manifest_path, steps=cfg.train.max_steps,
                            resumed_from=resumed_from, last_metrics=last)
     finally:
+        if reporter is not None:
+            reporter.close()
         session.close()

@@ -1,0 +1,142 @@
+"""Metrics sinks for `rlkd train` beyond metrics.jsonl: `report_to: [tensorboard, wandb, csv]`.
+
+Each sink receives exactly the rows written to metrics.jsonl (every loss term separately,
+rank-degenerate rows, top-k overlap, tokens/s, lr, grad norm, and CR@k where measured), keyed by
+optimizer step, on rank 0 only. Each uses its library's standard writer:
+
+* ``tensorboard``: ``torch.utils.tensorboard.SummaryWriter`` under ``<output_dir>/tensorboard``,
+  scalars tagged ``train/<metric>``. On resume it is opened with ``purge_step``, so the steps a
+  killed run logged past its checkpoint are dropped by every TensorBoard reader.
+* ``csv``: ``<output_dir>/metrics.csv`` through the csv module, one column per metric. A metric
+  first seen in a later row (CR@k only on measured steps) rewrites the file with the wider
+  header; on resume, rows past the checkpoint are dropped, as in metrics.jsonl.
+* ``wandb``: ``wandb.init`` in ``<output_dir>``; offline unless ``WANDB_MODE`` says otherwise,
+  so nothing leaves the machine until the user runs ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rlkd.provenance import atomic_write_text
+
+SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "csv": None}
+TAG_PREFIX = "train/"
+
+
+def missing_packages(report_to: list[str]) -> list[str]:
+    """The `report_to` sinks whose package is not installed (checked before any model loads)."""
+    return [name for name in report_to
+            if SINK_PACKAGES[name] is not None and importlib.util.find_spec(SINK_PACKAGES[name]) is None]
+
+
+def _scalars(row: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value is not None and math.isfinite(float(value))}
+
+
+class TensorBoardSink:
+    def __init__(self, output_dir: Path, resumed_from: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: events at or after it, left by a run killed past its checkpoint, are discarded.
+        purge = resumed_from + 1 if resumed_from is not None else None
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
+
+    def write(self, row: dict[str, Any]) -> None:
+        for key, value in _scalars(row).items():
+            self.writer.add_scalar(TAG_PREFIX + key, value, global_step=int(row["step"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class CsvSink:
+    def __init__(self, output_dir: Path, resumed_from: int | None):
+        self.path = output_dir / "metrics.csv"
+        self.rows: list[dict[str, str]] = []
+        self.columns: list[str] = ["step"]
+        if resumed_from is not None and self.path.is_file():
+            with self.path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                self.columns = list(reader.fieldnames or ["step"])
+                self.rows = [r for r in reader if int(r["step"]) <= resumed_from]
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
+
+    def write(self, row: dict[str, Any]) -> None:
+        values = {"step": str(int(row["step"]))} | {k: repr(v) for k, v in _scalars(row).items()}
+        new = [key for key in values if key not in self.columns]
+        self.rows.append(values)
+        if new:
+            self.columns += new
+            self._rewrite()
+            return
+        with self.path.open("a", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, fieldnames=self.columns, restval="").writerow(values)
+
+    def close(self) -> None:
+        pass
+
+
+class WandbSink:
+    def __init__(self, output_dir: Path, resumed_from: int | None, config: dict[str, Any]):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlkd"), dir=str(output_dir),
+                              mode=os.environ.get("WANDB_MODE", "offline"),
+                              name=output_dir.name, config=config, resume="allow" if resumed_from else None)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.run.log({TAG_PREFIX + k: v for k, v in _scalars(row).items()}, step=int(row["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Reporter:
+    """Fans each logged metrics row out to the configured sinks; a no-op off rank 0."""
+
+    def __init__(self, sinks: list[Any]):
+        self.sinks = sinks
+
+    def write(self, row: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(row)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+def open_reporter(report_to: list[str], output_dir: Path, rank: int, resumed_from: int | None,
+                  config: dict[str, Any] | None = None) -> Reporter:
+    if rank != 0:
+        return Reporter([])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    sinks = []
+    for name in dict.fromkeys(report_to):
+        if name == "tensorboard":
+            sinks.append(TensorBoardSink(output_dir, resumed_from))
+        elif name == "csv":
+            sinks.append(CsvSink(output_dir, resumed_from))
+        elif name == "wandb":
+            sinks.append(WandbSink(output_dir, resumed_from, config or {}))
+        else:
+            raise ValueError(f"report_to: unknown sink {name!r}; choose from {sorted(SINK_PACKAGES)}")
+    return Reporter(sinks)
