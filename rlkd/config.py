@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rlkd.lora import StudentLoraConfig
 from rlkd.objectives import LossConfig
 
 
@@ -25,6 +26,7 @@ class ModelsConfig(_Strict):
     # "shared": when the two vocab sizes differ only by padding rows, compare logits on the shared
     # prefix min(V_teacher, V_student); checked against both tokenizers before any compute.
     vocab_truncation: Literal["none", "shared"] = "none"
+    student_lora: StudentLoraConfig | None = None  # train peft LoRA adapters only (rlkd.lora)
 
 
 class DataConfig(_Strict):

@@ -21,6 +21,7 @@ from rlkd.data.jsonl import DataError
 from rlkd.engine.distributed import device_for, ensure_distributed
 from rlkd.engine.ds_config import student_ds_config, teacher_ds_config
 from rlkd.engine.schedule import lr_multiplier
+from rlkd.lora import wrap_student
 from rlkd.models import VocabPlan, config_vocab_size, load_causal_lm, load_tokenizer, plan_vocab, resolve_dtype
 
 
@@ -145,13 +146,16 @@ def build_session(cfg: RunConfig) -> Session:
     hf_refs.append(HfDeepSpeedConfig(s_config))
     student_model = load_causal_lm(cfg.models.student, dtype,
                                    gradient_checkpointing=cfg.models.gradient_checkpointing)
+    if cfg.models.student_lora is not None:
+        student_model = wrap_student(student_model, cfg.models.student_lora, cfg.models.gradient_checkpointing)
     student_model.train()
+    trainable = [p for p in student_model.parameters() if p.requires_grad]  # all of them, except with LoRA
     optimizer = None
     if cfg.train.optimizer == "torch_adamw":
-        optimizer = torch.optim.AdamW(student_model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
     student_engine, *_ = deepspeed.initialize(model=student_model, optimizer=optimizer,
-                                              model_parameters=student_model.parameters(),
+                                              model_parameters=trainable,
                                               lr_scheduler=_scheduler_factory(cfg), config=s_config)
     return Session(cfg=cfg, rank=rank, world_size=world_size, device=device, dtype=dtype, vocab=vocab,
                    tokenizer=tokenizer, batches=batches, teacher=teacher_engine, student=student_engine,

@@ -29,6 +29,7 @@ from rlkd.data.encode import IGNORE_INDEX
 from rlkd.engine import agreement, checkpoint, reporting
 from rlkd.engine.distributed import all_reduce_sum
 from rlkd.engine.manifest import build_manifest
+from rlkd.lora import is_lora, save_lora_export
 from rlkd.provenance import atomic_write_json, atomic_write_text
 from rlkd.engine.session import Session, build_session
 
@@ -118,7 +119,10 @@ def _export(session: Session, export_dir: Path) -> None:
     if session.rank == 0:
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if is_lora(engine.module):
+            save_lora_export(engine.module, state_dict, tmp)  # merged weights, plus tmp/adapter
+        else:
+            engine.module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         if session.tokenizer is not None:
             session.tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(export_dir, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""LoRA students under ZeRO-3: only the adapters train; the merged export reproduces the engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlkd.config import ConfigError, load_config
+
+peft = pytest.importorskip("peft")
+
+LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+def _gathered(module) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
+def _plain(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_bad_lora_block_names_the_key(run_config):
+    with pytest.raises(ConfigError, match="models.student_lora.r"):
+        load_config(base=dict(run_config, models=dict(run_config["models"], student_lora={"r": 0})))
+    with pytest.raises(ConfigError, match="models.student_lora.rank"):
+        load_config(base=dict(run_config, models=dict(run_config["models"], student_lora={"rank": 4})))
+
+
+def test_only_adapters_train_and_the_merged_export_reproduces_the_engine(run_config, tiny_models, tmp_path):
+    from rlkd.engine.session import build_session
+    from rlkd.engine.train import _export, train_step
+
+    run_config["models"]["student_lora"] = LORA
+    run_config["loss"] = {"objective": "kl", "ranking": {"enabled": True, "k": 5}}
+    run_config["train"]["lr"] = 1e-2
+    cfg = load_config(base=run_config)
+    export_dir = tmp_path / "export"
+    session = build_session(cfg)
+    try:
+        engine = session.student
+        assert engine.zero_optimization_stage() == 3
+        trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+        assert len(trainable) == 2 * 3 * 2  # A and B, three target modules, two layers
+        before = _gathered(engine.module)
+        for step in range(3):
+            train_step(session, step)
+        after = _gathered(engine.module)
+        batch = next(session.batches).to(session.device)
+        engine.eval()
+        with torch.no_grad():
+            engine_logits = session.student_logits(batch)
+        _export(session, export_dir)
+    finally:
+        session.close()
+
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        assert changed == (name in trainable), name
+    original = _plain(tiny_models["student"])
+    # Layers the adapter does not touch are the original student's, bit for bit.
+    merged_state = _plain(export_dir).state_dict()
+    for key, value in original.state_dict().items():
+        touched = any(f".{m}." in key for m in LORA["target_modules"])
+        assert torch.equal(merged_state[key], value) != touched, key
+
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    with torch.no_grad():
+        merged_logits = _plain(export_dir)(**inputs).logits
+        adapted = peft.PeftModel.from_pretrained(original, str(export_dir / "adapter")).eval()
+        adapter_logits = adapted(**inputs).logits
+    torch.testing.assert_close(merged_logits, engine_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adapter_logits, engine_logits, rtol=1e-4, atol=1e-5)
+    adapter_config = json.loads((export_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8.0
