@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlkd.data.onpolicy import OnPolicyConfig
 from rlkd.lora import StudentLoraConfig
 from rlkd.objectives import LossConfig
 
@@ -42,6 +43,7 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, ge=1)   # rows (pretrain: documents) read from the source
     max_samples: int | None = Field(None, ge=1)  # encoded samples kept (pretrain: packed sequences)
     shuffle: bool = True
+    on_policy: OnPolicyConfig | None = None  # GKD-style student-sampled responses (rlkd.data.onpolicy)
 
 
 class TrainSection(_Strict):
@@ -90,6 +92,13 @@ class RunConfig(_Strict):
     agreement_every: int = Field(0, ge=0)
     progress_bar: bool = True
     export: bool = True
+
+    @model_validator(mode="after")
+    def _on_policy_needs_a_live_teacher(self) -> "RunConfig":
+        if self.data.on_policy is not None and self.teacher_cache:
+            raise ValueError("data.on_policy: student-sampled sequences are not in teacher_cache; "
+                             "drop one of the two")
+        return self
 
 
 class ConfigError(ValueError):

@@ -18,6 +18,7 @@ import torch
 from rlkd.config import RunConfig
 from rlkd.data import Batch, ResumableBatches, build_samples
 from rlkd.data.jsonl import DataError
+from rlkd.data.onpolicy import OnPolicyBatches
 from rlkd.engine.distributed import device_for, ensure_distributed
 from rlkd.engine.ds_config import student_ds_config, teacher_ds_config
 from rlkd.engine.schedule import lr_multiplier
@@ -157,6 +158,11 @@ def build_session(cfg: RunConfig) -> Session:
     student_engine, *_ = deepspeed.initialize(model=student_model, optimizer=optimizer,
                                               model_parameters=trainable,
                                               lr_scheduler=_scheduler_factory(cfg), config=s_config)
+    if cfg.data.on_policy is not None:
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+        batches = OnPolicyBatches(batches, student_engine.module, cfg.data.on_policy, seed=cfg.seed, rank=rank,
+                                  world_size=world_size, max_length=cfg.data.max_length, device=device,
+                                  eos_id=eos_id if eos_id is not None else student_model.config.eos_token_id)
     return Session(cfg=cfg, rank=rank, world_size=world_size, device=device, dtype=dtype, vocab=vocab,
                    tokenizer=tokenizer, batches=batches, teacher=teacher_engine, student=student_engine,
                    loss_fn=loss_fn, ds_configs={"teacher": t_config, "student": s_config},
