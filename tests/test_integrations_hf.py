@@ -128,3 +128,75 @@ def test_trainer_step_is_the_distill_loss_gradient_over_the_accumulated_batch(ti
     logged = trainer.state.log_history[0]
     assert logged["loss"] == pytest.approx(float(expected), rel=1e-4)
     assert 0 < logged["rlkd/rank"] < 2 and 0 <= logged["rlkd/topk_overlap"] <= 1
+
+
+def _word_tokenizer(vocab: int = 96):
+    """A tokenizer for the tiny models' ids (TRL's trainers insist on one); never downloads."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab)}
+    backend = Tokenizer(WordLevel(words, unk_token="t0"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", bos_token="t1", eos_token="t2",
+                                   pad_token="t0")
+
+
+def _gkd_rows(batch, prompt_width: int) -> list[dict]:
+    """GKD's batch layout: the full sequences plus left-padded prompts for its on-policy sampling."""
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        start = int((batch["labels"][i] != -100).nonzero()[0, 0])
+        prompt = batch["input_ids"][i, :start].tolist()[-prompt_width:]
+        pad = prompt_width - len(prompt)
+        rows.append({key: value[i].tolist() for key, value in batch.items()}
+                    | {"prompts": [0] * pad + prompt, "prompt_attention_mask": [0] * pad + [1] * len(prompt)})
+    return rows
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0], ids=["off-policy", "on-policy"])
+def test_gkd_trainer_with_the_mixin(tiny_models, tmp_path, lmbda):
+    """With TRL's GKDTrainer as the base: rlkd's `jsd` (beta=0.5) equals GKD's own generalized JSD on
+    the same batch, and GKD's on-policy sampling (lmbda=1) feeds the mixin's loss."""
+    pytest.importorskip("trl")
+    from transformers import default_data_collator
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    class RankedGKD(DistillationTrainerMixin, GKDTrainer):
+        pass
+
+    teacher, student = _load(tiny_models["teacher"]), _load(tiny_models["student"])
+    batch = _hf_batch(4, 12, 96, seed=7)
+    args = GKDConfig(output_dir=str(tmp_path / "gkd"), per_device_train_batch_size=2, max_steps=2, lmbda=lmbda,
+                     beta=0.5, max_new_tokens=4, use_cpu=True, report_to=[], save_strategy="no",
+                     logging_steps=1, disable_tqdm=True, learning_rate=1e-3)
+    from datasets import Dataset
+
+    trainer = RankedGKD(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(_gkd_rows(batch, 6)),
+                        data_collator=default_data_collator, processing_class=_word_tokenizer(),
+                        rlkd_loss={"objective": "jsd", "params": {"beta": 0.5}})
+    assert trainer.teacher_model is not None and not trainer.teacher_model.training
+    if lmbda == 0.0:
+        inputs = default_data_collator(_gkd_rows(batch, 6))
+        ours = trainer.compute_loss(student, inputs)
+        with torch.no_grad():
+            s = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            t = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        theirs = GKDTrainer.generalized_jsd_loss(s[:, :-1], t[:, :-1], labels=inputs["labels"][:, 1:], beta=0.5)
+        assert float(ours.detach()) == pytest.approx(float(theirs), rel=1e-5)
+
+    seen = []
+    original = trainer._rlkd.__call__
+
+    def spy(model, teacher_model, inputs, num_items_in_batch=None):
+        seen.append(inputs["input_ids"].clone())
+        return original(model, teacher_model, inputs, num_items_in_batch)
+
+    trainer._rlkd = type("Spy", (), {"__call__": staticmethod(spy)})()
+    trainer.train()
+    assert len(seen) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history[:2])
+    dataset_ids = {tuple(r.tolist()) for r in batch["input_ids"]}
+    from_dataset = [tuple(r.tolist()) in dataset_ids for ids in seen for r in ids]
+    assert all(from_dataset) == (lmbda == 0.0) and (not any(from_dataset)) == (lmbda == 1.0)

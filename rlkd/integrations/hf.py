@@ -27,6 +27,7 @@ import torch
 from rlkd.data.encode import IGNORE_INDEX
 from rlkd.objectives import DistillLoss, LossConfig
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Loss terms that DistillLoss reports as sums over positions (divided by the token count when logged).
 _PER_TOKEN_TERMS = ("base", "rank", "rank_degenerate_rows", "topk_overlap")
 
@@ -64,7 +65,8 @@ class DistillationLoss:
         if "labels" not in inputs:
             raise ValueError("DistillationLoss needs `labels` in the batch (-100 where nothing is supervised)")
         labels = inputs["labels"]
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        # Only what a causal LM's forward takes: TRL's batches also carry prompts for generation.
+        model_inputs = {key: inputs[key] for key in MODEL_INPUTS if key in inputs}
         mask, targets = next_token_targets(labels)
         teacher_logits = None
         if self.loss_fn.needs_teacher:
