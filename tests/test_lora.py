@@ -82,3 +82,26 @@ def test_only_adapters_train_and_the_merged_export_reproduces_the_engine(run_con
     torch.testing.assert_close(adapter_logits, engine_logits, rtol=1e-4, atol=1e-5)
     adapter_config = json.loads((export_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8.0
+
+
+def test_lora_resume_reproduces_the_uninterrupted_run(run_config, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from rlkd.engine.train import run_training
+
+    run_config["models"]["student_lora"] = LORA
+    run_config.update(checkpoint={"every_steps": 2})
+    run_config["train"].update(max_steps=4, lr=1e-2)
+    whole = run_training(run_config)
+    rows = whole.metrics_path.read_text().splitlines()
+    shutil.copytree(whole.export_dir, tmp_path / "whole_export")
+    resumed = run_training(run_config, resume=True)
+    assert resumed.resumed_from == 2
+    keys = ("loss", "grad_norm", "base")
+    assert [[json.loads(r)[k] for k in keys] for r in resumed.metrics_path.read_text().splitlines()] == \
+        [[json.loads(r)[k] for k in keys] for r in rows]
+    for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        a, b = load_file(str(tmp_path / "whole_export" / name)), load_file(str(resumed.export_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
