@@ -88,6 +88,14 @@ def test_tensorboard_and_csv_carry_the_jsonl_rows_and_survive_a_resume(run_confi
         assert float(written["rank"]) == row["rank"] and float(written["lr"]) == row["lr"]
         assert written["cr@3"] == (repr(row["cr@3"]) if "cr@3" in row else "")
 
+    # A fresh run in the same directory replaces the curves rather than adding to them.
+    run_training(dict(run_config, train=dict(run_config["train"], max_steps=2)))
+    fresh = _tensorboard_scalars(Path(run_config["output_dir"]) / "tensorboard")
+    assert [step for step, _ in fresh["train/loss"]] == [1, 2]
+    assert fresh["train/loss"][0][1] == pytest.approx(rows[0]["loss"], rel=1e-6)
+    with (Path(run_config["output_dir"]) / "metrics.csv").open(newline="") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2]
+
 
 def test_a_missing_sink_package_fails_before_any_model_loads(run_config, monkeypatch):
     monkeypatch.setattr(reporting, "SINK_PACKAGES", {**reporting.SINK_PACKAGES, "wandb": "rlkd_no_such_package"})
@@ -123,4 +131,9 @@ def test_wandb_sink_logs_each_row_offline_by_default(tmp_path, monkeypatch):
     assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline"
     assert calls[0][1]["dir"] == str(tmp_path / "run") and calls[0][1]["config"] == {"seed": 7}
     assert calls[1:] == [("log", {"train/loss": 1.5, "train/cr@1": 25.0}, 3), ("finish",)]
+    # A resumed run continues the same W&B run; a fresh one starts another.
+    first_id = calls[0][1]["id"]
+    reporting.open_reporter(["wandb"], tmp_path / "run", 0, 3).close()
+    reporting.open_reporter(["wandb"], tmp_path / "run", 0, None).close()
+    assert calls[3][1]["id"] == first_id and calls[5][1]["id"] != first_id
     assert reporting.open_reporter(["wandb", "csv"], tmp_path / "other", 1, None).sinks == []

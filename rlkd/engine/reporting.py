@@ -5,13 +5,15 @@ rank-degenerate rows, top-k overlap, tokens/s, lr, grad norm, and CR@k where mea
 optimizer step, on rank 0 only. Each uses its library's standard writer:
 
 * ``tensorboard``: ``torch.utils.tensorboard.SummaryWriter`` under ``<output_dir>/tensorboard``,
-  scalars tagged ``train/<metric>``. On resume it is opened with ``purge_step``, so the steps a
-  killed run logged past its checkpoint are dropped by every TensorBoard reader.
+  scalars tagged ``train/<metric>``. It is opened with ``purge_step`` (the first step this process
+  logs), so TensorBoard readers drop what earlier files hold from that step on: the steps a killed
+  run logged past its checkpoint, or an earlier run's curve when a run starts afresh.
 * ``csv``: ``<output_dir>/metrics.csv`` through the csv module, one column per metric. A metric
   first seen in a later row (CR@k only on measured steps) rewrites the file with the wider
   header; on resume, rows past the checkpoint are dropped, as in metrics.jsonl.
 * ``wandb``: ``wandb.init`` in ``<output_dir>``; offline unless ``WANDB_MODE`` says otherwise,
-  so nothing leaves the machine until the user runs ``wandb sync``.
+  so nothing leaves the machine until the user runs ``wandb sync``. A resumed run continues the
+  same W&B run (its id is kept in ``<output_dir>/wandb_run_id``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import importlib.util
 import io
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from rlkd.provenance import atomic_write_text
 
 SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "csv": None}
 TAG_PREFIX = "train/"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def missing_packages(report_to: list[str]) -> list[str]:
@@ -39,15 +43,16 @@ def missing_packages(report_to: list[str]) -> list[str]:
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in row.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and value is not None and math.isfinite(float(value))}
+            and math.isfinite(float(value))}
 
 
 class TensorBoardSink:
     def __init__(self, output_dir: Path, resumed_from: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: events at or after it, left by a run killed past its checkpoint, are discarded.
-        purge = resumed_from + 1 if resumed_from is not None else None
+        # purge_step: readers discard earlier files' events from this step on -- the steps a killed
+        # run logged past its checkpoint, or all of an earlier run's steps on a fresh start.
+        purge = (resumed_from or 0) + 1
         self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -97,9 +102,16 @@ class WandbSink:
     def __init__(self, output_dir: Path, resumed_from: int | None, config: dict[str, Any]):
         import wandb
 
+        # A resumed run continues the W&B run it started, whose id is kept in the run directory.
+        id_file = output_dir / WANDB_ID_FILE
+        if resumed_from is not None and id_file.is_file():
+            run_id = id_file.read_text(encoding="utf-8").strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlkd"), dir=str(output_dir),
-                              mode=os.environ.get("WANDB_MODE", "offline"),
-                              name=output_dir.name, config=config, resume="allow" if resumed_from else None)
+                              mode=os.environ.get("WANDB_MODE", "offline"), id=run_id, resume="allow",
+                              name=output_dir.name, config=config)
 
     def write(self, row: dict[str, Any]) -> None:
         self.run.log({TAG_PREFIX + k: v for k, v in _scalars(row).items()}, step=int(row["step"]))
