@@ -200,3 +200,16 @@ def test_gkd_trainer_with_the_mixin(tiny_models, tmp_path, lmbda):
     dataset_ids = {tuple(r.tolist()) for r in batch["input_ids"]}
     from_dataset = [tuple(r.tolist()) in dataset_ids for ids in seen for r in ids]
     assert all(from_dataset) == (lmbda == 0.0) and (not any(from_dataset)) == (lmbda == 1.0)
+
+
+def test_padded_teacher_vocabulary_needs_shared_vocab(tiny_models):
+    teacher, student = _load(tiny_models["teacher_padded"]).eval(), _load(tiny_models["student"])
+    batch = _hf_batch(2, 10, 96, seed=4)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        DistillationLoss(KL_R)(student, teacher, batch)
+    loss = DistillationLoss(KL_R, shared_vocab=True)(student, teacher, batch).loss
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    mask, targets = _reference_mask(batch["labels"])
+    with torch.no_grad():
+        expected = DistillLoss(KL_R)(student(**inputs).logits, teacher(**inputs).logits[..., :96], mask, labels=targets)
+    assert float(loss.detach()) == pytest.approx(float(expected.loss_sum) / int(mask.sum()), rel=1e-6)

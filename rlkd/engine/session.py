@@ -55,7 +55,7 @@ class Session:
     dtype: torch.dtype
     vocab: VocabPlan
     tokenizer: Any
-    batches: ResumableBatches
+    batches: ResumableBatches | OnPolicyBatches
     teacher: Any  # DeepSpeedEngine (inference); None with a teacher cache or a loss that needs no teacher
     student: Any  # DeepSpeedEngine
     loss_fn: Any

@@ -6,7 +6,7 @@ Two entry points:
   that runs both models on a Hugging Face batch (``input_ids``, ``attention_mask``, ``labels`` with
   -100 where nothing is supervised) and returns the normalised loss, the student's outputs and the
   loss terms; usable from any PyTorch loop.
-* :class:`DistillationTrainerMixin`, placed before ``Trainer`` (or ``trl.GKDTrainer``) in the bases,
+* :class:`DistillationTrainerMixin`, placed before ``Trainer`` (or TRL's ``GKDTrainer``) in the bases,
   which replaces ``compute_loss`` with it and adds the loss terms to the Trainer's logs.
 
 Label convention: Hugging Face causal-LM labels are the input ids themselves, shifted inside the
@@ -96,8 +96,9 @@ class DistillationTrainerMixin:
                                  data_collator=collator,
                                  rlkd_loss={"objective": "kl", "ranking": {"enabled": True, "k": 5}})
 
-    With ``trl.GKDTrainer`` as the second base, GKD's on-policy sampling (``lmbda``) still decides
-    which sequences a batch holds; the mixin only replaces the loss, and the teacher GKD prepared
+    With TRL's ``GKDTrainer`` (``trl.experimental.gkd``) as the second base, GKD's on-policy
+    sampling (``lmbda``) still decides which sequences a batch holds; the mixin only replaces the
+    loss, and the teacher GKD prepared
     is used. Otherwise the teacher is a plain module, put in eval mode on the Trainer's device
     (under ZeRO-3 prepare it yourself, as TRL does, and assign ``trainer.teacher_model``).
     """
@@ -105,7 +106,7 @@ class DistillationTrainerMixin:
     def __init__(self, *args, teacher_model=None, rlkd_loss: DistillLoss | LossConfig | dict | None = None,
                  rlkd_shared_vocab: bool = False, **kwargs):
         self._rlkd = DistillationLoss(rlkd_loss, shared_vocab=rlkd_shared_vocab)
-        # trl.GKDTrainer takes (and prepares) the teacher itself; transformers.Trainer does not.
+        # TRL's GKDTrainer takes (and prepares) the teacher itself; transformers.Trainer does not.
         parent_takes_teacher = "teacher_model" in inspect.signature(super().__init__).parameters
         if parent_takes_teacher:
             kwargs["teacher_model"] = teacher_model
