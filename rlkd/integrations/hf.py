@@ -98,9 +98,9 @@ class DistillationTrainerMixin:
 
     With TRL's ``GKDTrainer`` (``trl.experimental.gkd``) as the second base, GKD's on-policy
     sampling (``lmbda``) still decides which sequences a batch holds; the mixin only replaces the
-    loss, and the teacher GKD prepared
-    is used. Otherwise the teacher is a plain module, put in eval mode on the Trainer's device
-    (under ZeRO-3 prepare it yourself, as TRL does, and assign ``trainer.teacher_model``).
+    loss, and the teacher GKD prepared is used. Otherwise the teacher is a plain module, put in
+    eval mode on the Trainer's device (under ZeRO-3 prepare it yourself, as TRL does, and assign
+    ``trainer.teacher_model``).
     """
 
     def __init__(self, *args, teacher_model=None, rlkd_loss: DistillLoss | LossConfig | dict | None = None,
