@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlkd.data.onpolicy import OnPolicyConfig
+from rlkd.engine.reporting import missing_packages
 from rlkd.lora import StudentLoraConfig
 from rlkd.objectives import LossConfig
 
@@ -92,6 +93,14 @@ class RunConfig(_Strict):
     agreement_every: int = Field(0, ge=0)
     progress_bar: bool = True
     export: bool = True
+
+    @field_validator("report_to")
+    @classmethod
+    def _sinks_installed(cls, sinks: list[str]) -> list[str]:
+        missing = missing_packages(sinks)
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed (pip install 'rlkd[{missing[0]}]')")
+        return sinks
 
     @model_validator(mode="after")
     def _on_policy_needs_a_live_teacher(self) -> "RunConfig":

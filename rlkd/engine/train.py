@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlkd.config import ConfigError, RunConfig, load_config
+from rlkd.config import RunConfig, load_config
 from rlkd.data.encode import IGNORE_INDEX
 from rlkd.engine import agreement, checkpoint, reporting
 from rlkd.engine.distributed import all_reduce_sum
@@ -147,9 +147,6 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
     export_dir = output_dir / "export"
     manifest_path = output_dir / "manifest.json"
 
-    missing = reporting.missing_packages(cfg.report_to)
-    if missing:
-        raise ConfigError(f"report_to: {', '.join(missing)} not installed (pip install 'rlkd[{missing[0]}]')")
     session = build_session(cfg)
     reporter = None
     try:
