@@ -1,4 +1,5 @@
-"""`rlkd table RESULTS_DIR`: Markdown, CSV and LaTeX tables beside the paper, plus plots."""
+"""`rlkd table RESULTS_DIR`: Markdown, CSV and LaTeX tables beside the paper (the verdict on the
+ranking loss first), plus plots: the verdict's forest plot (effect.png) and CR@k/MOR@k curves."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import sys
 from pathlib import Path
 
 from rlkd.bench.layouts import get_layout
-from rlkd.bench.plots import alignment_curves, k_sweep
+from rlkd.bench.effects import verdict
+from rlkd.bench.plots import alignment_curves, forest_plot, k_sweep
 from rlkd.bench.store import load_cells
-from rlkd.bench.tables import collect, write_tables
+from rlkd.bench.grid import collect
+from rlkd.bench.tables import row_order, write_tables
 
 
 def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path | None = None) -> dict[str, Path]:
@@ -27,6 +30,10 @@ def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path
     out_dir = out_dir or results_dir
     paths = write_tables(results_dir, layout, cells, out_dir)
     grid = collect(cells, layout)
+    effect = forest_plot(verdict(layout, grid, row_order(layout, grid)), out_dir / "effect.png",
+                         title=f"{layout.title}: effect of the ranking loss, Δ(+R) = with R − without R")
+    if effect:
+        paths["effect.png"] = effect
     prefixes = sorted({c.split("/", 1)[1].split("cr@")[0] for c in grid.columns()
                        if "/" in c and "cr@" in c and "|" not in c})
     for prefix in prefixes:
