@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlkd.data.onpolicy import OnPolicyConfig
-from rlkd.engine.reporting import missing_packages
+from rlkd.report_sinks import missing_packages
 from rlkd.lora import StudentLoraConfig
 from rlkd.objectives import LossConfig
 

@@ -98,7 +98,9 @@ def test_tensorboard_and_csv_carry_the_jsonl_rows_and_survive_a_resume(run_confi
 
 
 def test_a_missing_sink_package_fails_before_any_model_loads(run_config, monkeypatch):
-    monkeypatch.setattr(reporting, "SINK_PACKAGES", {**reporting.SINK_PACKAGES, "wandb": "rlkd_no_such_package"})
+    from rlkd import report_sinks
+
+    monkeypatch.setattr(report_sinks, "SINK_PACKAGES", {**report_sinks.SINK_PACKAGES, "wandb": "rlkd_no_such_package"})
     run_config["models"]["student"] = "/nonexistent/student"  # would fail to load, were it reached
     with pytest.raises(ConfigError, match="report_to: .*wandb not installed"):
         run_training(dict(run_config, report_to=["wandb"]))

@@ -19,7 +19,6 @@ optimizer step, on rank 0 only. Each uses its library's standard writer:
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import math
 import os
@@ -28,16 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from rlkd.provenance import atomic_write_text
+from rlkd.report_sinks import SINK_PACKAGES
 
-SINK_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "csv": None}
 TAG_PREFIX = "train/"
 WANDB_ID_FILE = "wandb_run_id"
-
-
-def missing_packages(report_to: list[str]) -> list[str]:
-    """The `report_to` sinks whose package is not installed (checked before any model loads)."""
-    return [name for name in report_to
-            if SINK_PACKAGES[name] is not None and importlib.util.find_spec(SINK_PACKAGES[name]) is None]
 
 
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
