@@ -11,6 +11,8 @@ from rlkd.integrations.hf import DistillationLoss, DistillationTrainerMixin, nex
 from rlkd.objectives import DistillLoss
 
 KL_R = {"objective": "kl", "ranking": {"enabled": True, "k": 5}}
+# Composable terms: CE needs the next-token labels, so this also checks the label shift.
+KL_CE_R = {"terms": [{"objective": "kl"}, {"objective": "ce", "weight": 0.5}], "ranking": {"enabled": True, "k": 5}}
 
 
 def _load(path):
@@ -57,7 +59,7 @@ def test_next_token_targets_matches_the_shift():
     assert [t.tolist() for t in next_token_targets(labels)] == [t.tolist() for t in _reference_mask(labels)]
 
 
-@pytest.mark.parametrize("loss_config", [{"objective": "kl"}, KL_R], ids=["KL", "KL+R"])
+@pytest.mark.parametrize("loss_config", [{"objective": "kl"}, KL_R, KL_CE_R], ids=["KL", "KL+R", "KL+0.5CE+R"])
 def test_loss_and_gradients_equal_distill_loss(tiny_models, loss_config):
     teacher, student = _load(tiny_models["teacher"]).eval(), _load(tiny_models["student"])
     reference_student = copy.deepcopy(student)
@@ -128,6 +130,7 @@ def test_trainer_step_is_the_distill_loss_gradient_over_the_accumulated_batch(ti
     logged = trainer.state.log_history[0]
     assert logged["loss"] == pytest.approx(float(expected), rel=1e-4)
     assert 0 < logged["rlkd/rank"] < 2 and 0 <= logged["rlkd/topk_overlap"] <= 1
+    assert logged["rlkd/rank_fallback"] == 0 and logged["rlkd/base"] > 0
 
 
 def _word_tokenizer(vocab: int = 96):

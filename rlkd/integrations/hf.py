@@ -28,8 +28,10 @@ from rlkd.data.encode import IGNORE_INDEX
 from rlkd.objectives import DistillLoss, LossConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-# Loss terms that DistillLoss reports as sums over positions (divided by the token count when logged).
-_PER_TOKEN_TERMS = ("base", "rank", "rank_degenerate_rows", "topk_overlap")
+# DistillLoss's metrics are sums over positions (logged per token), except these: "loss" is the
+# Trainer's own, and rank_fallback counts micro-batches (logged as a count).
+_NOT_LOGGED = frozenset({"loss"})
+_COUNTS = frozenset({"rank_fallback"})
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,9 +132,9 @@ class DistillationTrainerMixin:
             # over processes: multiply back, as Trainer.compute_loss does for its own losses.
             loss = loss * self.accelerator.num_processes
         if model.training:
-            for name in _PER_TOKEN_TERMS:
-                if name in step.metrics:
-                    self._rlkd_sums[name] = self._rlkd_sums.get(name, 0.0) + step.metrics[name]
+            for name, value in step.metrics.items():
+                if name not in _NOT_LOGGED:
+                    self._rlkd_sums[name] = self._rlkd_sums.get(name, 0.0) + value
             self._rlkd_tokens += step.n_tokens
         return (loss, step.outputs) if return_outputs else loss
 
@@ -140,6 +142,6 @@ class DistillationTrainerMixin:
         """Adds each loss term's per-token mean since the last log (this process's tokens)."""
         if self._rlkd_tokens and "loss" in logs:
             for name, total in self._rlkd_sums.items():
-                logs[f"rlkd/{name}"] = total / self._rlkd_tokens
+                logs[f"rlkd/{name}"] = total if name in _COUNTS else total / self._rlkd_tokens
             self._rlkd_sums, self._rlkd_tokens = {}, 0
         super().log(logs, *args, **kwargs)
