@@ -145,3 +145,44 @@ def test_embedded_benchmark_runs_end_to_end_and_then_only_reuses(tmp_path, monke
     assert default.run_default(_args(results)) == 0
     out = capsys.readouterr().out
     assert "already done" in out and "reusing them" in out and "--from-scratch" in out
+
+
+@pytest.mark.slow
+def test_long_lived_workers_give_exactly_the_fresh_process_results_and_survive_a_crash(tmp_path, monkeypatch):
+    from rlkd.bench.executor import CellProcessError, LocalExecutor
+    from rlkd.bench.spec import expand, filter_cells
+
+    _small_default(tmp_path, monkeypatch)
+    results = tmp_path / "results"
+    paths = default.prepare_data(results, True)
+    default.prepare_models(results, True, paths["train"])
+    cells = filter_cells(expand(default.default_spec(quick=True)), "KL,KL+R")
+    timing = {"train_seconds", "train_step_seconds"}
+
+    def run(executor, cell, name):
+        workdir = results / ".staging" / f"{name}-{cell['id']}"
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(json.dumps(cell))
+        metrics, per_example = executor.run(cell, workdir)
+        return {k: v for k, v in metrics.items() if k not in timing}, per_example
+
+    fresh = LocalExecutor(results)
+    pool = LocalExecutor(results, reuse_processes=True)
+    try:
+        for cell in cells:  # both cells go through the same worker process, one after the other
+            assert run(pool, cell, "worker") == run(fresh, cell, "fresh")
+        assert len(pool._workers) == 1
+        # A cell that kills its worker fails with a reason; the next cell gets a fresh worker.
+        crash = tmp_path / "crash.py"
+        crash.write_text("import os\nfrom rlkd.objectives import register_objective\n\n"
+                         "@register_objective('crash_now')\ndef crash(student_logits, teacher_logits, labels=None):\n"
+                         "    \"\"\"Ends the process.\"\"\"\n    os._exit(3)\n")
+        doomed = json.loads(json.dumps(cells[0]))
+        doomed["run"]["plugins"] = [str(crash)]
+        doomed["run"]["loss"]["objective"] = "crash_now"
+        with pytest.raises(CellProcessError, match="worker died with 3"):
+            run(pool, doomed, "crash")
+        assert run(pool, cells[1], "after") == run(fresh, cells[1], "fresh2")
+        assert len(pool._workers) == 2
+    finally:
+        pool.close()

@@ -177,7 +177,9 @@ def run_default(args) -> int:
     code = run_cells(cells, root, spec_source="embedded default (rlkd/bench/default.yaml)", layout="default",
                      jobs=jobs, retry_failed=not getattr(args, "skip_failed", False),
                      tables=not getattr(args, "no_table", False), threads=1,
-                     rerun_stale=getattr(args, "rerun_stale", False))
+                     rerun_stale=getattr(args, "rerun_stale", False),
+                     # Dozens of small cells: long-lived workers pay the imports once (see worker.py).
+                     reuse_processes=True)
     minutes = (time.time() - started) / 60
     print(f"[rlkd bench] embedded benchmark finished in {minutes:.1f} min; "
           f"tables and plots in {root}/ (table.md, table.csv, table.tex, *.png)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
@@ -124,24 +125,36 @@ class CellProcessError(RuntimeError):
 
 
 class LocalExecutor:
-    """Runs each cell in a fresh Python process."""
+    """Runs each cell in a child process: a fresh one per cell (isolates memory, threads and
+    crashes; the default), or with ``reuse_processes`` long-lived workers (:mod:`rlkd.bench.worker`)
+    that run many cells each, for grids of many small cells whose cost is mostly start-up."""
 
-    def __init__(self, results_dir: Path, *, subprocess_per_cell: bool = True, threads: int | None = None):
+    def __init__(self, results_dir: Path, *, subprocess_per_cell: bool = True, threads: int | None = None,
+                 reuse_processes: bool = False):
         self.results_dir = results_dir
         self.cache_dir = results_dir / ".cache"
         self.shared_dir = results_dir / ".shared"
         self.subprocess_per_cell = subprocess_per_cell
         self.threads = threads
+        self.reuse_processes = reuse_processes
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers: list[subprocess.Popen] = []
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+        env.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
 
     def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
         if not self.subprocess_per_cell:
             return run_cell_inprocess(cell, workdir, cache_dir=self.cache_dir, shared_dir=self.shared_dir)
         out = workdir / METRICS_FILE
         out.unlink(missing_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-        env.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
+        if self.reuse_processes:
+            return self._run_in_worker(workdir, out)
+        env = self._env()
         log_path = workdir / "cell.log"
         with open(log_path, "a") as log:
             code = subprocess.call([sys.executable, "-m", "rlkd.bench.cell", str(workdir), str(self.cache_dir),
@@ -153,6 +166,42 @@ class LocalExecutor:
                                    "in the cell's staging folder)")
         result = json.loads(out.read_text())
         return result["metrics"], result["per_example"]
+
+    def _run_in_worker(self, workdir: Path, out: Path):
+        try:
+            worker = self._idle.get_nowait()
+        except queue.Empty:
+            worker = subprocess.Popen([sys.executable, "-m", "rlkd.bench.worker", str(self.cache_dir),
+                                       str(self.shared_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env=self._env(), preexec_fn=_die_with_parent)
+            self._workers.append(worker)
+        worker.stdin.write(json.dumps({"workdir": str(workdir)}) + "\n")
+        worker.stdin.flush()
+        line = worker.stdout.readline()
+        if not line:  # the worker died mid-cell: discard it, the next cell gets a fresh one
+            code = worker.wait()
+            reason = last_error_line((workdir / "cell.log").read_text(errors="replace")) \
+                if (workdir / "cell.log").is_file() else "(no output)"
+            raise CellProcessError(f"{reason} (cell worker died with {code}; full log: cell.log in the cell's "
+                                   "staging folder)")
+        self._idle.put(worker)
+        answer = json.loads(line)
+        if not answer["ok"] or not out.is_file():
+            raise CellProcessError(f"{answer.get('error', '(no result)')} (full log: cell.log in the cell's "
+                                   "staging folder)")
+        result = json.loads(out.read_text())
+        return result["metrics"], result["per_example"]
+
+    def close(self) -> None:
+        """End the workers (they exit at the end of their input)."""
+        for worker in self._workers:
+            if worker.poll() is None:
+                worker.stdin.close()
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+        self._workers.clear()
 
 
 def write_result(workdir: Path, metrics: dict[str, float], per_example: dict[str, list[float]]) -> None:

@@ -38,7 +38,7 @@ def stale_cells(cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
 
 def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, jobs: int = 1,
               retry_failed: bool = True, tables: bool = True, executor=None, threads: int | None = None,
-              rerun_stale: bool = False) -> int:
+              rerun_stale: bool = False, reuse_processes: bool = False) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "spec.json", {"source": spec_source, "layout": layout,
                                               "cells": [c["id"] for c in cells]})
@@ -49,8 +49,13 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
         for cell in cells:
             if cell["id"] in stale:
                 _retire(out_dir, cell["id"])
-    executor = executor or LocalExecutor(out_dir, threads=threads if threads else (None if jobs <= 1 else 1))
-    summary = run_grid(cells, out_dir, executor, jobs=jobs, retry_failed=retry_failed)
+    executor = executor or LocalExecutor(out_dir, threads=threads if threads else (None if jobs <= 1 else 1),
+                                         reuse_processes=reuse_processes)
+    try:
+        summary = run_grid(cells, out_dir, executor, jobs=jobs, retry_failed=retry_failed)
+    finally:
+        if hasattr(executor, "close"):
+            executor.close()
     print(f"rlkd bench: {len(summary.done)} run, {len(summary.skipped)} already done, "
           f"{len(summary.elsewhere)} done by another runner, {len(summary.failed)} failed of {summary.total} cells")
     for cell_id, error in summary.failed.items():

@@ -57,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", help="table layout (default: the one the spec named): generic, table1..table8, "
                                          "default, mini_table1")
     parser.add_argument("--out", type=Path, help="where to write the tables (default: the results directory)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a module or .py file that registers objectives or layouts (repeatable)")
     args = parser.parse_args(argv)
     try:
+        from rlkd.plugins import load_plugins, resolve_plugin_names
+
+        load_plugins(resolve_plugin_names(args.plugin, Path.cwd()))
         paths = make_tables(args.results, args.layout, args.out)
-    except (FileNotFoundError, KeyError) as exc:
+    except (FileNotFoundError, KeyError, ImportError) as exc:
         print(f"rlkd table: {exc}", file=sys.stderr)
         return 2
     for kind, path in paths.items():

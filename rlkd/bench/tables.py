@@ -334,6 +334,7 @@ def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]],
 
     out_dir = out_dir or results_dir
     grid = collect(cells, layout)
+    grid.notes.extend(code_version_notes(cells))
     tables = build_tables(layout, grid)
     order = row_order(layout, grid)
     effects = ranking_effects(layout, grid, order)
@@ -344,3 +345,32 @@ def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]],
     write_text_atomic(paths["csv"], render_csv(tables, result))
     write_text_atomic(paths["tex"], render_latex(tables, result))
     return paths
+
+
+def code_version_notes(cells: list[dict[str, Any]]) -> list[str]:
+    """A note per code version when the finished cells did not all run on the same code (git sha,
+    dirty checkout, plug-in sources), naming the cells of each; nothing when they all agree."""
+    import json
+
+    versions: dict[str, list[str]] = {}
+    for entry in cells:
+        if entry["status"].get("status") != "done" or entry.get("dir") is None:
+            continue
+        try:
+            recorded = json.loads((Path(entry["dir"]) / "provenance.json").read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        sha = recorded.get("git_sha")
+        label = (sha[:10] if sha else "unknown code") + (" (uncommitted changes)" if recorded.get("git_dirty") else "")
+        plugins = recorded.get("plugins") or {}
+        if plugins:
+            label += "; plug-ins " + ", ".join(f"{Path(n).name}@{(h or '?')[:8]}" for n, h in sorted(plugins.items()))
+        versions.setdefault(label, []).append(entry["config"]["id"])
+    if len(versions) <= 1:
+        return []
+    notes = [f"These cells ran on {len(versions)} different code versions (`rlkd bench SPEC --rerun-stale` "
+             "re-runs the ones that differ from the current code):"]
+    for label, ids in sorted(versions.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(f"`{i}`" for i in ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+        notes.append(f"{label}: {len(ids)} cell(s): {shown}")
+    return notes
