@@ -46,6 +46,14 @@ class DataConfig(_Strict):
     shuffle: bool = True
     on_policy: OnPolicyConfig | None = None  # GKD-style student-sampled responses (rlkd.data.onpolicy)
 
+    @model_validator(mode="after")
+    def _on_policy_is_shifted(self) -> "DataConfig":
+        # Prompts are cut at the first supervised position, which only the shifted mask places
+        # just before the response.
+        if self.on_policy is not None and self.mask_convention != "shifted":
+            raise ValueError("on_policy needs mask_convention 'shifted'")
+        return self
+
 
 class TrainSection(_Strict):
     micro_batch_size: int = Field(1, ge=1)

@@ -35,6 +35,9 @@ def test_on_policy_with_a_teacher_cache_is_rejected_by_name(run_config, tmp_path
     with pytest.raises(ConfigError, match="data.on_policy"):
         load_config(base=dict(run_config, teacher_cache=str(tmp_path / "cache"),
                               data=dict(run_config["data"], on_policy={"lmbda": 0.5})))
+    with pytest.raises(ConfigError, match="data.*on_policy needs mask_convention 'shifted'"):
+        load_config(base=dict(run_config, data=dict(run_config["data"], on_policy={},
+                                                    mask_convention="official_off_by_one")))
     with pytest.raises(ConfigError, match="data.on_policy.lmbda"):
         load_config(base=dict(run_config, data=dict(run_config["data"], on_policy={"lmbda": 1.5})))
 
