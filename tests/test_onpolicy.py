@@ -127,3 +127,23 @@ def test_the_lambda_grid_spec_gives_each_cell_its_on_policy_block(tmp_path):
         assert cfg.data.on_policy.max_new_tokens == 256 and cfg.data.on_policy.temperature == 0.9
         seen.add((cfg.loss.label(), cfg.data.on_policy.lmbda))
     assert len(seen) == 12
+
+
+def test_a_prompt_without_room_keeps_the_dataset_batch_but_still_generates(tiny_models):
+    """At max_length no response fits: the dataset's batch is kept. The student still generates,
+    because under ZeRO-3 every rank must take part in each forward."""
+    from rlkd.data import ResumableBatches
+    from rlkd.data.encode import from_targets
+    from rlkd.data.onpolicy import OnPolicyBatches, OnPolicyConfig
+
+    samples = [from_targets(list(range(3, 13)), [i >= 6 for i in range(10)], "shifted") for _ in range(2)]
+    student = _plain(tiny_models["student"])
+    calls = []
+    original_generate = student.generate
+    student.generate = lambda **kw: calls.append(kw["max_new_tokens"]) or original_generate(**kw)
+    wrapped = OnPolicyBatches(ResumableBatches(samples, 2, shuffle=False), student, OnPolicyConfig(lmbda=1.0),
+                              seed=0, rank=0, world_size=1, max_length=6, eos_id=2, device=torch.device("cpu"))
+    batch = next(wrapped)
+    expected = next(ResumableBatches(samples, 2, shuffle=False))
+    assert torch.equal(batch.input_ids, expected.input_ids) and torch.equal(batch.supervised, expected.supervised)
+    assert calls == [1] and wrapped.state()["on_policy_draws"] == 1

@@ -61,7 +61,6 @@ class OnPolicyBatches:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.max_length, self.eos_id, self.device = max_length, eos_id, device
         self.draws = 0
-        self.sampled_draws: list[int] = []  # draws made on-policy in this process (for logs and tests)
 
     def state(self) -> dict[str, int]:
         return {**self.inner.state(), "on_policy_draws": self.draws}
@@ -78,7 +77,6 @@ class OnPolicyBatches:
         draw, self.draws = self.draws, self.draws + 1
         if not is_on_policy(self.seed, draw, self.cfg.lmbda):
             return batch
-        self.sampled_draws.append(draw)
         return self.sample(batch, draw)
 
     @torch.no_grad()
@@ -86,10 +84,12 @@ class OnPolicyBatches:
         lengths = [prompt_length(batch.supervised[row], int(batch.attention_mask[row].sum()))
                    for row in range(batch.input_ids.shape[0])]
         room = self.max_length - max(lengths)
+        prompts = [batch.input_ids[row, :n].tolist() for row, n in enumerate(lengths)]
+        # Every rank generates, even one that will not use the result: under ZeRO-3 each forward
+        # gathers parameters collectively (synced_gpus lets the ranks stop at different lengths).
+        generated = self._generate(prompts, max(1, min(self.cfg.max_new_tokens, room)), draw)
         if room < 1:
             return batch  # no prompt leaves room for a response: keep the dataset's
-        prompts = [batch.input_ids[row, :n].tolist() for row, n in enumerate(lengths)]
-        generated = self._generate(prompts, min(self.cfg.max_new_tokens, room), draw)
         samples = []
         for prompt, new in zip(prompts, generated):
             if self.eos_id is not None and self.eos_id in new:
