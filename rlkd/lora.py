@@ -52,8 +52,9 @@ def wrap_student(model, cfg: StudentLoraConfig, gradient_checkpointing: bool = F
     peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha,
                              lora_dropout=cfg.dropout, target_modules=cfg.target_modules)
     if gradient_checkpointing:
-        # With the embeddings frozen, checkpointed blocks would see inputs without grad and
-        # backpropagate nothing into the adapters.
+        # With the embeddings frozen, reentrant checkpointing (use_reentrant=True, the older
+        # default) sees block inputs without grad and backpropagates nothing into the adapters;
+        # marking the embedding outputs makes either checkpointing mode work.
         model.enable_input_require_grads()
     return get_peft_model(model, peft_config)
 

@@ -105,3 +105,24 @@ def test_lora_resume_reproduces_the_uninterrupted_run(run_config, tmp_path):
     for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
         a, b = load_file(str(tmp_path / "whole_export" / name)), load_file(str(resumed.export_dir / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_lora_with_gradient_checkpointing_gives_the_same_adapter(run_config, tmp_path):
+    """With frozen embeddings and checkpointed blocks the adapters must still learn, and exactly
+    as without checkpointing."""
+    from safetensors.torch import load_file
+
+    from rlkd.engine.train import run_training
+
+    run_config["models"]["student_lora"] = LORA
+    run_config["train"].update(max_steps=2, lr=1e-2)
+    adapters = []
+    for checkpointing in (False, True):
+        run = dict(run_config, output_dir=str(tmp_path / f"gc{checkpointing}"),
+                   models=dict(run_config["models"], gradient_checkpointing=checkpointing))
+        adapters.append(load_file(str(run_training(run).export_dir / "adapter" / "adapter_model.safetensors")))
+    plain, checkpointed = adapters
+    assert any(v.abs().sum() > 0 for k, v in checkpointed.items() if "lora_B" in k)  # B starts at zero
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)
