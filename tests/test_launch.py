@@ -40,29 +40,33 @@ def _executable(path: Path, body: str) -> None:
 
 def test_rendered_script_runs_exactly_the_dry_run_commands(tmp_path, config_path, capsys, monkeypatch):
     """Run the sbatch script with stand-ins: srun starts the task once per node with that node's
-    SLURM_NODEID, torchrun records its arguments. They must equal what --dry-run prints."""
+    SLURM_NODEID, torchrun records its arguments. They must equal what --dry-run prints, and the
+    master is the first node's NodeAddr, not its name."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "record"
+    record.mkdir()
+    _executable(bin_dir / "scontrol", 'if [[ $1 == show && $2 == node ]]; then\n'
+                '  echo "NodeName=$3 Arch=x86_64"; echo "   NodeAddr=10.0.0.$(( ${3: -1} )) NodeHostName=$3 Version=22.05"\n'
+                'else echo gpu001; echo gpu002; fi\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[001-002]")
     assert main(["slurm", "--nodes", "2", "--gpus-per-node", "8", "--config", str(config_path),
                  "train.max_steps=100", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     dry_run = [line.split(": ", 1)[1] for line in printed.splitlines() if line.startswith("[node ")]
-    assert len(dry_run) == 2 and "--node_rank=1 --master_addr=gpu001" in dry_run[1]
+    assert len(dry_run) == 2 and "--node_rank=1 --master_addr=10.0.0.1 " in dry_run[1]
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "record"
-    record.mkdir()
-    _executable(bin_dir / "scontrol", 'echo gpu001; echo gpu002\n')
     # srun: drop its own options, then run the task once per node
     _executable(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\n'
                 'for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@" || exit 1; done\n')
     _executable(bin_dir / "torchrun", f'printf "%s\\n" torchrun "$@" > {record}/node$SLURM_NODEID\n')
 
-    job = SlurmJob(config=config_path.resolve(), nodes=2, gpus_per_node=8, overrides=["train.max_steps=100"],
+    job = SlurmJob(config=config_path.resolve(), nodes=2, procs_per_node=8, overrides=["train.max_steps=100"],
                    log_dir=tmp_path / "logs")
     script = tmp_path / "train.sbatch"
     script.write_text(render(job))
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[001-002]",
+    env = dict(os.environ, SLURM_JOB_NODELIST="gpu[001-002]",
                SLURM_NNODES="2", SLURM_JOB_ID="42")
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
@@ -72,7 +76,7 @@ def test_rendered_script_runs_exactly_the_dry_run_commands(tmp_path, config_path
 
 
 def test_sbatch_header_and_commands_follow_the_request(config_path):
-    job = SlurmJob(config=config_path, nodes=3, gpus_per_node=4, partition="gpu", resume=True)
+    job = SlurmJob(config=config_path, nodes=3, procs_per_node=4, partition="gpu", resume=True)
     text = render(job)
     for line in ("#SBATCH --nodes=3", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --partition=gpu", 'scontrol show hostnames "$SLURM_JOB_NODELIST"'):

@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if (not dist.is_initialized() or dist.get_rank() == 0) and result.stopped_early:
+        print(f"run stopped on request after step {result.steps}; its checkpoint is in {result.output_dir / 'checkpoints'}"
+              " (continue with --resume)")
+    elif not dist.is_initialized() or dist.get_rank() == 0:
         print(f"run finished: export {result.export_dir}; metrics {result.metrics_path}")
     return 0
 
