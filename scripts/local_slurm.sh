@@ -12,6 +12,9 @@
 # RLKD_SLURM_PORT_BASE (default 17000) for slurmctld and the next two for the slurmds.
 set -euo pipefail
 
+# The daemons live in /usr/sbin, which a non-root PATH may lack.
+export PATH=$PATH:/usr/sbin:/sbin
+
 usage() { echo "usage: $0 up|down DIR" >&2; exit 2; }
 [[ $# -eq 2 ]] || usage
 action=$1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import stat
@@ -93,3 +94,101 @@ def test_launch_rejects_a_bad_config_key(tmp_path, config_path, capsys):
     assert main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--config", str(config_path),
                  "train.bogus=1", "--dry-run"]) == 2
     assert "train.bogus: unknown key" in capsys.readouterr().err
+
+
+def test_cpu_nodes_request_no_gpus_and_run_deepspeed_on_cpu(config_path, capsys, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    assert main(["slurm", "--nodes", "2", "--procs-per-node", "3", "--config", str(config_path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "--gpus-per-node" not in printed and "gres" not in printed.lower()
+    assert "\nexport DS_ACCELERATOR=cpu\n" in printed
+    assert "# world size 6;" in printed
+    nodes = [line for line in printed.splitlines() if line.startswith("[node ")]
+    assert [n.split(": ", 1)[0] for n in nodes] == ["[node 0 node0] ranks 0-2", "[node 1 node1] ranks 3-5"]
+    assert all("--nproc_per_node=3" in n for n in nodes)
+
+    job = SlurmJob(config=config_path, nodes=2, procs_per_node=8)  # GPU nodes keep their GRES request
+    assert "#SBATCH --gpus-per-node=8" in render(job) and "DS_ACCELERATOR" not in render(job)
+
+
+def test_requeue_lines_follow_the_warning(config_path):
+    asked = render(SlurmJob(config=config_path, nodes=1, procs_per_node=1, requeue_warning_s=120))
+    assert "#SBATCH --signal=B:USR1@120\n#SBATCH --requeue\n" in asked and "#SBATCH --open-mode=append" in asked
+    off = render(SlurmJob(config=config_path, nodes=1, procs_per_node=1, requeue_warning_s=0))
+    assert "#SBATCH --signal" not in off and "#SBATCH --requeue" not in off
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus-per-node", "1", "--procs-per-node", "1"], "not allowed with argument"),
+    ([], "one of the arguments --gpus-per-node --procs-per-node is required"),
+])
+def test_one_kind_of_node_must_be_named(config_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slurm", "--nodes", "1", *argv, "--config", str(config_path), "--dry-run"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _run_batch_script(tmp_path, config_path, *, signal_batch_shell: bool, manifest: dict, restart_count: int = 0):
+    """Run the rendered script on one fake node. The fake torchrun waits until it has been started
+    (and, if asked, until the stop file appears), then writes `manifest` with rlkd's own JSON writer."""
+    import signal
+    import sys
+    import time
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir(parents=True)
+    record.mkdir()
+    manifest_path = tmp_path / "manifest.json"
+    manifest_json = tmp_path / "manifest.in.json"
+    manifest_json.write_text(json.dumps(manifest))
+    _executable(bin_dir / "scontrol", f'if [[ $1 == requeue ]]; then echo "$@" >> {record}/scontrol; '
+                'elif [[ $1 == show && $2 == node ]]; then echo "   NodeAddr=10.1.2.3 NodeHostName=x"; '
+                'else echo n1; fi\n')
+    _executable(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 "$@"\n')
+    wait_for_stop = 'while [[ ! -f $RLKD_STOP_FILE ]]; do sleep 0.05; done\n' if signal_batch_shell else ''
+    _executable(bin_dir / "torchrun", f'printf "%s\\n" "$@" > {record}/torchrun.args\n{wait_for_stop}'
+                f'{sys.executable} -c "import json; from rlkd.provenance import atomic_write_json; '
+                f'atomic_write_json(\'{manifest_path}\', json.load(open(\'{manifest_json}\')))"\n')
+    job = SlurmJob(config=config_path.resolve(), nodes=1, procs_per_node=1, log_dir=tmp_path / "logs",
+                   manifest=manifest_path)
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    script = tmp_path / "train.sbatch"
+    script.write_text(render(job))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1",
+               SLURM_JOB_ID="77", SLURM_RESTART_COUNT=str(restart_count))
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if signal_batch_shell:  # what --signal=B:USR1 does: only the batch shell, once the task runs
+        deadline = time.monotonic() + 30
+        while not (record / "torchrun.args").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    requeued = (record / "scontrol").read_text() if (record / "scontrol").exists() else ""
+    return out, requeued, (record / "torchrun.args").read_text().splitlines()
+
+
+def test_warning_signal_leads_to_requeue_once_the_run_reports_its_checkpoint(tmp_path, config_path):
+    out, requeued, args = _run_batch_script(tmp_path, config_path, signal_batch_shell=True,
+                                            manifest={"config": {"status": "x"}, "status": "preempted"})
+    assert requeued == "requeue 77\n"
+    assert "rlkd: USR1 at" in out and "checkpoint written; requeueing job 77" in out
+    assert "--master_addr=10.1.2.3" in args and "--resume" not in args
+
+
+def test_no_requeue_without_the_signal_or_when_the_run_finished(tmp_path, config_path):
+    # Only a top-level "preempted" counts; a finished run is never requeued, signal or not.
+    for signalled in (False, True):
+        _, requeued, _ = _run_batch_script(tmp_path / str(signalled), config_path, signal_batch_shell=signalled,
+                                           manifest={"config": {"status": "preempted"}, "status": "finished"})
+        assert requeued == ""
+    _, requeued, _ = _run_batch_script(tmp_path / "unsignalled", config_path, signal_batch_shell=False,
+                                       manifest={"status": "preempted"})
+    assert requeued == ""
+
+
+def test_a_requeued_start_resumes(tmp_path, config_path):
+    _, _, args = _run_batch_script(tmp_path, config_path, signal_batch_shell=False, manifest={"status": "finished"},
+                                   restart_count=1)
+    assert args[-1] == "--resume"
