@@ -81,6 +81,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Start a requeued job soon after its wait (cred_expire) ends, not at the next 60 s scheduling pass.
+SchedulerParameters=sched_interval=5,bf_interval=5
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none

@@ -14,25 +14,30 @@ from rlkd.engine.preemption import STOP_FILE_ENV, StopRequest
 from rlkd.engine.train import run_training
 
 
-def _agree(rank: int, world: int, init_file: str, stop_files: list[str | None], out: str) -> None:
+CASES = [(), (0,), (1,), (0, 1)]  # which ranks see the stop file
+
+
+def _agree(rank: int, world: int, init_file: str, stop_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        request = StopRequest(Path(stop_files[rank]) if stop_files[rank] else None)
-        Path(f"{out}.{rank}").write_text(json.dumps([request.seen_here(), request.requested(torch.device("cpu"))]))
+        answers = []
+        for visible_to in CASES:
+            request = StopRequest(Path(stop_file) if rank in visible_to else Path(f"{stop_file}.absent{rank}"))
+            answers.append([request.seen_here(), request.requested(torch.device("cpu"))])
+        Path(f"{out}.{rank}").write_text(json.dumps(answers))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("visible_to", [(), (0,), (1,), (0, 1)], ids=["none", "rank0", "rank1", "both"])
-def test_all_ranks_agree_when_any_rank_sees_the_stop_file(tmp_path, visible_to):
+def test_all_ranks_agree_when_any_rank_sees_the_stop_file(tmp_path):
     """The batch shell leaves the file on node 0 only; every rank must still stop at the same step."""
     stop_file = tmp_path / "stop"
     stop_file.touch()
-    files = [str(stop_file) if rank in visible_to else str(tmp_path / f"absent{rank}") for rank in range(2)]
-    mp.spawn(_agree, args=(2, str(tmp_path / "init"), files, str(tmp_path / "answer")), nprocs=2, join=True)
+    mp.spawn(_agree, args=(2, str(tmp_path / "init"), str(stop_file), str(tmp_path / "answer")), nprocs=2, join=True)
     answers = [json.loads((tmp_path / f"answer.{rank}").read_text()) for rank in range(2)]
-    assert [seen for seen, _ in answers] == [rank in visible_to for rank in range(2)]
-    assert [agreed for _, agreed in answers] == [bool(visible_to)] * 2
+    for case, visible_to in enumerate(CASES):
+        assert [answers[rank][case][0] for rank in range(2)] == [rank in visible_to for rank in range(2)]
+        assert [answers[rank][case][1] for rank in range(2)] == [bool(visible_to)] * 2, visible_to
 
 
 def test_no_stop_file_configured_never_stops(monkeypatch):
