@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from rlkd.launch.cli import main
-from rlkd.launch.slurm import SlurmJob, expand_nodelist, node_commands, render
+from rlkd.launch.slurm import SlurmJob, expand_nodelist, node_commands, render, time_limit_seconds
 
 
 @pytest.fixture
@@ -48,7 +48,8 @@ def test_rendered_script_runs_exactly_the_dry_run_commands(tmp_path, config_path
     record = tmp_path / "record"
     record.mkdir()
     _executable(bin_dir / "scontrol", 'if [[ $1 == show && $2 == node ]]; then\n'
-                '  echo "NodeName=$3 Arch=x86_64"; echo "   NodeAddr=10.0.0.$(( ${3: -1} )) NodeHostName=$3 Version=22.05"\n'
+                '  echo "NodeName=$3 Arch=x86_64"\n'
+                '  echo "   NodeAddr=10.0.0.$(( ${3: -1} )) NodeHostName=$3 Version=22.05"\n'
                 'else echo gpu001; echo gpu002; fi\n')
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[001-002]")
@@ -192,3 +193,20 @@ def test_a_requeued_start_resumes(tmp_path, config_path):
     _, _, args = _run_batch_script(tmp_path, config_path, signal_batch_shell=False, manifest={"status": "finished"},
                                    restart_count=1)
     assert args[-1] == "--resume"
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 5400), ("1:30", 90), ("2:00:05", 7205), ("1-2", 93600),
+                                           ("1-0:30", 88200), ("0-0:1:2", 62)])
+def test_slurm_time_formats(text, seconds):
+    assert time_limit_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--time", "5", "--requeue-warning", "300"], "--requeue-warning 300 must be >= 0 and shorter than --time 5"),
+    (["--time", "1h"], "--time '1h': not a Slurm time"),
+    (["--requeue-warning", "-1"], "--requeue-warning -1 must be >= 0"),
+])
+def test_bad_time_limits_fail_before_anything_is_written(tmp_path, config_path, capsys, argv, message):
+    assert main(["slurm", "--nodes", "1", "--procs-per-node", "1", "--config", str(config_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

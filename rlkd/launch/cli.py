@@ -1,4 +1,5 @@
-"""`rlkd launch slurm --nodes N (--gpus-per-node G | --procs-per-node P) --config run.yaml [key=value ...] [--dry-run]`."""
+"""`rlkd launch slurm --nodes N (--gpus-per-node G | --procs-per-node P) --config run.yaml [key=value ...]`
+[--dry-run] [--time T --requeue-warning S]."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 
 from rlkd.config import ConfigError, load_config
-from rlkd.launch.slurm import SlurmJob, hosts_from_environment, node_address, node_commands, render
+from rlkd.launch.slurm import (SlurmJob, hosts_from_environment, node_address, node_commands, render,
+                               time_limit_seconds)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     per_node = slurm.add_mutually_exclusive_group(required=True)
     per_node.add_argument("--gpus-per-node", type=int, help="GPU nodes: one process per GPU (NCCL)")
     per_node.add_argument("--procs-per-node", type=int,
-                          help="CPU nodes: this many processes per node, no GPU request (gloo, DS_ACCELERATOR=cpu)")
+                          help="CPU nodes: processes per node, no GPU request (gloo, DS_ACCELERATOR=cpu)")
     slurm.add_argument("--dry-run", action="store_true", help="print the script and each node's command; submit nothing")
     slurm.add_argument("--resume", action="store_true", help="pass --resume to `rlkd train`")
     slurm.add_argument("--job-name", default="rlkd-train")
@@ -44,8 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.nodes < 1 or per_node < 1:
         print("rlkd launch: --nodes and --gpus-per-node/--procs-per-node must be >= 1", file=sys.stderr)
         return 2
-    if args.requeue_warning < 0:
-        print("rlkd launch: --requeue-warning must be >= 0 seconds", file=sys.stderr)
+    try:
+        limit_s = time_limit_seconds(args.time)
+    except ValueError as exc:
+        print(f"rlkd launch: {exc}", file=sys.stderr)
+        return 2
+    # A warning as long as the limit would stop every start after its first step, forever.
+    if not 0 <= args.requeue_warning < limit_s:
+        print(f"rlkd launch: --requeue-warning {args.requeue_warning} must be >= 0 and shorter than --time "
+              f"{args.time} ({limit_s} s)", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config, args.overrides)

@@ -64,6 +64,19 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def time_limit_seconds(text: str) -> int:
+    """Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if match is None:
+        raise ValueError(f"--time {text!r}: not a Slurm time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S)")
+    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    if third is not None:  # H:M:S
+        return (first * 60 + second) * 60 + third
+    return first * 60 + (second or 0)  # M or M:S
+
+
 def render(job: SlurmJob) -> str:
     extra = []
     if job.partition:
