@@ -210,3 +210,18 @@ def test_bad_time_limits_fail_before_anything_is_written(tmp_path, config_path, 
     assert main(["slurm", "--nodes", "1", "--procs-per-node", "1", "--config", str(config_path), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_master_falls_back_to_the_node_name_when_node_details_are_hidden(tmp_path, config_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "scontrol", 'if [[ $1 == show && $2 == node ]]; then echo "denied" >&2; exit 1; fi\n'
+                'echo c17; echo c18\n')
+    _executable(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 "$@"\n')
+    _executable(bin_dir / "torchrun", f'printf "%s\\n" "$@" > {tmp_path}/args\n')
+    job = SlurmJob(config=config_path.resolve(), nodes=2, procs_per_node=1, log_dir=tmp_path, requeue_warning_s=0)
+    (tmp_path / "train.sbatch").write_text(render(job))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="c[17-18]", SLURM_JOB_ID="5")
+    done = subprocess.run(["bash", str(tmp_path / "train.sbatch")], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "--master_addr=c17" in (tmp_path / "args").read_text().splitlines()
