@@ -29,6 +29,7 @@ from rlkd.data.encode import IGNORE_INDEX
 from rlkd.engine import agreement, checkpoint, reporting
 from rlkd.engine.distributed import all_reduce_sum
 from rlkd.engine.manifest import build_manifest
+from rlkd.engine.preemption import StopRequest
 from rlkd.lora import is_lora, save_lora_export
 from rlkd.provenance import atomic_write_json, atomic_write_text
 from rlkd.engine.session import Session, build_session
@@ -46,6 +47,7 @@ class TrainResult:
     manifest_path: Path
     steps: int                    # optimizer steps completed
     resumed_from: int | None      # step of the checkpoint resumed from, if any
+    stopped_early: bool = False   # a stop request (Slurm's time-limit warning) ended it after a checkpoint
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,6 +174,7 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
 
         reporter = reporting.open_reporter(cfg.report_to, output_dir, rank, resumed_from, cfg.model_dump())
         last: dict[str, Any] = {}
+        stop, stopped_at = StopRequest.from_environment(), None
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=(rank != 0 or not cfg.progress_bar),
                    desc="rlkd train", dynamic_ncols=True)
         for step in range(start_step, cfg.train.max_steps):
@@ -187,10 +190,21 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
             bar.update(1)
             every = cfg.checkpoint.every_steps
-            if every and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps:
+            stopping = step + 1 < cfg.train.max_steps and stop.requested(session.device)
+            if stopping or (every and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps):
                 checkpoint.save(session.student, checkpoint_dir, step + 1, session.batches.state(), rank,
                                 cfg.checkpoint.keep_last)
+            if stopping:
+                stopped_at = step + 1
+                break
         bar.close()
+        if stopped_at is not None:  # no export: the requeued job resumes from the checkpoint just written
+            if rank == 0:
+                atomic_write_json(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size, {
+                    "status": "preempted", "resumed_from": resumed_from, "steps": stopped_at, "final_metrics": last}))
+            return TrainResult(output_dir=output_dir, export_dir=None, metrics_path=metrics_path,
+                               manifest_path=manifest_path, steps=stopped_at, resumed_from=resumed_from,
+                               last_metrics=last, stopped_early=True)
 
         if cfg.export:
             _export(session, export_dir)
