@@ -38,6 +38,7 @@ class ResumeError(ConfigError):
 HARMLESS = frozenset({
     "output_dir",                      # the same folder, perhaps copied or moved
     "log_every", "progress_bar", "export",
+    "report_to", "agreement_every",    # extra metric sinks; CR@k read off the logits the loss already has
     "checkpoint.every_steps", "checkpoint.keep_last",
     "teacher_cache",                   # cached teacher logits are exact (rlkd.teacher_cache)
     "deepspeed.teacher_offload_params",  # where the frozen teacher's parameters wait between uses
