@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,9 @@ def test_tensorboard_and_csv_carry_the_jsonl_rows_and_survive_a_resume(run_confi
         assert float(written["rank"]) == row["rank"] and float(written["lr"]) == row["lr"]
         assert written["cr@3"] == (repr(row["cr@3"]) if "cr@3" in row else "")
 
-    # A fresh run in the same directory replaces the curves rather than adding to them.
+    # A fresh run in the same directory replaces the curves rather than adding to them (once the
+    # old checkpoints are out of the way: a fresh run refuses a folder holding another run's).
+    shutil.rmtree(Path(run_config["output_dir"]) / "checkpoints")
     run_training(dict(run_config, train=dict(run_config["train"], max_steps=2)))
     fresh = _tensorboard_scalars(Path(run_config["output_dir"]) / "tensorboard")
     assert [step for step, _ in fresh["train/loss"]] == [1, 2]
