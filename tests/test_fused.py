@@ -152,3 +152,13 @@ def test_bad_input_names_what_is_wrong():
     with pytest.raises(ValueError, match="ranking.k"):
         fused_distill_loss(DistillLoss(objective="kl", ranking=RankingConfig(k=V + 1)), HeadInput(s_hidden, s_weight),
                            HeadInput(t_hidden, t_weight), mask)
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2, 3])
+def test_logit_blocks_of_any_size_give_the_same_result(monkeypatch, chunks_per_block):
+    """Logits and the head/hidden gradients are computed one block of chunks at a time."""
+    import rlkd.objectives.fused as fused
+
+    monkeypatch.setattr(fused, "HEAD_BLOCK_ELEMENTS", V * 4 * chunks_per_block)
+    loss_fn = DistillLoss(objective="jsd", ranking=RANKINGS["R"], chunk_size=4)
+    _assert_same(*_both_paths(loss_fn, *_inputs(b=4, l=13, seed=8)))

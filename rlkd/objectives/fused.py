@@ -26,11 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from rlkd.objectives.common import compute_dtype
-from rlkd.objectives.loss import DistillLoss, LossOutput, _check_finite
+from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET, DistillLoss, LossOutput, _check_finite
 
-# Chunk rows x vocabulary per chunk. Larger than the logits path's 2^22 because each chunk also
-# pays one pass over the V x H weight gradient; 2^24 fp32 logits are 64 MiB.
-FUSED_CHUNK_ELEMENT_BUDGET = 2**24
+# Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
+# blocks of about this many elements (64 MiB in fp32); the loss maths then runs on the logits
+# path's chunks inside a block. One block of a few hundred rows keeps the matmuls efficient: each
+# update of the V x H weight gradient reads and writes all of it, which costs as much as the
+# matmul itself when it is done for a chunk of a few dozen rows (V = 128k).
+HEAD_BLOCK_ELEMENTS = 2**24
 
 
 @dataclass
@@ -119,7 +122,7 @@ def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput
     if n == 0:
         # Connected to both inputs so that every rank runs the same backward (ZeRO-3 reductions).
         return LossOutput(hidden_flat.sum() * 0.0 + weight.sum() * 0.0, 0, {"loss": 0.0})
-    chunk = loss.config.chunk_size or max(1, FUSED_CHUNK_ELEMENT_BUDGET // vocab)
+    chunk = loss.config.chunk_size or max(1, CHUNK_ELEMENT_BUDGET // vocab)
     student_rows = _LogitRows(hidden_flat, weight, vocab)
     union_ids, weights = loss._batch_level(student_rows, teacher_rows, positions, chunk)
     plan = _Plan(loss, teacher_rows, positions, labels_sel, union_ids, weights, chunk, vocab)
@@ -187,33 +190,41 @@ class _FusedHeadLoss(torch.autograd.Function):
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_w else None
         sums: dict[str, torch.Tensor] = {}
-        for start in range(0, n, plan.chunk):
-            idx = positions[start : start + plan.chunk]
-            h_rows = _rows(h_all, idx)
-            logits = h_rows @ head.t()
-            t_rows = _rows(plan.teacher_rows, idx)
-            lab = plan.labels_sel[start : start + plan.chunk] if plan.labels_sel is not None else None
-            ids = plan.union_ids[start : start + plan.chunk] if plan.union_ids is not None else None
-            with torch.enable_grad():
-                logits.requires_grad_(want_h or want_w)
-                total, terms, sparse = loss._chunk(logits, t_rows, lab, ids, plan.weights)
-                _check_finite(total, logits, t_rows, idx)
-                if want_h or want_w:
-                    leaves = [logits] + ([sparse[0]] if sparse is not None else [])
-                    grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
-                    g = grads[0] if grads[0] is not None else torch.zeros_like(logits)
-                    if sparse is not None and grads[1] is not None:
-                        g.scatter_add_(-1, sparse[1], grads[1].to(g.dtype))
-                    if want_h:
-                        grad_h.index_copy_(0, idx, g @ head)
-                    if want_w:
-                        grad_w.narrow(0, 0, vocab).addmm_(g.t().to(acc_dtype), h_rows.to(acc_dtype))
-            per_token[start : start + plan.chunk] = total.detach()
-            for name, value in terms.items():
-                value = value.detach()
-                if name == "rank":
-                    value = torch.where(value.isnan(), torch.zeros_like(value), value)
-                sums[name] = sums.get(name, 0.0) + value.sum()
+        chunk = plan.chunk
+        block = max(chunk, HEAD_BLOCK_ELEMENTS // vocab // chunk * chunk)
+        for block_start in range(0, n, block):
+            block_idx = positions[block_start : block_start + block]
+            h_block = _rows(h_all, block_idx)
+            logits = h_block @ head.t()  # overwritten by its own gradient, chunk by chunk
+            t_block = _rows(plan.teacher_rows, block_idx)
+            for offset in range(0, block_idx.numel(), chunk):
+                start = block_start + offset
+                rows = slice(offset, offset + chunk)
+                s_rows = logits[rows].detach()
+                t_rows = t_block[rows] if t_block is not None else None
+                lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
+                ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
+                with torch.enable_grad():
+                    s_rows.requires_grad_(want_h or want_w)
+                    total, terms, sparse = loss._chunk(s_rows, t_rows, lab, ids, plan.weights)
+                    _check_finite(total, s_rows, t_rows, block_idx[rows])
+                    if want_h or want_w:
+                        leaves = [s_rows] + ([sparse[0]] if sparse is not None else [])
+                        grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
+                        g = grads[0] if grads[0] is not None else torch.zeros_like(s_rows)
+                        if sparse is not None and grads[1] is not None:
+                            g.scatter_add_(-1, sparse[1], grads[1].to(g.dtype))
+                        logits[rows] = g
+                per_token[start : start + chunk] = total.detach()
+                for name, value in terms.items():
+                    value = value.detach()
+                    if name == "rank":
+                        value = torch.where(value.isnan(), torch.zeros_like(value), value)
+                    sums[name] = sums.get(name, 0.0) + value.sum()
+            if want_h:
+                grad_h.index_copy_(0, block_idx, logits @ head)
+            if want_w:
+                grad_w.narrow(0, 0, vocab).addmm_(logits.t().to(acc_dtype), h_block.to(acc_dtype))
         plan.per_token = per_token
         plan.metrics = {name: float(value) for name, value in sums.items()}
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
