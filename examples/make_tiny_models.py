@@ -12,13 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
+from rlkd.factory import tiny_llama_model
 from rlkd.paths import default_data_dir
 
-SHAPES = {"teacher": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4),
-          "student": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2)}
+SHAPES = {"teacher": dict(hidden=128, layers=4, heads=4), "student": dict(hidden=64, layers=2, heads=2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for seed, (name, shape) in enumerate(SHAPES.items()):
-        config = LlamaConfig(vocab_size=len(tokenizer), intermediate_size=2 * shape["hidden_size"],
-                             num_key_value_heads=shape["num_attention_heads"], max_position_embeddings=1024,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
-        torch.manual_seed(seed)
+        model = tiny_llama_model(vocab_size=len(tokenizer), seed=seed, max_positions=1024,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
         target = Path(args.out) / name
-        LlamaForCausalLM(config).save_pretrained(target)
+        model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         print(f"{name}: {target}")
     return 0

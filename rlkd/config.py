@@ -46,6 +46,9 @@ class TrainSection(_Strict):
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1)   # optimizer steps
+    # Passes over the training samples; when set it replaces max_steps: the engine sets
+    # max_steps = ceil(epochs * samples / (micro_batch_size * grad_accum * world_size)).
+    epochs: float | None = Field(None, gt=0)
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -71,6 +74,8 @@ class CheckpointSection(_Strict):
 
 class RunConfig(_Strict):
     output_dir: str
+    # Modules or .py files that register extra objectives (rlkd.plugins); loaded before validation.
+    plugins: list[str] = Field(default_factory=list)
     seed: int = 72
     models: ModelsConfig
     data: DataConfig
@@ -115,7 +120,9 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict[str, Any] | None = None) -> RunConfig:
+                base: dict[str, Any] | None = None, plugins: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config. Plug-ins it names (and ``plugins``) are imported
+    first, so their objectives validate; relative plug-in paths are read from the config's folder."""
     tree: dict[str, Any] = dict(base or {})
     source = "config"
     if path is not None:
@@ -131,7 +138,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         tree.update(loaded)
     for assignment in overrides:
         apply_override(tree, assignment)
+    prepare_plugins(tree, plugins, Path(path).parent if path is not None else None, source)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, source)) from None
+
+
+def prepare_plugins(tree: dict[str, Any], extra: list[str] | tuple[str, ...], base_dir: Path | None,
+                    source: str) -> None:
+    """Resolve ``tree['plugins']`` (plus ``extra``) to absolute paths / module names, store them back
+    and import them, so a child process given the same tree loads the same plug-ins."""
+    from rlkd.plugins import PluginError, load_plugins, resolve_plugin_names
+
+    names = tree.get("plugins") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{source}: invalid run config\n  plugins: expected a list of module names or .py paths")
+    names = resolve_plugin_names(list(names), base_dir) + resolve_plugin_names(list(extra), Path.cwd())
+    names = list(dict.fromkeys(names))
+    if names:
+        tree["plugins"] = names
+    try:
+        load_plugins(names)
+    except PluginError as exc:
+        raise ConfigError(f"{source}: plugins: {exc}") from None

@@ -104,5 +104,19 @@ def git_sha() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def git_state() -> dict[str, Any]:
+    """The code that is running: HEAD's sha and whether tracked files differ from it (``dirty``).
+    ``{"sha": None, "dirty": None}`` outside a git checkout (an installed wheel)."""
+    sha = git_sha()
+    if sha is None:
+        return {"sha": None, "dirty": None}
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"sha": sha, "dirty": None}
+    return {"sha": sha, "dirty": bool(out.stdout.strip()) if out.returncode == 0 else None}
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

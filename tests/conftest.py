@@ -21,14 +21,10 @@ TINY_VOCAB = 96
 
 def tiny_llama(path: Path, *, hidden: int, layers: int, heads: int, vocab: int = TINY_VOCAB, seed: int = 0) -> Path:
     """A random LLaMA saved with save_pretrained, to be loaded back by path."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from rlkd.factory import tiny_llama_model
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama_model(vocab_size=vocab, hidden=hidden, layers=layers, heads=heads, seed=seed,
+                             max_positions=256, pad_token_id=None)
     model.save_pretrained(path, safe_serialization=True)
     return path
 

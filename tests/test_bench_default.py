@@ -12,7 +12,8 @@ import torch
 from rouge_score import rouge_scorer
 
 from rlkd.bench import default
-from rlkd.bench.synthetic import token_text
+from rlkd.data.synthetic import token_text
+from rlkd.eval import synthetic
 
 
 def _truth(n=3, length=6, vocab=24, seed=0):
@@ -25,7 +26,7 @@ def _truth(n=3, length=6, vocab=24, seed=0):
 def test_a_student_equal_to_the_truth_scores_perfectly():
     truth, targets = _truth()
     logits = torch.log(truth).float()
-    metrics = default.score_logits(logits, logits.clone(), truth, targets)
+    metrics = synthetic.score_logits(logits, logits.clone(), truth, targets)
     for k in (1, 2, 3, 4, 5):
         assert metrics[f"cr@{k}"] == pytest.approx(100.0) and metrics[f"true_cr@{k}"] == pytest.approx(100.0)
     assert metrics["true_kl"] == pytest.approx(0.0, abs=1e-6)
@@ -37,7 +38,7 @@ def test_a_student_equal_to_the_truth_scores_perfectly():
 def test_true_kl_of_a_uniform_student_is_log_v_minus_entropy():
     truth, targets = _truth()
     uniform = torch.zeros(truth.shape)
-    metrics = default.score_logits(uniform, None, truth, targets)
+    metrics = synthetic.score_logits(uniform, None, truth, targets)
     p = truth.numpy()
     expected = float(np.mean(np.sum(p * np.log(p), axis=-1) + math.log(p.shape[-1])))
     assert metrics["true_kl"] == pytest.approx(expected, rel=1e-9)
@@ -48,7 +49,7 @@ def test_true_top_k_agreement_against_a_brute_force_count():
     truth, targets = _truth(n=2, length=5, vocab=24, seed=4)
     rng = np.random.default_rng(7)
     student = torch.tensor(rng.normal(size=truth.shape), dtype=torch.float32)
-    metrics = default.score_logits(student, None, truth, targets)
+    metrics = synthetic.score_logits(student, None, truth, targets)
     s_order = np.argsort(-student.numpy(), axis=-1)
     t_order = np.argsort(-truth.numpy(), axis=-1)
     for k in (1, 2, 3):
@@ -61,7 +62,8 @@ def test_true_top_k_agreement_against_a_brute_force_count():
 def test_downstream_scores_against_hand_counts_and_rouge_score():
     references = [[5, 6, 7, 8], [9, 9, 10, 11]]
     answers = [[5, 6, 7, 8], [9, 10, 10, 3]]
-    metrics = default.score_answers(answers, references)
+    metrics, per_example = synthetic.score_answers(answers, references)
+    assert per_example["exact_match"] == [100.0, 0.0] and per_example["token_accuracy"] == [100.0, 50.0]
     assert metrics["exact_match"] == 50.0
     assert metrics["token_accuracy"] == pytest.approx(100 * (4 / 4 + 2 / 4) / 2)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
@@ -70,44 +72,117 @@ def test_downstream_scores_against_hand_counts_and_rouge_score():
         assert metrics[key] == pytest.approx(sum(direct) / 2)
 
 
-def test_default_spec_covers_every_objective_with_and_without_r():
-    from rlkd.bench.spec import expand, parse_spec
+def test_default_spec_covers_every_objective_with_and_without_r_over_five_seeds():
+    from rlkd.bench.spec import expand
 
-    cells = expand(parse_spec(default.default_spec(quick=False)))
+    cells = expand(default.default_spec(quick=False))
     methods = {c["method"] for c in cells}
     assert methods == {"Teacher", "Start", "Rank-5"} | {f"{o}{r}" for o in ("KL", "RKL", "JSD", "TVD", "AKL")
                                                           for r in ("", "+R")}
-    assert len(cells) == 2 + 11 * 2  # two seeds per trained cell
-    assert all("@results/" in c["train"]["teacher"] for c in cells)  # no absolute path in the hash
+    assert len(cells) == 2 + 11 * 5  # five seeds per trained cell
+    assert all("@results/" in c["run"]["models"]["teacher"] for c in cells)  # no absolute path in the hash
 
 
-@pytest.mark.slow
-def test_embedded_benchmark_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("rlkd.engine.train")
+def test_a_plugin_objective_joins_the_default_grid(tmp_path):
+    plugin = tmp_path / "sq_plugin.py"
+    plugin.write_text(
+        "import torch\nfrom rlkd.objectives import register_objective\n\n"
+        "@register_objective('sq_default_test')\n"
+        "def sq(student_logits, teacher_logits, labels=None):\n"
+        "    \"\"\"Squared probability distance.\"\"\"\n"
+        "    return (torch.softmax(student_logits, -1) - torch.softmax(teacher_logits, -1)).pow(2).sum(-1)\n")
+    from rlkd.bench.spec import expand
+    from rlkd.objectives.registry import _REGISTRY
+
+    try:
+        cells = expand(default.default_spec(quick=True, plugins=[str(plugin)]))
+        assert {"SQ_DEFAULT_TEST", "SQ_DEFAULT_TEST+R"} <= {c["method"] for c in cells}
+        assert all(c["run"]["plugins"] == [str(plugin.resolve())] for c in cells if c["kind"] == "distill")
+    finally:
+        _REGISTRY.pop("sq_default_test", None)
+
+
+def _small_default(tmp_path, monkeypatch):
+    """The embedded benchmark at toy size: 64 training sequences, a 4-step teacher, 3-step students."""
+    import yaml
+
     monkeypatch.setattr(default, "data_plan", lambda quick: {"train": 64, "heldout": 8, "downstream": 8})
     monkeypatch.setattr(default, "teacher_plan", lambda quick: {"hidden": 32, "layers": 1, "heads": 2,
                                                                 "max_steps": 4, "lr": 2e-3, "global_batch": 8,
                                                                 "seed": 1})
-    real_spec = default.default_spec
-
-    def small_spec(quick):
-        spec = real_spec(quick)
-        spec["defaults"].update(max_steps=3, global_batch=8, micro_batch=8, warmup_steps=0)
-        return spec
-
-    monkeypatch.setattr(default, "default_spec", small_spec)
+    raw = yaml.safe_load(default.SPEC_FILE.read_text())
+    raw["tiny"]["defaults"]["train"] = {"max_steps": 3, "micro_batch_size": 8, "warmup_steps": 0}
+    small = tmp_path / "default.yaml"
+    small.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(default, "SPEC_FILE", small)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = argparse.Namespace(quick=True, results_dir=tmp_path, only="KL,KL+R,Teacher", dry_run=False, jobs=1,
-                              skip_failed=False, no_table=False)
-    assert default.run_default(args) == 0
+
+
+def _args(results, **extra):
+    return argparse.Namespace(**{"quick": True, "results_dir": results, "only": "KL,KL+R,Teacher", "dry_run": False,
+                                 "jobs": 1, "skip_failed": False, "no_table": False, **extra})
+
+
+@pytest.mark.slow
+def test_embedded_benchmark_runs_end_to_end_and_then_only_reuses(tmp_path, monkeypatch, capsys):
+    _small_default(tmp_path, monkeypatch)
+    results = tmp_path / "results"
+    assert default.run_default(_args(results)) == 0
     out = capsys.readouterr().out
-    assert "3 run, 0 already done, 0 failed" in out
-    table = (tmp_path / "table.md").read_text()
+    assert "3 run, 0 already done" in out and "0 failed" in out
+    table = (results / "table.md").read_text()
     for header in ("Alignment with the teacher", "Alignment with the true next-token distribution", "Exact match"):
         assert header in table
-    kl = next(p for p in tmp_path.glob("synthetic-KL-s1-*"))
+    kl = next(p for p in results.glob("synthetic-KL-s1-*"))
     metrics = json.loads((kl / "metrics.json").read_text())
     assert 0 <= metrics["true_cr@1"] <= 100 and metrics["true_kl"] > 0 and metrics["ppl"] > 1
+    per_example = json.loads((kl / "per_example.json").read_text())
+    assert len(per_example["exact_match"]) == 8 and np.mean(per_example["exact_match"]) == pytest.approx(
+        metrics["exact_match"])
     assert (kl / "train" / "metrics.jsonl").is_file() and not (kl / "train" / "export").exists()
-    assert default.run_default(args) == 0
-    assert "0 run, 3 already done" in capsys.readouterr().out
+    # With every cell done (a fresh clone's committed results), nothing is prepared or run again.
+    monkeypatch.setattr(default, "prepare_models", lambda *a: (_ for _ in ()).throw(AssertionError("prepared")))
+    assert default.run_default(_args(results)) == 0
+    out = capsys.readouterr().out
+    assert "already done" in out and "reusing them" in out and "--from-scratch" in out
+
+
+@pytest.mark.slow
+def test_long_lived_workers_give_exactly_the_fresh_process_results_and_survive_a_crash(tmp_path, monkeypatch):
+    from rlkd.bench.executor import CellProcessError, LocalExecutor
+    from rlkd.bench.spec import expand, filter_cells
+
+    _small_default(tmp_path, monkeypatch)
+    results = tmp_path / "results"
+    paths = default.prepare_data(results, True)
+    default.prepare_models(results, True, paths["train"])
+    cells = filter_cells(expand(default.default_spec(quick=True)), "KL,KL+R")
+    timing = {"train_seconds", "train_step_seconds"}
+
+    def run(executor, cell, name):
+        workdir = results / ".staging" / f"{name}-{cell['id']}"
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(json.dumps(cell))
+        metrics, per_example = executor.run(cell, workdir)
+        return {k: v for k, v in metrics.items() if k not in timing}, per_example
+
+    fresh = LocalExecutor(results)
+    pool = LocalExecutor(results, reuse_processes=True)
+    try:
+        for cell in cells:  # both cells go through the same worker process, one after the other
+            assert run(pool, cell, "worker") == run(fresh, cell, "fresh")
+        assert len(pool._workers) == 1
+        # A cell that kills its worker fails with a reason; the next cell gets a fresh worker.
+        crash = tmp_path / "crash.py"
+        crash.write_text("import os\nfrom rlkd.objectives import register_objective\n\n"
+                         "@register_objective('crash_now')\ndef crash(student_logits, teacher_logits, labels=None):\n"
+                         "    \"\"\"Ends the process.\"\"\"\n    os._exit(3)\n")
+        doomed = json.loads(json.dumps(cells[0]))
+        doomed["run"]["plugins"] = [str(crash)]
+        doomed["run"]["loss"]["objective"] = "crash_now"
+        with pytest.raises(CellProcessError, match="worker died with 3"):
+            run(pool, doomed, "crash")
+        assert run(pool, cells[1], "after") == run(fresh, cells[1], "fresh2")
+        assert len(pool._workers) == 2
+    finally:
+        pool.close()

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rlkd.bench.cell import run_config, validate_run_config
 from rlkd.bench.cli import main as bench_main, resolve_spec_path
+from rlkd.bench.stages import engine_tree
+from rlkd.config import load_config
 from rlkd.bench.paper import paper_table
 from rlkd.bench.spec import expand, load_spec
 
@@ -54,51 +55,49 @@ def test_preset_matches_the_papers_setup(path, tmp_path):
     assert {c["method"] for c in cells} == EXPECTED_ROWS[path.stem]
     pretrain = path.stem in ("table1", "table7")
     if path.stem == "table3":  # evaluation only: pretrained models against Llama-2-70B
-        models = {c["method"]: c["train"]["candidate"] for c in cells}
+        models = {c["method"]: c["candidate"] for c in cells}
         assert models == {"13B (Llama-2)": "meta-llama/Llama-2-13b-hf", "7B (Llama-2)": LLAMA2_7B,
                           "3B (OpenELM)": "apple/OpenELM-3B", "1B (OpenELM)": "apple/OpenELM-1_1B",
                           "450M (OpenELM)": "apple/OpenELM-450M", "270M (OpenELM)": "apple/OpenELM-270M"}
-        assert all(c["kind"] == "reference" and c["train"]["teacher"] == "meta-llama/Llama-2-70b-hf"
+        assert all(c["kind"] == "reference" and c["run"]["models"]["teacher"] == "meta-llama/Llama-2-70b-hf"
                    and c["eval"]["kind"] == "alignment" and c["eval"]["max_slices"] == 5000 for c in cells)
         return
     for cell in cells:
-        train = cell["train"]
-        assert train["student"] == TINYLLAMA
+        assert cell["run"]["models"]["student"] == TINYLLAMA
         if cell["kind"] == "reference":
             continue
-        loss = cell["loss"]
-        assert cell["seed"] == 72 and loss["temperature"] == 1.0
-        assert train["lr"] == 2e-5 and train["grad_clip"] == 1.0
-        ranking = loss["ranking"]
-        if ranking["enabled"] and ranking["mode"] != "rank_only":
-            assert (ranking["rank_weight"], ranking["base_weight"]) == (2.0, 1.0)
-            assert ranking["k"] == (15 if pretrain else (cell["sweep"].get("k", 5)))
-        if loss["objective"] == "akl":
-            assert loss["params"] == {"mu": 0.5}
+        cfg = load_config(base=engine_tree(cell["run"], tmp_path / cell["id"], cache_dir=tmp_path,
+                                           create_models=False))
+        assert cfg.seed == 72 and cfg.loss.temperature == 1.0
+        assert cfg.train.lr == 2e-5 and cfg.train.grad_clip == 1.0
+        ranking = cfg.loss.ranking
+        if ranking.enabled and ranking.mode != "rank_only":
+            assert (ranking.rank_weight, ranking.base_weight) == (2.0, 1.0)
+            assert ranking.k == (15 if pretrain else (cell["sweep"].get("k", 5)))
+        if cfg.loss.objective == "akl":
+            assert cfg.loss.params == {"mu": 0.5}
         # SeqKD (cross-entropy) and FD (KL) learn from the teacher's generations, nothing else does.
-        assert bool(train.get("teacher_generations")) == cell["method"].startswith(("SeqKD", "FD"))
+        assert bool(cell["teacher_generations"]) == cell["method"].startswith(("SeqKD", "FD"))
         if cell["method"].startswith("SeqKD"):
-            assert loss["objective"] == "ce" and not ranking["enabled"]
+            assert cfg.loss.objective == "ce" and not ranking.enabled
         if cell["method"].startswith("FD"):
-            assert loss["objective"] == "kl"
-        tree = run_config(cell, tmp_path / cell["id"], cache_dir=tmp_path, create_models=False)
-        validate_run_config(tree)
+            assert cfg.loss.objective == "kl"
+        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum
         if pretrain:
-            assert train["teacher"] == LLAMA2_7B and train["dataset"] == "pretrain"
+            assert cfg.models.teacher == LLAMA2_7B and cfg.data.task == "pretrain"
             steps, seq, tokens = (500, 400, 1e5) if path.stem == "table1" else (2000, 2048, 5e5)
-            assert tree["train"]["max_steps"] == steps and tree["data"]["max_length"] == seq
+            assert cfg.train.max_steps == steps and cfg.data.max_length == seq
             # about 0.1M (Table 1) / 0.5M (Table 7) tokens per optimizer step
-            assert abs(train["global_batch"] * seq - tokens) / tokens < 0.1
+            assert abs(global_batch * seq - tokens) / tokens < 0.1
             assert cell["eval"]["kind"] == "alignment"
         else:
             expected = DOWNSTREAM[cell["task"]]
-            assert train["teacher"] == expected["teacher"] and train["epochs"] == expected["epochs"]
-            assert train["global_batch"] == 64 and train["seq_len"] == 2048
-            assert tree["train"]["micro_batch_size"] * tree["train"]["grad_accum"] == 64
+            assert cfg.models.teacher == expected["teacher"] and cfg.train.epochs == expected["epochs"]
+            assert global_batch == 64 and cfg.data.max_length == 2048
             if expected["rows"]:
-                assert tree["train"]["max_steps"] == math.ceil(expected["epochs"] * expected["rows"] / 64)
+                assert cfg.data.limit == expected["rows"]
             assert cell["eval"] == {"kind": "task", "protocol": "greedy", "batch_size": 8}
-            assert bool(train.get("teacher_sft")) == (cell["task"] in ("dolly", "xsum"))
+            assert ("teacher" in cell["stages"]) == (cell["task"] in ("dolly", "xsum"))
 
 
 @pytest.mark.parametrize("path", _presets(), ids=lambda p: p.stem)
@@ -110,19 +109,22 @@ def test_preset_dry_runs_normal_and_tiny(path, tmp_path, capsys):
         assert "engine config of" not in out
         assert f"{len(expand(load_spec(path, tiny=bool(extra))))} cells" in out
     tiny_cells = expand(load_spec(path, tiny=True))
-    assert all(c["train"].get("student", c["train"].get("candidate")).startswith("@tiny/") for c in tiny_cells)
-    assert all(c["train"]["teacher"] == "@tiny/teacher" for c in tiny_cells)
-    assert all(c["train"].get("max_steps", 99) <= 2 for c in tiny_cells if c["kind"] == "distill")
+    assert all((c["candidate"] or c["run"]["models"]["student"]).startswith("@tiny/") for c in tiny_cells)
+    assert all(c["run"]["models"]["teacher"] == "@tiny/teacher" for c in tiny_cells)
+    assert all(c["run"]["train"].get("max_steps", 99) <= 2 and "epochs" not in c["run"]["train"]
+               for c in tiny_cells if c["kind"] == "distill")
 
 
 def test_slurm_dry_run_renders_one_launch_per_cell(tmp_path, capsys):
+    import yaml
+
     assert bench_main(["paper/table4", "--dry-run", "--slurm", "--nodes", "2", "--results-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     launches = [line for line in out.splitlines() if line.startswith("rlkd launch slurm")]
     assert len(launches) == 3 and all("--nodes 2 --gpus-per-node 8 --config" in line for line in launches)
     config = Path(launches[0].split("--config ")[1].split()[0])
-    assert config.is_file() and "max_steps: 234" in config.read_text()
-    launch = pytest.importorskip("rlkd.launch.cli")
+    assert config.is_file() and yaml.safe_load(config.read_text())["train"]["epochs"] == 2  # 234 steps at 7473 rows
+    import rlkd.launch.cli as launch
     # The engine's launcher accepts the rendered command and prints each node's torchrun line.
     assert launch.main(shlex.split(launches[0])[2:] + ["--dry-run"]) == 0
     assert "--nnodes=2 --nproc_per_node=8" in capsys.readouterr().out
@@ -134,15 +136,15 @@ def test_mini_table1_spec_dry_runs_with_three_seeds_for_kl(tmp_path, capsys):
     seeds = {}
     for cell in cells:
         seeds.setdefault(cell["method"], set()).add(cell["seed"])
-        if cell["kind"] == "distill" and cell["loss"]["ranking"]["enabled"]:
-            ranking = cell["loss"]["ranking"]
+        if cell["kind"] == "distill" and cell["run"]["loss"]["ranking"]["enabled"]:
+            ranking = cell["run"]["loss"]["ranking"]
             assert (ranking["k"], ranking["rank_weight"], ranking["base_weight"]) == (15, 2.0, 1.0)
     assert seeds["KL"] == seeds["KL+R"] == {1, 2, 3}
     assert all(seeds[f"{o}{r}"] == {1} for o in ("RKL", "JSD", "TVD", "AKL") for r in ("", "+R"))
     assert {"Teacher", "Start"} <= set(seeds)
-    train = cells[0]["train"]  # the Start row is the pre-trained pruned student, scored like the others
-    assert train["student_sft"]["skip_examples"] == train["train_examples"]  # no training document reused
-    assert train["teacher_cache"] and cells[0]["eval"]["source"] == "train"
+    start = cells[0]  # the Start row is the pre-trained pruned student, scored like the others
+    assert start["stages"]["student"]["data"]["skip"] == start["run"]["data"]["limit"]  # no training document reused
+    assert start["teacher_cache"] and start["eval"]["source"] == "train"
     assert bench_main([str(path), "--dry-run", "--results-dir", str(tmp_path)]) == 0
     assert "engine config of" not in capsys.readouterr().out
 
@@ -160,10 +162,9 @@ def test_mini_table1_spec_dry_runs_with_three_seeds_for_kl(tmp_path, capsys):
     ("paper/table8", r"re:^gsm8k-TVD\+R_Pearson-", {"TVD+R (Pearson)"}),  # Pearson instead of Spearman
 ])
 def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("rlkd.engine.train")
-    from rlkd.bench.cell import _shared_tokenizer
+    from rlkd.factory import shared_tokenizer
 
-    if _shared_tokenizer() is None:
+    if shared_tokenizer() is None:
         pytest.skip("needs the local Llama-2 tokenizer (../shared/data/tokenizers/llama2)")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = [preset, "--tiny", "--results-dir", str(tmp_path)] + (["--only", only] if only else [])

@@ -11,24 +11,26 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
 from rlkd.bench.store import STAGING, load_cells
 
-REGISTRY = lambda: ["kl", "rkl", "jsd"]  # noqa: E731
+BASE = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
 
 
 def _cells(seeds=(1, 2), objectives=("kl", "rkl"), **extra):
     raw = {"name": "t", "tasks": [{"name": "toy"}], "objectives": list(objectives),
-           "variants": ["none", "R"], "seeds": list(seeds), **extra}
-    return expand(parse_spec(raw, registry=REGISTRY))
+           "variants": ["none", "R"], "seeds": list(seeds), "defaults": BASE, **extra}
+    return expand(parse_spec(raw))
 
 
 class FakeExecutor:
     """Deterministic metrics from the cell config; counts calls; can fail chosen cells."""
 
-    def __init__(self, fail=()):
+    def __init__(self, fail=(), delay=0.0):
+        self.delay = delay
         self.calls: list[str] = []
         self.fail = set(fail)
         self.lock = threading.Lock()
@@ -39,7 +41,9 @@ class FakeExecutor:
         (workdir / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
         if cell["method"] in self.fail:
             raise RuntimeError(f"boom in {cell['method']}")
-        return {"score": float(cell["seed"]) + (0.5 if cell["loss"]["ranking"]["enabled"] else 0.0)}
+        if self.delay:
+            time.sleep(self.delay)
+        return {"score": float(cell["seed"]) + (0.5 if cell["run"]["loss"]["ranking"]["enabled"] else 0.0)}
 
 
 def test_every_cell_is_stored_with_config_metrics_log_provenance(tmp_path):
@@ -65,7 +69,7 @@ def test_finished_cells_are_skipped_by_config_hash(tmp_path):
     summary = run_grid(cells, tmp_path, again, progress=False)
     assert again.calls == [] and len(summary.skipped) == len(cells)
     # Changing a setting changes the hash, so only the changed cells run again.
-    changed = _cells(defaults={"lr": 1e-4})
+    changed = _cells(defaults={**BASE, "train": {"lr": 1e-4}})
     assert {c["id"] for c in changed}.isdisjoint({c["id"] for c in cells})
     third = FakeExecutor()
     run_grid(changed, tmp_path, third, progress=False)
@@ -125,8 +129,9 @@ _KILLABLE = textwrap.dedent("""
 
     out, hang_on = Path(sys.argv[1]), sys.argv[2]
     raw = {"name": "t", "tasks": [{"name": "toy"}], "objectives": ["kl", "rkl"],
-           "variants": ["none", "R"], "seeds": [1]}
-    cells = expand(parse_spec(raw, registry=lambda: ["kl", "rkl"]))
+           "variants": ["none", "R"], "seeds": [1],
+           "defaults": {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}}
+    cells = expand(parse_spec(raw))
 
     class Executor:
         def run(self, cell, workdir):
@@ -167,3 +172,41 @@ def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
     final = {e["config"]["method"]: e["metrics"] for e in load_cells(out)}
     assert set(final) == {"KL", "KL+R", "RKL", "RKL+R"}
     assert final["RKL"] == {"resumed_from": 5.0}  # picked up the killed cell's checkpoint
+
+
+def test_two_runners_on_one_folder_do_every_cell_exactly_once_and_both_succeed(tmp_path):
+    """A cell the other runner holds is waited for, not counted as a failure, and not run twice."""
+    cells = _cells(seeds=(1, 2, 3))
+    executor = FakeExecutor(delay=0.2)  # shared: counts the calls of both runners
+    summaries = []
+    threads = [threading.Thread(target=lambda: summaries.append(run_grid(cells, tmp_path, executor, progress=False)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(executor.calls) == sorted(c["id"] for c in cells)  # each cell ran once, in one runner
+    assert len(summaries) == 2 and all(s.ok for s in summaries)
+    assert sum(len(s.done) for s in summaries) == len(cells)
+    assert sum(len(s.elsewhere) for s in summaries) >= 1  # the second runner waited for the first's cell
+
+
+def test_a_failed_cell_process_reports_its_last_error_line(tmp_path):
+    from rlkd.bench.executor import LocalExecutor, last_error_line
+
+    log = ("Traceback (most recent call last):\n  File x\n[rank0]: ValueError: teacher path /nope not found\n"
+           "[rank0]: see the docs for more\n")
+    assert last_error_line(log) == "ValueError: teacher path /nope not found"
+    assert last_error_line("just one line\n") == "just one line"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"input_ids": [1, 5, 6, 2], "loss_mask": [0, 1, 1, 1]}\n')
+    missing = {"models": {"teacher": str(tmp_path / "no-such-teacher"), "student": str(tmp_path / "no-such-student")},
+               "data": {"task": "tokenized", "path": str(rows)}}
+    cells = _cells(seeds=(1,), objectives=("kl",), defaults=missing)[:1]
+    summary = run_grid(cells, tmp_path / "out", LocalExecutor(tmp_path / "out"), progress=False)
+    (error,) = summary.failed.values()
+    reason, _, rest = error.partition(" (cell process exited with 1")
+    assert rest and "no-such-" in reason and ":" in reason  # the exception line itself, not a log pointer
+    status = json.loads((tmp_path / "out" / cells[0]["id"] / "status.json").read_text())
+    assert status["error"] == error

@@ -1,4 +1,5 @@
-"""Grid specs: validation errors name the file and field, expansion matches a hand count."""
+"""Grid specs: one schema (partial run configs validated by RunConfig), errors that name the file
+and the dotted field before any work, expansion that matches a hand count."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import itertools
 
 import pytest
 
-from rlkd.bench.spec import SpecError, config_hash, expand, filter_cells, load_spec, parse_spec
+from rlkd.bench.cli import main as bench_main
+from rlkd.bench.spec import SpecError, canonical_run, config_hash, expand, filter_cells, load_spec, parse_spec
 
-REGISTRY = lambda: ["kl", "rkl", "jsd", "tvd", "akl", "ce"]  # noqa: E731
+BASE = "defaults: {models: {teacher: T, student: S}, data: {task: gsm8k}}\n"
+BASE_TREE = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
 
 
 def _write(tmp_path, text, name="grid.yaml"):
@@ -17,14 +20,18 @@ def _write(tmp_path, text, name="grid.yaml"):
     return path
 
 
+def _raw(**fields):
+    return {"name": "s", "tasks": [{"name": "t"}], "defaults": BASE_TREE, **fields}
+
+
 def test_expansion_is_the_cartesian_product_with_rank_only_shared(tmp_path):
-    path = _write(tmp_path, """
-tasks: [{name: gsm8k}, {name: dolly}]
+    path = _write(tmp_path, BASE + """
+tasks: [{name: gsm8k}, {name: dolly, run: {data: {task: dolly}}}]
 objectives: [kl, rkl, jsd]
 variants: [none, R, {name: rank_only, sweep: {k: [5, 15]}}]
 seeds: [1, 2]
 """)
-    spec = load_spec(path, registry=REGISTRY)
+    spec = load_spec(path)
     assert spec.name == "grid"  # default name: the file stem
     cells = expand(spec)
     # per task: 3 objectives x {none, R} x 2 seeds + Rank-{5,15} x 2 seeds (one per k, not per objective)
@@ -33,98 +40,144 @@ seeds: [1, 2]
     methods = {c["method"] for c in cells}
     assert methods == {"KL", "RKL", "JSD", "KL+R", "RKL+R", "JSD+R", "Rank-5", "Rank-15"}
     rank15 = [c for c in cells if c["method"] == "Rank-15"]
-    assert all(c["loss"]["ranking"]["mode"] == "rank_only" and c["loss"]["ranking"]["k"] == 15 for c in rank15)
+    assert all(c["run"]["loss"]["ranking"]["mode"] == "rank_only" and c["run"]["loss"]["ranking"]["k"] == 15
+               for c in rank15)
+    assert {c["run"]["data"]["task"] for c in cells if c["task"] == "dolly"} == {"dolly"}
+    # the fields tables pair rows by: objective and variant, never the label
+    kl_r = next(c for c in cells if c["method"] == "KL+R")
+    assert (kl_r["objective_label"], kl_r["variant"]) == ("KL", "R")
+    assert (rank15[0]["objective_label"], rank15[0]["variant"]) == (None, "rank_only")
 
 
 def test_sweep_does_not_multiply_cells_without_ranking():
-    raw = {"name": "s", "tasks": [{"name": "t"}], "objectives": ["kl"], "variants": ["none", "R", "R_dynamic"],
-           "seeds": [7], "sweep": {"k": [5, 10, 15], "train.lr": [1e-5, 2e-5]}}
-    cells = expand(parse_spec(raw, registry=REGISTRY))
+    raw = _raw(objectives=["kl"], variants=["none", "R", "R_dynamic"], seeds=[7],
+               sweep={"k": [5, 10, 15], "train.lr": [1e-5, 2e-5]})
+    cells = expand(parse_spec(raw))
     by_method = {m: [c for c in cells if c["method"] == m] for m in {c["method"] for c in cells}}
     assert len(by_method["KL"]) == 2  # lr only
     assert len(by_method["KL+R"]) == len(by_method["KL+R (Dynamic)"]) == 6
-    combos = {(c["sweep"]["k"], c["train"]["lr"]) for c in by_method["KL+R"]}
+    combos = {(c["sweep"]["k"], c["run"]["train"]["lr"]) for c in by_method["KL+R"]}
     assert combos == set(itertools.product([5, 10, 15], [1e-5, 2e-5]))
-    assert {c["loss"]["ranking"]["mode"] for c in by_method["KL+R (Dynamic)"]} == {"dynamic"}
+    assert {c["run"]["loss"]["ranking"]["mode"] for c in by_method["KL+R (Dynamic)"]} == {"dynamic"}
 
 
 def test_cell_ids_are_stable_and_follow_the_config():
-    raw = {"name": "s", "tasks": [{"name": "t"}], "objectives": ["kl"], "seeds": [7], "defaults": {"lr": 2e-5}}
-    first = expand(parse_spec(raw, registry=REGISTRY))
-    again = expand(parse_spec(dict(raw), registry=REGISTRY))
+    raw = _raw(objectives=["kl"], seeds=[7], defaults={**BASE_TREE, "train": {"lr": 2e-5}})
+    first = expand(parse_spec(raw))
+    again = expand(parse_spec(dict(raw)))
     assert [c["id"] for c in first] == [c["id"] for c in again]
-    semantic = {k: first[0][k] for k in ("task", "kind", "reference", "seed", "loss", "train", "eval")}
-    assert first[0]["config_hash"] == config_hash(semantic)
     assert first[0]["id"].endswith(first[0]["config_hash"][:10])
-    changed = expand(parse_spec({**raw, "defaults": {"lr": 3e-5}}, registry=REGISTRY))
+    changed = expand(parse_spec({**raw, "defaults": {**BASE_TREE, "train": {"lr": 3e-5}}}))
     assert {c["id"] for c in changed}.isdisjoint({c["id"] for c in first})
+    # spelling out a default value does not change the hash (the canonical form leaves defaults out)
+    spelled = expand(parse_spec({**raw, "defaults": {**BASE_TREE, "train": {"lr": 2e-5, "grad_clip": 1.0}}}))
+    assert [c["config_hash"] for c in spelled] == [c["config_hash"] for c in first]
+    assert canonical_run(first[0]["run"]) == canonical_run({**first[0]["run"], "log_every": 1})
+    assert first[0]["config_hash"] != config_hash({})
 
 
-def test_a_newly_registered_objective_appears_by_name():
-    raw = {"name": "s", "tasks": [{"name": "t"}], "objectives": ["my_div"], "seeds": [1]}
-    with pytest.raises(SpecError, match="unknown objective 'my_div'"):
-        parse_spec(raw, registry=REGISTRY)
-    cells = expand(parse_spec(raw, registry=lambda: REGISTRY() + ["my_div"]))
-    assert {c["method"] for c in cells} == {"MY_DIV", "MY_DIV+R"}
+def test_the_real_registry_is_used():
+    from rlkd.objectives import list_objectives
+
+    names = list_objectives()
+    cells = expand(parse_spec(_raw(objectives=names, seeds=[1])))
+    assert {c["run"]["loss"]["objective"] for c in cells} == set(names)
 
 
-def test_the_real_registry_is_used_by_default():
-    objectives = pytest.importorskip("rlkd.objectives")
-    if not hasattr(objectives, "list_objectives"):
-        pytest.skip("objective library not importable yet")
-    names = objectives.list_objectives()
-    cells = expand(parse_spec({"name": "s", "tasks": [{"name": "t"}], "objectives": names, "seeds": [1]}))
-    assert {c["loss"]["objective"] for c in cells} == set(names)
-    with pytest.raises(SpecError, match=r"objectives\.0\.params"):
-        parse_spec({"name": "s", "tasks": [{"name": "t"}], "objectives": [{"name": "kl", "params": {"nope": 1}}]})
+def test_a_partial_run_config_is_merged_in_order():
+    raw = _raw(defaults={**BASE_TREE, "train": {"lr": 1e-5, "max_steps": 9}},
+               tasks=[{"name": "t", "run": {"train": {"lr": 2e-5}}}],
+               objectives=[{"name": "kl", "run": {"train": {"max_steps": 3}}}],
+               variants=[{"name": "R", "run": {"loss": {"ranking": {"k": 7}}}}], seeds=[1])
+    (cell,) = expand(parse_spec(raw))
+    assert cell["run"]["train"] == {"lr": 2e-5, "max_steps": 3}
+    assert cell["run"]["loss"]["ranking"]["k"] == 7 and cell["method"] == "KL+R"
+
+
+def test_composed_losses_are_rows_too():
+    raw = _raw(objectives=[{"label": "KL+0.5CE", "run": {"loss": {"terms": [{"objective": "kl"},
+                                                                           {"objective": "ce", "weight": 0.5}]}}}],
+               seeds=[1])
+    cells = expand(parse_spec(raw))
+    assert {c["method"] for c in cells} == {"KL+0.5CE", "KL+0.5CE+R"}
+    assert all("objective" not in c["run"]["loss"] for c in cells)
+
+
+BAD_VALUES = [
+    ("loss.ranking.k: 0", "defaults: {models: {teacher: T, student: S}, data: {task: gsm8k},"
+     " loss: {ranking: {k: 0}}}\ntasks: [{name: t}]\nobjectives: [kl]\n", "loss.ranking.k"),
+    ("unknown key deep down", BASE + "tasks: [{name: t, run: {train: {lrr: 1}}}]\nobjectives: [kl]\n",
+     "train.lrr: unknown key"),
+    ("unknown objective", BASE + "tasks: [{name: t}]\nobjectives: [my_div]\n", "unknown objective 'my_div'"),
+    ("hyperparameter out of bounds", BASE + "tasks: [{name: t}]\nobjectives: [{name: jsd, params: {beta: 2}}]\n",
+     "beta"),
+    ("sweep over a missing path", BASE + "tasks: [{name: t}]\nobjectives: [kl]\nsweep: {train.lrate: [1]}\n",
+     "sweep.train.lrate: 'train.lrate' is not a setting"),
+    ("variant sweep over a missing path", BASE + "tasks: [{name: t}]\nobjectives: [kl]\n"
+     "variants: [{name: R, sweep: {loss.ranking.kk: [1]}}]\n", "variants.0.sweep.loss.ranking.kk"),
+    ("bad eval key", BASE + "tasks: [{name: t}]\nobjectives: [kl]\neval: {kind: task, limt: 3}\n", "eval.limt: unknown key"),
+    ("bad stage", BASE + "tasks: [{name: t}]\nobjectives: [kl]\nstages: {student_sft: {train: {lr: -1}}}\n",
+     "stages.student_sft"),
+]
+
+
+@pytest.mark.parametrize("what, text, fragment", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bench_refuses_bad_values_before_any_work(what, text, fragment, tmp_path, capsys):
+    path = _write(tmp_path, text)
+    for extra in ([], ["--dry-run"]):
+        results = tmp_path / "results"
+        assert bench_main([str(path), "--results-dir", str(results), *extra]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and fragment in err, err
+        assert not results.exists()  # nothing ran, nothing was written
 
 
 @pytest.mark.parametrize("text, fragment", [
     ("tasks: []\n", "tasks: List should have at least 1 item"),
-    ("tasks: [{name: t}]\nobjectives: [kl]\nvariants: [sideways]\n", "variants.0.name: Value error, unknown variant 'sideways'"),
-    ("tasks: [{name: t}]\nseeds: [one]\n", "seeds.0: Input should be a valid integer"),
-    ("tasks: [{name: t}]\nsweep: {lr: [1]}\n", "sweep: Value error, sweep key 'lr'"),
-    ("tasks: [{name: t}]\nranking: {kk: 3}\n", "unknown key(s) ['kk']"),
-    ("tasks: [{name: t}]\ntypo_field: 1\n", "typo_field: Extra inputs are not permitted"),
-    ("tasks: [{name: t}]\nobjectives: [kl, {name: kl}]\n", "duplicate row label"),
-    ("tasks: [{name: 'a b'}]\n", "tasks.0.name"),
+    (BASE + "tasks: [{name: t}]\nobjectives: [kl]\nvariants: [sideways]\n", "variants.0.name: Value error, unknown variant 'sideways'"),
+    (BASE + "tasks: [{name: t}]\nseeds: [one]\n", "seeds.0: Input should be a valid integer"),
+    (BASE + "tasks: [{name: t}]\ntypo_field: 1\n", "typo_field: unknown key"),
+    (BASE + "tasks: [{name: t}]\nobjectives: [kl, {name: kl}]\n", "duplicate row label"),
+    (BASE + "tasks: [{name: 'a b'}]\n", "tasks.0.name"),
     ("tasks: [{name: t}\n", "grid.yaml:"),
     ("- just a list\n", "must be a mapping"),
+    ("tasks: [{name: t}]\nobjectives: [kl]\n", "models: Field required"),
 ])
 def test_errors_name_the_file_and_the_field(tmp_path, text, fragment):
     path = _write(tmp_path, text)
     with pytest.raises(SpecError) as info:
-        load_spec(path, registry=REGISTRY)
+        load_spec(path)
     assert str(path) in str(info.value)
     assert fragment in str(info.value)
 
 
 def test_missing_file_and_tiny_without_section(tmp_path):
     with pytest.raises(SpecError, match="not found"):
-        load_spec(tmp_path / "nope.yaml", registry=REGISTRY)
-    path = _write(tmp_path, "tasks: [{name: t}]\nobjectives: [kl]\n")
+        load_spec(tmp_path / "nope.yaml")
+    path = _write(tmp_path, BASE + "tasks: [{name: t}]\nobjectives: [kl]\n")
     with pytest.raises(SpecError, match="no 'tiny:' section"):
-        load_spec(path, tiny=True, registry=REGISTRY)
+        load_spec(path, tiny=True)
 
 
 def test_tiny_deep_merges_over_the_spec(tmp_path):
     path = _write(tmp_path, """
-defaults: {teacher: big/teacher, student: big/student, lr: 2.0e-5, epochs: 2}
+defaults: {models: {teacher: big/teacher, student: big/student}, data: {task: gsm8k}, train: {lr: 2.0e-5, epochs: 2}}
 tasks: [{name: t}]
 objectives: [kl]
-tiny: {defaults: {teacher: "@tiny/teacher", student: "@tiny/student", max_examples: 8}}
+tiny: {defaults: {models: {teacher: "@tiny/teacher", student: "@tiny/student"}, data: {limit: 8}}}
 """)
-    cell = expand(load_spec(path, tiny=True, registry=REGISTRY))[0]
-    assert cell["train"] == {"teacher": "@tiny/teacher", "student": "@tiny/student", "lr": 2e-5, "epochs": 2,
-                             "max_examples": 8}
+    cell = expand(load_spec(path, tiny=True))[0]
+    assert cell["run"]["models"] == {"teacher": "@tiny/teacher", "student": "@tiny/student"}
+    assert cell["run"]["data"] == {"task": "gsm8k", "limit": 8} and cell["run"]["train"]["epochs"] == 2
 
 
 def test_references_and_filters():
-    raw = {"name": "s", "tasks": [{"name": "t"}], "objectives": ["kl", "rkl"], "seeds": [1],
-           "references": ["teacher", "student"], "defaults": {"teacher": "T", "student": "S", "lr": 1}}
-    cells = expand(parse_spec(raw, registry=REGISTRY))
+    raw = _raw(objectives=["kl", "rkl"], seeds=[1], references=["teacher", "student"],
+               defaults={**BASE_TREE, "train": {"lr": 1e-5}})
+    cells = expand(parse_spec(raw))
     refs = [c for c in cells if c["kind"] == "reference"]
-    assert [c["method"] for c in refs] == ["Teacher", "Start"] and refs[0]["train"] == {"teacher": "T", "student": "S"}
+    assert [c["method"] for c in refs] == ["Teacher", "Start"]
+    assert refs[0]["run"] == {"models": {"teacher": "T", "student": "S"}}  # scores the base models only
     assert {c["method"] for c in filter_cells(cells, "KL+R")} == {"KL+R"}
     assert {c["method"] for c in filter_cells(cells, "KL+R,Teacher")} == {"KL+R", "Teacher"}
     assert {c["method"] for c in filter_cells(cells, r"re:^t-R?KL\+R-")} == {"KL+R", "RKL+R"}
@@ -140,3 +193,9 @@ def test_non_default_hyperparameters_are_part_of_the_row_label():
     assert objective_label(ObjectiveRef(name="jsd", params={"beta": 0.5})) == "JSD"
     assert objective_label(ObjectiveRef(name="akl")) == "AKL"
     assert objective_label(ObjectiveRef(name="jsd", params={"beta": 0.1}, label="GKD")) == "GKD"
+
+
+def test_bad_seeds_on_the_command_line_are_one_clear_line(capsys):
+    assert bench_main(["--seeds", "1,a", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "rlkd bench: --seeds: expected comma-separated integers, got '1,a'"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rlkd.bench.synthetic import BOS, FIRST_CONTENT, MarkovSource, SourceConfig, read_corpus, write_corpus
+from rlkd.data.synthetic import BOS, FIRST_CONTENT, MarkovSource, SourceConfig, read_corpus, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,14 @@ from rlkd.bench.store import load_cells
 from rlkd.bench.table_cli import main as table_main
 from rlkd.bench.tables import build_tables, collect, ranking_effects
 
-REGISTRY = lambda: ["kl", "rkl", "tvd"]  # noqa: E731
+BASE_RUN = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
+
+
+def _with_base(raw):
+    """A test spec with the run settings every cell needs (models and data) filled in."""
+    from rlkd.bench.spec import deep_merge
+
+    return {**raw, "defaults": deep_merge(BASE_RUN, raw.get("defaults") or {})}
 
 # Hand-chosen per-seed values: PPL and CR@2 of each method for seeds 1, 2, 3.
 PPL = {"KL": [8.0, 8.2, 8.4], "KL+R": [7.9, 8.0, 8.4], "RKL": [9.0, 9.5, 10.0], "RKL+R": [8.5, 8.6, 8.7]}
@@ -35,7 +42,7 @@ class TableExecutor:
 def table1_results(tmp_path):
     raw = {"name": "t1", "layout": "table1", "tasks": [{"name": "pretrain"}], "objectives": ["kl", "rkl"],
            "seeds": [1, 2, 3]}
-    cells = expand(parse_spec(raw, registry=REGISTRY))
+    cells = expand(parse_spec(_with_base(raw)))
     run_grid(cells, tmp_path, TableExecutor(), progress=False)
     return tmp_path
 
@@ -112,12 +119,12 @@ def test_table_cli_writes_markdown_csv_latex_and_plot(table1_results, capsys):
 def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
     class Correct:
         def run(self, cell, workdir):
-            return {"correct": 100.0 + cell["loss"]["ranking"].get("k", 0)}
+            return {"correct": 100.0 + cell["run"]["loss"]["ranking"].get("k", 0)}
 
     raw = {"name": "t5", "tasks": [{"name": "gsm8k"}], "objectives": ["kl"], "variants": ["R", "rank_only"],
            "sweep": {"k": [5, 10]}, "seeds": [72]}
     out5 = tmp_path / "t5"
-    run_grid(expand(parse_spec(raw, registry=REGISTRY)), out5, Correct(), progress=False)
+    run_grid(expand(parse_spec(_with_base(raw))), out5, Correct(), progress=False)
     layout = get_layout("table5")
     (table,) = build_tables(layout, collect(load_cells(out5), layout))
     assert table.rows == ["Rank-k", "KL+R"]
@@ -128,7 +135,7 @@ def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
     raw8 = {"name": "t8", "tasks": [{"name": "gsm8k"}], "objectives": ["kl"], "variants": ["R", "pearson"],
             "seeds": [72]}
     out8 = tmp_path / "t8"
-    run_grid(expand(parse_spec(raw8, registry=REGISTRY)), out8, Correct(), progress=False)
+    run_grid(expand(parse_spec(_with_base(raw8))), out8, Correct(), progress=False)
     layout = get_layout("table8")
     (table,) = build_tables(layout, collect(load_cells(out8), layout))
     assert table.rows == ["KL+R"]
@@ -144,7 +151,7 @@ def test_failed_cells_are_listed_not_tabulated(tmp_path):
 
     raw = {"name": "f", "tasks": [{"name": "pretrain"}], "objectives": ["kl", "rkl"], "variants": ["none"],
            "seeds": [1]}
-    run_grid(expand(parse_spec(raw, registry=REGISTRY)), tmp_path, Half(), progress=False)
+    run_grid(expand(parse_spec(_with_base(raw))), tmp_path, Half(), progress=False)
     assert table_main([str(tmp_path), "--layout", "table1"]) == 0
     md = (tmp_path / "table.md").read_text()
     assert "Failed cells" in md and "ValueError: diverged" in md and "| RKL |" not in md
@@ -179,7 +186,7 @@ def test_curves_leave_out_a_model_scored_against_itself(tmp_path):
 
     raw = {"name": "c", "layout": "table1", "tasks": [{"name": "pretrain"}], "objectives": ["kl"],
            "variants": ["none"], "seeds": [1, 2], "references": ["teacher"],
-           "defaults": {"teacher": "T", "student": "S"}}
-    run_grid(expand(parse_spec(raw, registry=REGISTRY)), tmp_path, Executor(), progress=False)
+           "defaults": {"models": {"teacher": "T", "student": "S"}}}
+    run_grid(expand(parse_spec(_with_base(raw))), tmp_path, Executor(), progress=False)
     series = curve_series(collect(load_cells(tmp_path), get_layout("table1")))
     assert series == {("KL", "cr"): {1: 51.5, 2: 20.0}, ("KL", "mor"): {3: 40.0}}

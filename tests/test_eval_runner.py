@@ -69,8 +69,13 @@ def test_scores_writes_outputs_and_skips_finished_work(tmp_path, scripted_genera
     assert prov["data"]["n_examples"] == 5 and len(prov["data"]["file_sha256"]) == 64
     assert prov["versions"]["torch"] and prov["versions"]["rouge-score"]
     assert scripted_generation == [2, 2, 1]
+    # Per example on the score's scale, in input order: right, right, wrong, empty, right.
+    assert result["per_example"] == {"score": [100.0, 100.0, 0.0, 0.0, 100.0]}
+    assert json.loads((folder / "per_example.json").read_text()) == result["per_example"]
+    assert "per_example" not in stored
     again = _evaluate(tmp_path, data)
     assert again["metrics"] == result["metrics"] and scripted_generation == [2, 2, 1]
+    assert again["per_example"] == result["per_example"]  # a finished run still hands them over
 
 
 def test_resumes_a_partial_run(tmp_path, scripted_generation):
@@ -118,6 +123,9 @@ def test_sampled_protocol_averages_over_seeds(tmp_path, monkeypatch):
     assert result["metrics"]["rougeL"] == pytest.approx(75.0)
     assert result["metrics"]["rougeL_std"] == pytest.approx(35.3553, abs=1e-4)
     assert (tmp_path / "out" / "sni" / "seed20" / "predictions.jsonl").exists()
+    # per example, averaged over the sampling seeds: "Say hi" 100 then 100, "Name a colour" 0 then 100
+    assert result["per_example"] == {"rougeL": [100.0, 50.0]}
+    assert json.loads((tmp_path / "out" / "sni" / "per_example.json").read_text()) == result["per_example"]
 
 
 def test_missing_field_names_file_and_line(tmp_path, scripted_generation):

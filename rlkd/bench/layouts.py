@@ -30,6 +30,33 @@ class Column:
         return bool(LOWER_IS_BETTER.search(self.key))
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A verdict-table metric: one column, or the mean of several (mean CR@2–5), per cell."""
+
+    header: str
+    keys: tuple[str, ...]
+
+    @property
+    def lower_is_better(self) -> bool:
+        return Column(self.keys[0], self.header).lower_is_better
+
+
+def _mean_of(task: str, prefix: str, metric: str, ks: tuple[int, ...], label: str = "") -> Headline:
+    return Headline(f"mean {metric.upper()}@{ks[0]}–{ks[-1]}{label}", tuple(f"{task}/{prefix}{metric}@{k}" for k in ks))
+
+
+def _alignment_headlines(task: str, prefix: str = "", label: str = "") -> tuple[Headline, ...]:
+    """Table-1 style: mean CR@2–5, mean MOR@3–20, PPL."""
+    return (_mean_of(task, prefix, "cr", (2, 3, 4, 5), label), _mean_of(task, prefix, "mor", (3, 5, 10, 20), label),
+            Headline(f"PPL↓{label}", (f"{task}/{prefix}ppl",)))
+
+
+# Table-2 style: each task's main score.
+_DOWNSTREAM_HEADLINES = (Headline("GSM8K score", ("gsm8k/score",)), Headline("Dolly R-L", ("dolly/rougeL",)),
+                         Headline("XSum R-L", ("xsum/rougeL",)))
+
+
 @dataclass
 class Section:
     title: str
@@ -46,6 +73,8 @@ class Layout:
     split_by_correlation: bool = False  # Table 8: Pearson / SRCC columns, paper table transposed
     reference_rows: tuple[str, ...] = ("Teacher", "Start")  # never marked best
     row_order: tuple[str, ...] = ()  # preferred row order where there is no paper table
+    # The verdict table's metrics; empty: every column of the sections (or, generic, every metric).
+    headlines: tuple[Headline, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- placing cells ------------------------------------------------------------------------
@@ -66,7 +95,7 @@ class Layout:
         if self.column_sweep and self.column_sweep in cell["sweep"]:
             key += f"|{self.column_sweep}={cell['sweep'][self.column_sweep]}"
         if self.split_by_correlation:
-            ranking = (cell.get("loss") or {}).get("ranking") or {}
+            ranking = ((cell.get("run") or {}).get("loss") or {}).get("ranking") or {}
             key = f"{'Pearson' if ranking.get('correlation') == 'pearson' else 'SRCC'}:{key}"
         return key
 
@@ -74,6 +103,23 @@ class Layout:
         row = self.row_label(cell)
         for metric, value in metrics.items():
             yield row, self.column_key(cell, metric), float(value)
+
+    def present_sections(self, column_keys: Iterable[str]) -> list[Section]:
+        """The sections as tabulated for these column keys: absent columns dropped, hidden
+        bookkeeping metrics left out, any other metric in a last "Other metrics" section."""
+        present = {c for c in column_keys if not HIDDEN_METRICS.search(c)}
+        if not self.sections:
+            return [Section("", [Column(c, c) for c in sorted(present)])]
+        sections = []
+        for section in self.sections:
+            kept = [c for c in section.columns if c.key in present]
+            if kept:
+                sections.append(Section(section.title, kept))
+        listed = {c.key for s in self.sections for c in s.columns}
+        others = sorted(present - listed)
+        if others:
+            sections.append(Section("Other metrics", [Column(c, c) for c in others]))
+        return sections
 
     # -- the paper ----------------------------------------------------------------------------
     def paper_value(self, row: str, column_key: str) -> float | None:
@@ -105,16 +151,18 @@ def get_layout(name: str | None) -> Layout:
         return Layout("generic", "Results", [])
     builders = {
         "table1": lambda: Layout("table1", "Table 1: pre-training task, multi-modal learning on data already learned",
-                                 [Section("", _alignment_columns("pretrain"))], paper_table="table1"),
+                                 [Section("", _alignment_columns("pretrain"))], paper_table="table1",
+                                 headlines=_alignment_headlines("pretrain")),
         "table7": lambda: Layout("table7", "Table 7: pre-training, out-of-distribution test slices",
-                                 [Section("", _alignment_columns("pretrain"))], paper_table="table7"),
+                                 [Section("", _alignment_columns("pretrain"))], paper_table="table7",
+                                 headlines=_alignment_headlines("pretrain")),
         "table3": lambda: Layout("table3", "Table 3: agreement of each model's peak predictions with the reference",
                                  [Section("", _alignment_columns("pretrain", with_ppl=False))], paper_table="table3",
                                  reference_rows=()),
         "table2": lambda: Layout("table2", "Table 2: downstream test sets", [Section("", list(_DOWNSTREAM))],
-                                 paper_table="table2"),
+                                 paper_table="table2", headlines=_DOWNSTREAM_HEADLINES),
         "table6": lambda: Layout("table6", "Table 6: dynamic vs fixed allocation", [Section("", list(_DOWNSTREAM))],
-                                 paper_table="table6"),
+                                 paper_table="table6", headlines=_DOWNSTREAM_HEADLINES),
         "table4": lambda: Layout("table4", "Table 4: total training time (s)",
                                  [Section("", [Column("gsm8k/train_seconds", "Time (s)↓")])], paper_table="table4"),
         "table5": lambda: Layout("table5", "Table 5: GSM8K correct count vs ranking range k",
@@ -133,7 +181,10 @@ def get_layout(name: str | None) -> Layout:
                     [Column("synthetic/exact_match", "Exact match"), Column("synthetic/token_accuracy", "Token acc."),
                      Column("synthetic/rouge1", "ROUGE-1"), Column("synthetic/rouge2", "ROUGE-2"),
                      Column("synthetic/rougeL", "ROUGE-L")]),
-        ], row_order=("Start", "Teacher", "KL", "KL+R", "RKL", "RKL+R", "JSD", "JSD+R", "TVD", "TVD+R", "AKL",
+        ], headlines=(_mean_of("synthetic", "", "cr", (2, 3, 4, 5)), _mean_of("synthetic", "", "mor", (3, 5, 10, 20)),
+                      Headline("KL(true‖student)↓", ("synthetic/true_kl",)),
+                      Headline("Exact match", ("synthetic/exact_match",))),
+           row_order=("Start", "Teacher", "KL", "KL+R", "RKL", "RKL+R", "JSD", "JSD+R", "TVD", "TVD+R", "AKL",
                       "AKL+R", "Rank-5")),
     }
     builders["mini_table1"] = lambda: Layout(
@@ -142,7 +193,8 @@ def get_layout(name: str | None) -> Layout:
                  _alignment_columns("pretrain")),
          Section("Held-out slices (not trained on; like the paper's Table 7)",
                  _alignment_columns("pretrain", "heldout_", label=" (held-out)"))],
-        paper_table="table1", row_order=("Start", "Teacher"))
+        paper_table="table1", row_order=("Start", "Teacher"),
+        headlines=_alignment_headlines("pretrain") + _alignment_headlines("pretrain", "heldout_", " (held-out)")[2:])
     if name not in builders:
         raise KeyError(f"unknown table layout {name!r}; known: generic, {', '.join(builders)}")
     return builders[name]()

@@ -1,4 +1,5 @@
-"""Figures: CR@k / MOR@k curves per objective with and without R (the paper's Fig. 5), and k sweeps."""
+"""Figures: CR@k / MOR@k curves per objective with and without R (the paper's Fig. 5), k sweeps, and
+the forest plot of the ranking loss's effect."""
 
 from __future__ import annotations
 
@@ -12,18 +13,26 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlkd.bench.tables import Grid  # noqa: E402
+from rlkd.bench.effects import EXAMPLES, NONE, RANKED_VARIANTS, SEEDS, Verdict  # noqa: E402
+from rlkd.bench.grid import Grid  # noqa: E402
 
 REFERENCE_STYLE = {"Teacher": "black", "Start": "grey"}  # evaluation-only rows, dotted
 _AT_K = re.compile(r"^(?P<task>[^/|:]+)/(?P<prefix>[a-z_]*?)(?P<metric>cr|mor)@(?P<k>\d+)$")
 _SWEEP = re.compile(r"^(?P<base>[^|]+)\|k=(?P<k>\d+)$")
 
 
-def _base_objective(row: str) -> tuple[str, bool]:
-    for suffix in ("+R (Dynamic)", "+R (Pearson)", "+R"):
-        if suffix in row:
-            return row.replace(suffix, "", 1), True
-    return row, False
+def _row_kinds(grid: Grid) -> dict[str, tuple[str, str]]:
+    """{row: (colour group, "ranked" | "plain" | "rank_only" | "reference")}, from the cells'
+    fields (a user's label may contain "+R"); rows without fields are reference models."""
+    kinds = {}
+    for arm, row in grid.arm_rows.items():
+        if arm.variant in RANKED_VARIANTS:
+            kinds.setdefault(row, (arm.objective_label or row, "ranked"))
+        elif arm.variant is not None and arm.variant.startswith("rank_only"):
+            kinds.setdefault(row, (row, "rank_only"))
+        elif arm.variant is not None:
+            kinds.setdefault(row, (arm.objective_label or row, "plain"))
+    return kinds
 
 
 def curve_series(grid: Grid, prefix: str = "") -> dict[tuple[str, str], dict[int, float]]:
@@ -46,21 +55,23 @@ def alignment_curves(grid: Grid, out_path: Path, prefix: str = "", title: str = 
     series = curve_series(grid, prefix)
     if not series:
         return None
-    objectives = sorted({_base_objective(row)[0] for row, _ in series} - set(REFERENCE_STYLE))
+    kinds = _row_kinds(grid)
+    kind = lambda row: kinds.get(row, (row, "reference"))  # noqa: E731
+    objectives = sorted({kind(row)[0] for row, _ in series if kind(row)[1] != "reference"})
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(objectives)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, metric, label in ((axes[0], "cr", "CR@k (%)"), (axes[1], "mor", "MOR@k (%)")):
         for (row, m), points in sorted(series.items()):
             if m != metric:
                 continue
-            base, ranked = _base_objective(row)
+            group, how = kind(row)
             ks = sorted(points)
-            if base in REFERENCE_STYLE:
-                style = dict(color=REFERENCE_STYLE[base], linestyle=":")
-            elif base.startswith("Rank-"):
-                style = dict(color=colours[base], linestyle="-.")
+            if how == "reference":
+                style = dict(color=REFERENCE_STYLE.get(row, "black"), linestyle=":")
+            elif how == "rank_only":
+                style = dict(color=colours[group], linestyle="-.")
             else:
-                style = dict(color=colours[base], linestyle="-" if ranked else "--")
+                style = dict(color=colours[group], linestyle="-" if how == "ranked" else "--")
             ax.plot(ks, [points[k] for k in ks], marker="o", label=row, **style)
             ax.set_xticks(ks)
         ax.set_xlabel("k")
@@ -95,12 +106,68 @@ def k_sweep(grid: Grid, out_path: Path, title: str = "") -> Path | None:
     return _save(fig, out_path)
 
 
-def _save(fig, out_path: Path) -> Path:
+def _save(fig, out_path: Path, layout: bool = True) -> Path:
     """Lay out, write beside the target and rename into place (no half-written PNG)."""
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(out_path)
     return out_path
+
+
+# Forest plot colours: the interval clears 0 on the better side / on the worse side / neither.
+_VERDICT_COLOURS = {True: "#1a7f37", False: "#cf222e", None: "#57606a"}
+
+
+def forest_plot(result: Verdict, out_path: Path, title: str = "") -> Path | None:
+    """Δ(+R) with its interval, one panel per headline metric, one line per comparison, a zero
+    line; green/red where the interval clears 0 on the better/worse side."""
+    if not result.cells:
+        return None
+    pairs = [p for p in result.pairs if any(q == p for q, _ in result.cells)]
+    width = 3.3 * len(result.headlines) + 1.6
+    height = 0.42 * len(pairs) + 1.9
+    fig, axes = plt.subplots(1, len(result.headlines), figsize=(width, height), sharey=True, squeeze=False)
+    positions = {pair: len(pairs) - 1 - i for i, pair in enumerate(pairs)}  # first comparison on top
+    for ax, headline in zip(axes[0], result.headlines):
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        for pair in pairs:
+            cell = result.cells.get((pair, headline))
+            if cell is None:
+                continue
+            y = positions[pair]
+            colour = _VERDICT_COLOURS[cell.improves]
+            if cell.interval == NONE:
+                # Too few seeds for an interval: show each seed's difference, hollow.
+                ax.plot(list(cell.per_seed.values()), [y] * cell.n_seeds, "o", mfc="none", color=colour)
+                continue
+            ax.errorbar([cell.mean], [y], xerr=[[cell.mean - cell.low], [cell.high - cell.mean]],
+                        fmt="s" if cell.interval == EXAMPLES else "o", color=colour, capsize=3,
+                        linestyle="none", elinewidth=1.6)
+            ax.annotate(f"{cell.mean:+#.3g}", (cell.mean, y), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7, color=colour)
+        better = "← better" if headline.lower_is_better else "better →"
+        ax.set_title(f"{headline.header}\n({better})", fontsize=9)
+        ax.set_xlabel("Δ(+R)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15)
+    axes[0][0].set_yticks(range(len(pairs)))
+    axes[0][0].set_yticklabels([p.label for p in reversed(pairs)], fontsize=9)
+    axes[0][0].set_ylim(-0.7, len(pairs) - 0.3)
+    used = result.intervals_used()
+    legend = []
+    if SEEDS in used:
+        legend.append("● 95% t-interval over seeds")
+    if EXAMPLES in used:
+        legend.append("■ 95% bootstrap interval over evaluation examples")
+    if NONE in used:
+        legend.append("○ per-seed differences (too few seeds for an interval)")
+    legend.append("green/red: interval clears 0 on the better/worse side")
+    fig.suptitle(textwrap.fill(title or "Effect of the ranking loss", 120), fontsize=10)
+    fig.text(0.5, 0.005, textwrap.fill("   ".join(legend), 150), ha="center", va="bottom", fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.06 + 0.1 / max(1, len(pairs)), 1, 1))
+    return _save(fig, out_path, layout=False)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -20,11 +18,14 @@ from typing import Any, Iterator, Protocol
 from tqdm import tqdm
 
 from rlkd.bench.store import STAGING, is_done, publish, write_json_atomic
+from rlkd.plugins import current_hashes
+from rlkd.provenance import git_state, package_versions
 
 
 class CellExecutor(Protocol):
-    def run(self, cell: dict[str, Any], workdir: Path) -> dict[str, float]:
-        """Train/export/evaluate one cell inside ``workdir``; return its flat metrics.
+    def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """Train/export/evaluate one cell inside ``workdir``; return its flat metrics and its
+        per-example scores ({metric: [value per evaluation example]}, possibly empty).
 
         ``workdir`` survives a killed run, so an executor may resume from what it left there."""
 
@@ -35,40 +36,26 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)  # finished before this run
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # id -> error line
-    busy: list[str] = field(default_factory=list)  # locked by another runner
+    elsewhere: list[str] = field(default_factory=list)  # finished by another runner while this one waited
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
 
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    found = {"python": platform.python_version()}
-    for package in ("rlkd", "torch", "transformers", "deepspeed", "rouge-score", "lm-eval"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+def code_provenance() -> dict[str, Any]:
+    """What ran a cell: git sha and dirty flag of rlkd, package versions, the machine's kind."""
+    code = git_state()
+    return {"git_sha": code["sha"], "git_dirty": code["dirty"], "versions": package_versions(),
+            "machine": {"system": platform.system(), "arch": platform.machine(), "cpus": os.cpu_count()}}
 
 
 @contextmanager
-def _cell_lock(lock_path: Path) -> Iterator[bool]:
+def _cell_lock(lock_path: Path, wait: bool = False) -> Iterator[bool]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
@@ -78,39 +65,46 @@ def _cell_lock(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static: dict[str, Any]) -> str:
-    """Run one cell; returns "done", "failed: <error>" or "busy"."""
+def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static: dict[str, Any],
+             wait: bool = False) -> str:
+    """Run one cell; returns "done", "done elsewhere" (another runner finished it while this one
+    waited), "failed: <error>" or "busy" (another runner holds it and ``wait`` is False)."""
     staging_dir = out_dir / STAGING / cell["id"]
     final_dir = out_dir / cell["id"]
-    with _cell_lock(out_dir / STAGING / f"{cell['id']}.lock") as locked:
+    with _cell_lock(out_dir / STAGING / f"{cell['id']}.lock", wait=wait) as locked:
         if not locked:
             return "busy"
         if is_done(final_dir, cell["config_hash"]):
-            return "done"
+            return "done elsewhere"
         staging_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(staging_dir / "config.json", cell)
         started = time.time()
-        provenance = {**static, "started": datetime.now(timezone.utc).isoformat(), "pid": os.getpid(),
+        plugins = (cell.get("run") or {}).get("plugins") or []
+        provenance = {**static, "plugins": current_hashes(plugins) if plugins else {},
+                      "started": datetime.now(timezone.utc).isoformat(),
                       "resumed": any(p.name not in {"config.json"} for p in staging_dir.iterdir())}
         try:
-            metrics = executor.run(cell, staging_dir)
+            result = executor.run(cell, staging_dir)
+            metrics, per_example = result if isinstance(result, tuple) else (result, {})
             if not isinstance(metrics, dict) or not metrics:
                 raise TypeError(f"executor returned {type(metrics).__name__} {metrics!r}, expected non-empty metrics")
         except Exception as exc:  # a failed cell must not stop the grid
-            error = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}" if type(exc).__name__ != "CellProcessError" else str(exc)
             failed_dir = out_dir / STAGING / f"{cell['id']}.failed.{os.getpid()}.{threading.get_ident()}"
             failed_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(failed_dir / "config.json", cell)
             write_json_atomic(failed_dir / "status.json", {
                 "status": "failed", "config_hash": cell["config_hash"], "error": error,
                 "traceback": traceback.format_exc(), "duration_s": time.time() - started,
-                "staging": str(staging_dir)})
+                "staging": f"{STAGING}/{cell['id']}"})
             write_json_atomic(failed_dir / "provenance.json", provenance)
             publish(failed_dir, final_dir)
             return f"failed: {error.splitlines()[0] if error else type(exc).__name__}"
         provenance["finished"] = datetime.now(timezone.utc).isoformat()
         provenance["duration_s"] = time.time() - started
         write_json_atomic(staging_dir / "metrics.json", {k: float(v) for k, v in metrics.items()})
+        if per_example:
+            write_json_atomic(staging_dir / "per_example.json", per_example)
         write_json_atomic(staging_dir / "provenance.json", provenance)
         write_json_atomic(staging_dir / "status.json", {"status": "done", "config_hash": cell["config_hash"],
                                                         "duration_s": provenance["duration_s"]})
@@ -138,15 +132,20 @@ def run_grid(
             summary.failed[cell["id"]] = "failed earlier (not retried)"
         else:
             pending.append(cell)
-    static = {"git_sha": _git_sha(), "versions": _versions(), "host": platform.node(), "argv": sys.argv}
+    static = code_provenance()
     bar = tqdm(total=len(cells), initial=len(cells) - len(pending), unit="cell", desc=out_dir.name,
                disable=not progress, dynamic_ncols=True)
+
+    busy: list[dict[str, Any]] = []
 
     def record(cell: dict[str, Any], outcome: str) -> None:
         if outcome == "done":
             summary.done.append(cell["id"])
+        elif outcome == "done elsewhere":
+            summary.elsewhere.append(cell["id"])
         elif outcome == "busy":
-            summary.busy.append(cell["id"])
+            busy.append(cell)
+            return
         else:
             summary.failed[cell["id"]] = outcome.removeprefix("failed: ")
             tqdm.write(f"[rlkd bench] cell {cell['id']} failed: {summary.failed[cell['id']]}")
@@ -163,6 +162,10 @@ def run_grid(
                 futures = {pool.submit(run_cell, cell, out_dir, executor, static): cell for cell in pending}
                 for future in as_completed(futures):
                     record(futures[future], future.result())
+        # Cells another runner was working on: wait for it, and run them here only if it stopped
+        # without finishing them, so every cell is done exactly once.
+        for cell in busy:
+            record(cell, run_cell(cell, out_dir, executor, static, wait=True))
     finally:
         bar.close()
     return summary

@@ -1,12 +1,21 @@
 """Benchmark grid specs: YAML -> validated spec -> the list of cells it describes.
 
-A spec is tasks x objectives x ranking variants x seeds x parameter sweeps, with shared training
-defaults. Objectives are referenced by their registry name (``rlkd.objectives.list_objectives()``),
-so an objective registered by a plug-in appears in a grid without touching this module.
+A spec is tasks x objectives x ranking variants x seeds x parameter sweeps. Every training setting
+is written in the run-config schema of ``rlkd train`` (:class:`rlkd.config.RunConfig`): the spec's
+``defaults``, each task's ``run``, each objective's and variant's ``run`` and each sweep path are
+partial RunConfig trees, deep-merged in that order. Every cell's merged tree is validated by
+RunConfig while the spec is parsed, so a bad value anywhere (``loss.ranking.k: 0``, an unknown key,
+an unknown objective, a hyperparameter out of bounds, a sweep over a path that does not exist) stops
+before any work, naming the spec file and the dotted field.
+
+What is not a training setting is the benchmark's own: cached stages run once per task
+(``stages: {teacher_sft: RUN, student_sft: RUN}``: cross-entropy fine-tuning of the teacher, or of the
+student, overlaid on the task's run), ``teacher_cache``, teacher generations for SeqKD/FD rows,
+``eval:`` and the reference/candidate rows.
 
 Every cell is a plain dict; its id is readable (task, method, sweep values, seed) and ends with a
-hash of the cell's semantic config, so a cell's results directory is found again after a restart
-and a changed config never reuses stale results.
+hash of the cell's canonical config (defaults left out), so a cell's results directory is found
+again after a restart and a changed config never reuses stale results.
 """
 
 from __future__ import annotations
@@ -17,13 +26,16 @@ import hashlib
 import itertools
 import json
 import re
+import typing
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-# Ranking settings of each built-in variant, overlaid on the spec's `ranking` defaults.
+from rlkd.config import RunConfig
+
+# Ranking settings of each built-in variant, laid over the spec's `loss.ranking` defaults.
 BUILTIN_VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"enabled": False},
     "R": {"enabled": True, "mode": "fixed", "correlation": "spearman"},
@@ -32,16 +44,10 @@ BUILTIN_VARIANTS: dict[str, dict[str, Any]] = {
     "pearson": {"enabled": True, "mode": "fixed", "correlation": "pearson"},
     "rank_only_pearson": {"enabled": True, "mode": "rank_only", "correlation": "pearson"},
 }
-# Sweep shorthands: `k: [5, 15]` means the ranking range.
-SWEEP_ALIASES = {"k": "loss.ranking.k", "ranking.k": "loss.ranking.k"}
-SWEEP_ROOTS = ("loss.", "train.", "eval.")
-RANKING_DEFAULTS = {
-    "k": 5,
-    "rank_weight": 2.0,
-    "base_weight": 1.0,
-    "scores": "logits",
-    "fidelity": "paper",
-}
+RANKED_VARIANTS = ("R", "R_dynamic", "pearson")
+# Sweep shorthand: `k: [5, 15]` means the ranking range.
+SWEEP_ALIASES = {"k": "loss.ranking.k"}
+PLACEHOLDER_OUTPUT = "<cell>"
 
 
 class SpecError(ValueError):
@@ -52,16 +58,60 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AlignmentSet(_Strict):
+    source: Literal["text", "train"] = "text"
+    text_path: str | None = None
+    text_field: str = "text"
+    data_dir: str | None = None
+    skip_rows: int = Field(0, ge=0)
+    slice_len: int = Field(128, ge=2)
+    max_slices: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
+class EvalSpec(AlignmentSet):
+    """How a cell's model is scored (``eval:`` of a spec or task). ``kind``: ``task`` (an
+    ``rlkd eval`` task), ``alignment`` (CR/MOR/PPL against the teacher) or ``synthetic`` (the
+    embedded benchmark's known source)."""
+
+    kind: Literal["task", "alignment", "synthetic"] = "task"
+    task: str | None = None
+    data_path: str | None = None
+    limit: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    protocol: str | None = None
+    extra_sets: dict[str, AlignmentSet] = Field(default_factory=dict)
+    heldout: str | None = None       # synthetic: held-out sequences
+    downstream: str | None = None    # synthetic: prompt/answer rows
+    synthetic_source: dict[str, int] | None = None  # synthetic: the source's SourceConfig
+
+
+class Decoding(_Strict):
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class Stages(_Strict):
+    """Cross-entropy stages run once per task and cached; each is a partial run config laid over
+    the task's run (defaults + task ``run``). ``teacher_sft`` fine-tunes the teacher (the paper's
+    Dolly/XSum teachers); ``student_sft`` the student (e.g. healing a layer-pruned copy)."""
+
+    teacher_sft: dict[str, Any] | None = None
+    student_sft: dict[str, Any] | None = None
+
+
 class ObjectiveRef(_Strict):
-    name: str
+    name: str | None = None  # registry name; omit when run.loss.terms composes the loss
     params: dict[str, float] = Field(default_factory=dict)
-    label: str | None = None  # row label in tables; default: the upper-cased name
-    train: dict[str, Any] = Field(default_factory=dict)  # training overrides for this row (SeqKD/FD data)
+    label: str | None = None  # row label in tables; default: the upper-cased name (+ non-default params)
+    run: dict[str, Any] = Field(default_factory=dict)  # run-config overrides for this row
+    teacher_generations: bool = False  # train on the teacher's greedy responses (SeqKD, FD)
 
 
 class VariantSpec(_Strict):
     name: str
-    ranking: dict[str, Any] = Field(default_factory=dict)
+    run: dict[str, Any] = Field(default_factory=dict)  # run-config overrides (e.g. loss.ranking.k)
     objectives: list[str] | None = None  # restrict to these objective names/labels
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     seeds: list[int] | None = None  # replaces the spec's seeds for this variant (e.g. extra seeds for KL)
@@ -76,7 +126,8 @@ class VariantSpec(_Strict):
 
 class TaskSpec(_Strict):
     name: str
-    train: dict[str, Any] = Field(default_factory=dict)
+    run: dict[str, Any] = Field(default_factory=dict)
+    stages: Stages | None = None  # replaces the spec's stages for this task
     eval: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -91,10 +142,13 @@ class GridSpec(_Strict):
     name: str
     description: str = ""
     layout: str | None = None  # table layout in rlkd.bench.layouts; default: generic
-    defaults: dict[str, Any] = Field(default_factory=dict)  # training config shared by all cells
+    plugins: list[str] = Field(default_factory=list)  # modules / .py files registering objectives
+    defaults: dict[str, Any] = Field(default_factory=dict)  # partial run config shared by all cells
+    stages: Stages = Field(default_factory=Stages)
+    teacher_cache: bool = False  # teacher logits over the training samples computed once, read by every cell
+    generation: Decoding = Field(default_factory=Decoding)  # decoding of teacher generations (SeqKD/FD)
+    keep_checkpoints: bool = False
     eval: dict[str, Any] = Field(default_factory=dict)  # evaluation settings shared by all cells
-    ranking: dict[str, Any] = Field(default_factory=dict)
-    temperature: float = 1.0
     tasks: list[TaskSpec] = Field(min_length=1)
     objectives: list[ObjectiveRef] = Field(default_factory=list)
     variants: list[VariantSpec] = Field(default_factory=lambda: [VariantSpec(name="none"), VariantSpec(name="R")])
@@ -116,35 +170,9 @@ class GridSpec(_Strict):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
 
-    @field_validator("sweep")
-    @classmethod
-    def _sweep_paths(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key, values in sweep.items():
-            _sweep_path(key)
-            if not values:
-                raise ValueError(f"sweep {key!r} has no values")
-        return sweep
-
-    @model_validator(mode="after")
-    def _variant_sweeps(self) -> "GridSpec":
-        for variant in self.variants:
-            for key in variant.sweep:
-                _sweep_path(key)
-        unknown = set(self.ranking) - set(RANKING_DEFAULTS)
-        if unknown:
-            raise ValueError(f"ranking: unknown key(s) {sorted(unknown)}; known: {sorted(RANKING_DEFAULTS)}")
-        return self
-
-
-def _sweep_path(key: str) -> str:
-    path = SWEEP_ALIASES.get(key, key)
-    if not path.startswith(SWEEP_ROOTS):
-        raise ValueError(f"sweep key {key!r} must be 'k' or start with one of {', '.join(SWEEP_ROOTS)}")
-    return path
-
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Small helpers
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -158,23 +186,103 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
-    lines = [f"{source}: invalid benchmark spec"]
+def config_hash(config: dict[str, Any]) -> str:
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SpecError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise SpecError("--seeds: no seed given")
+    return seeds
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``X``, ``X | None`` or ``list[X | Y]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    return origin is dict or annotation is dict or any(_is_mapping(a) for a in typing.get_args(annotation))
+
+
+def check_path(model: type[BaseModel], dotted: str) -> None:
+    """Raise ValueError unless ``dotted`` names a field of ``model`` (or a key inside a dict field)."""
+    current: type[BaseModel] | None = model
+    parts = dotted.split(".")
+    for index, part in enumerate(parts):
+        fields = current.model_fields if current is not None else {}
+        if part not in fields:
+            known = ", ".join(sorted(fields))
+            raise ValueError(f"{'.'.join(parts[:index + 1])!r} is not a setting (known here: {known})")
+        annotation = fields[part].annotation
+        if _is_mapping(annotation) and _model_of(annotation) is None:
+            return  # e.g. loss.params.beta: a free-form mapping
+        current = _model_of(annotation)
+        if current is None and index < len(parts) - 1:
+            raise ValueError(f"{'.'.join(parts[:index + 1])!r} is a value, not a section")
+
+
+def sweep_path(key: str) -> str:
+    """The full dotted path of a sweep key; raises ValueError if it names no setting."""
+    path = SWEEP_ALIASES.get(key, key)
+    if path.startswith("eval."):
+        check_path(EvalSpec, path.removeprefix("eval."))
+    else:
+        check_path(RunConfig, path)
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9+.=_-]+", "_", text).strip("_")
+
+
+def _error_lines(error: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}")
-    return "\n".join(lines)
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {prefix}{where}: {message}")
+    return lines
 
 
-def parse_spec(
-    raw: Any,
-    *,
-    source: str = "<spec>",
-    default_name: str | None = None,
-    tiny: bool = False,
-    registry: Callable[[], list[str]] | None = None,
-) -> GridSpec:
-    """Validate a spec mapping (as read from YAML); ``tiny`` applies its ``tiny:`` override."""
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_spec(path: str | Path, *, tiny: bool = False, plugins: list[str] | tuple[str, ...] = ()) -> GridSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: benchmark spec not found")
+    raw = _read_with_extends(path, seen=())
+    return parse_spec(raw, source=str(path), default_name=path.stem, tiny=tiny, base_dir=path.parent,
+                      plugins=plugins)
+
+
+def parse_spec(raw: Any, *, source: str = "<spec>", default_name: str | None = None, tiny: bool = False,
+               base_dir: Path | None = None, plugins: list[str] | tuple[str, ...] = ()) -> GridSpec:
+    """Validate a spec mapping (as read from YAML) and every cell it expands to."""
+    from rlkd.config import ConfigError, prepare_plugins
+
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a benchmark spec must be a mapping, got {type(raw).__name__}")
     raw = dict(raw)
@@ -184,23 +292,31 @@ def parse_spec(
             raise SpecError(f"{source}: --tiny given but the spec has no 'tiny:' section")
         raw = deep_merge(raw, raw["tiny"])
     try:
+        prepare_plugins(raw, list(plugins), base_dir, source)  # their objectives must validate
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
+    try:
         spec = GridSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(_format_validation_error(source, exc)) from None
-    _check_objectives(spec, source, registry)
+        raise SpecError("\n".join([f"{source}: invalid benchmark spec"] + _error_lines(exc))) from None
+    for where, sweep in [("sweep", spec.sweep)] + [(f"variants.{i}.sweep", v.sweep) for i, v in enumerate(spec.variants)]:
+        for key, values in sweep.items():
+            try:
+                sweep_path(key)
+            except ValueError as exc:
+                raise SpecError(f"{source}: {where}.{key}: {exc}") from None
+            if not isinstance(values, list) or not values:
+                raise SpecError(f"{source}: {where}.{key}: a sweep needs a non-empty list of values")
+    labels = [objective_label(ref) for ref in spec.objectives]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise SpecError(f"{source}: objectives: duplicate row label(s) {duplicates}; give each a distinct 'label'")
+    expand(spec, source=source)  # every cell's run config and evaluation settings must validate
     return spec
 
 
-def load_spec(path: str | Path, *, tiny: bool = False, registry: Callable[[], list[str]] | None = None) -> GridSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: benchmark spec not found")
-    raw = _read_with_extends(path, seen=())
-    return parse_spec(raw, source=str(path), default_name=path.stem, tiny=tiny, registry=registry)
-
-
 # Sections an `extends:` child merges into its base; every other key replaces the base's value.
-_MERGED_SECTIONS = ("defaults", "eval", "ranking", "tiny")
+_MERGED_SECTIONS = ("defaults", "eval", "stages", "generation", "tiny")
 
 
 def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> Any:
@@ -230,34 +346,6 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> Any:
     return merged
 
 
-def _registered_objectives() -> list[str]:
-    from rlkd.objectives import list_objectives
-
-    return list(list_objectives())
-
-
-def _check_objectives(spec: GridSpec, source: str, registry: Callable[[], list[str]] | None) -> None:
-    known = (registry or _registered_objectives)()
-    names = [(f"objectives.{i}.name", ref.name) for i, ref in enumerate(spec.objectives)]
-    if any(v.name.startswith("rank_only") for v in spec.variants):
-        names.append(("rank_only_objective", spec.rank_only_objective))
-    for where, name in names:
-        if name not in known:
-            raise SpecError(f"{source}: {where}: unknown objective {name!r}; registered: {', '.join(known)}")
-    if registry is None:
-        from rlkd.objectives import get_objective
-
-        for i, ref in enumerate(spec.objectives):
-            try:
-                get_objective(ref.name).resolve_params(ref.params)
-            except (ValueError, TypeError) as exc:
-                raise SpecError(f"{source}: objectives.{i}.params: {exc}") from None
-    labels = [objective_label(ref) for ref in spec.objectives]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise SpecError(f"{source}: objectives: duplicate row label(s) {duplicates}; give each a distinct 'label'")
-
-
 # ---------------------------------------------------------------------------------------------
 # Expansion
 
@@ -267,20 +355,25 @@ def objective_label(ref: ObjectiveRef) -> str:
     hyperparameter (e.g. ``JSD(beta=0.1)``), so rows with different conventions never merge."""
     if ref.label:
         return ref.label
-    from rlkd.objectives import get_objective
+    from rlkd.objectives import LossConfig, get_objective
 
+    if ref.name is None:
+        terms = (ref.run.get("loss") or {}).get("terms") or []
+        try:
+            return LossConfig(terms=terms).base_label()
+        except (ValueError, TypeError):
+            return "+".join(str(t.get("objective", "?")).upper() for t in terms if isinstance(t, dict))
     try:
         defaults = get_objective(ref.name).defaults
-    except KeyError:  # a name known only to an injected test registry
+    except KeyError:  # reported with the field path when the cell is validated
         defaults = {}
     changed = {k: v for k, v in sorted(ref.params.items()) if float(v) != defaults.get(k)}
     suffix = ",".join(f"{k}={v:g}" for k, v in changed.items())
     return ref.name.upper() + (f"({suffix})" if suffix else "")
 
 
-def method_label(objective: str | None, variant: str, ranking: dict[str, Any]) -> str:
+def method_label(objective: str | None, variant: str, k: int | None) -> str:
     """The paper's row names: KL, KL+R, KL+R (Dynamic), Rank-5, KL+R (Pearson), Rank-5 (Pearson)."""
-    k = ranking.get("k")
     return {
         "none": f"{objective}",
         "R": f"{objective}+R",
@@ -291,47 +384,60 @@ def method_label(objective: str | None, variant: str, ranking: dict[str, Any]) -
     }[variant]
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def canonical_run(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run tree as RunConfig sees it, with every default left out: equal configs hash equally
+    whether or not a default was spelled out, and a setting added to RunConfig later (with a
+    default) does not change existing hashes."""
+    config = RunConfig.model_validate({**tree, "output_dir": PLACEHOLDER_OUTPUT})
+    dumped = config.model_dump(mode="json", exclude_defaults=True)
+    dumped.pop("output_dir", None)
+    return dumped
 
 
-def _set_path(config: dict[str, Any], dotted: str, value: Any) -> None:
-    node = config
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SpecError(f"sweep path {dotted!r} crosses non-mapping {part!r}")
-    node[leaf] = value
+def _validated_run(tree: dict[str, Any], source: str, what: str) -> dict[str, Any]:
+    try:
+        return canonical_run(tree)
+    except ValidationError as exc:
+        raise SpecError("\n".join([f"{source}: {what}: invalid run config"] + _error_lines(exc))) from None
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9+.=_-]+", "_", text).strip("_")
+def _validated_eval(settings: dict[str, Any], source: str, what: str) -> None:
+    try:
+        EvalSpec.model_validate(settings)
+    except ValidationError as exc:
+        raise SpecError("\n".join([f"{source}: {what}: invalid eval settings"] + _error_lines(exc, "eval."))) from None
 
 
-def _sweep_value_slug(key: str, value: Any) -> str:
-    short = key.rsplit(".", 1)[-1]
-    return f"{short}={value}"
+def stage_run(task_run: dict[str, Any], role: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The run tree of a ``<role>_sft`` stage: the task's run with the stage's overrides, training
+    the ``role`` model with cross-entropy (no teacher is loaded), seed 72 unless given."""
+    base = {k: v for k, v in task_run.items() if k not in ("loss", "seed")}
+    tree = deep_merge(base, overrides)
+    models = tree.setdefault("models", {})
+    model = (task_run.get("models") or {}).get(role)
+    models["student"] = model  # the model being fine-tuned (cross-entropy loads no teacher)
+    tree["loss"] = {"objective": "ce"}
+    tree.setdefault("seed", 72)
+    return tree
 
 
-def _make_cell(spec: GridSpec, task: TaskSpec, semantic: dict[str, Any], method: str, sweep: dict[str, Any]) -> dict[str, Any]:
-    digest = config_hash(semantic)
+def _make_cell(spec: GridSpec, task: TaskSpec, body: dict[str, Any], method: str, sweep: dict[str, Any]) -> dict[str, Any]:
+    digest = config_hash(body["_semantic"])
     parts = [task.name, _slug(method)]
-    parts += [_slug(_sweep_value_slug(k, v)) for k, v in sorted(sweep.items())]
-    parts += [f"s{semantic['seed']}" if semantic.get("seed") is not None else "ref", digest[:10]]
-    return {
-        "id": "-".join(p for p in parts if p),
-        "spec": spec.name,
-        "method": method,
-        "sweep": {k.rsplit(".", 1)[-1]: v for k, v in sweep.items()},
-        "config_hash": digest,
-        **semantic,
-    }
+    parts += [_slug(f"{k.rsplit('.', 1)[-1]}={v}") for k, v in sorted(sweep.items())]
+    parts += [f"s{body['seed']}" if body.get("seed") is not None else "ref", digest[:10]]
+    cell = {k: v for k, v in body.items() if k != "_semantic"}
+    return {"id": "-".join(p for p in parts if p), "spec": spec.name, "method": method,
+            "sweep": {k.rsplit(".", 1)[-1]: v for k, v in sweep.items()}, "config_hash": digest, **cell}
 
 
-def expand(spec: GridSpec) -> list[dict[str, Any]]:
-    """Every cell of the grid, in a stable order, duplicates (same config hash) removed."""
+def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
+    """Every cell of the grid, in a stable order, duplicates (same config hash) removed.
+
+    A cell: ``id, spec, task, kind (distill|reference), reference, method, objective_label, variant,
+    seed, sweep, run`` (the merged partial run config), ``stages`` (``{role: run}`` of its cached
+    stages), ``teacher_generations`` (decoding or None), ``teacher_cache``, ``keep_checkpoints``,
+    ``candidate`` (evaluation-only rows), ``eval`` and ``config_hash``."""
     cells: list[dict[str, Any]] = []
     seen: set[str] = set()
 
@@ -340,60 +446,90 @@ def expand(spec: GridSpec) -> list[dict[str, Any]]:
             seen.add(cell["config_hash"])
             cells.append(cell)
 
-    ranking_base = {**RANKING_DEFAULTS, **spec.ranking}
+    plugins = {"plugins": spec.plugins} if spec.plugins else {}
     for task in spec.tasks:
-        train = deep_merge(spec.defaults, task.train)
+        where = f"tasks[{task.name}]"
+        task_run = deep_merge(deep_merge(spec.defaults, plugins), task.run)
         evaluation = deep_merge(spec.eval, task.eval)
-        # A reference row scores the base models, unless a fine-tuning stage makes them or it is
-        # scored on the training sequences: then the training keys define it too.
-        whole = any(k in train for k in ("teacher_sft", "student_sft")) or evaluation.get("source") == "train"
-        reference_train = dict(train) if whole else {k: train[k] for k in ("teacher", "student") if k in train}
-        for reference in spec.references:
-            semantic = {"task": task.name, "kind": "reference", "reference": reference, "seed": None, "loss": None,
-                        "train": reference_train, "eval": evaluation}
-            add(_make_cell(spec, task, semantic, "Teacher" if reference == "teacher" else "Start", {}))
-        for label, model in spec.candidates.items():
-            semantic = {"task": task.name, "kind": "reference", "reference": "candidate", "seed": None, "loss": None,
-                        "train": {**reference_train, "candidate": model}, "eval": evaluation}
-            add(_make_cell(spec, task, semantic, label, {}))
+        _validated_eval(evaluation, source, where)
+        stage_settings = task.stages or spec.stages
+        stages = {role: stage_run(task_run, role, overrides)
+                  for role, overrides in (("teacher", stage_settings.teacher_sft), ("student", stage_settings.student_sft))
+                  if overrides is not None}
+        stage_hashes = {role: _validated_run(tree, source, f"{where}: stages.{role}_sft") for role, tree in stages.items()}
+        common = {"task": task.name, "stages": stages, "teacher_cache": spec.teacher_cache,
+                  "keep_checkpoints": spec.keep_checkpoints, "eval": evaluation}
+
+        # A reference row scores the base models, unless a stage makes them or it is scored on the
+        # training sequences: then the run's data (or the stage) defines it too.
+        on_train = evaluation.get("source") == "train"
+        models = task_run.get("models") or {}
+        reference_run = task_run if (stages or on_train) else {"models": {k: v for k, v in models.items()
+                                                                          if k in ("teacher", "student")}}
+        rows = [(ref, None) for ref in spec.references] + [("candidate", (label, model))
+                                                           for label, model in spec.candidates.items()]
+        for reference, candidate in rows:
+            semantic = {"task": task.name, "kind": "reference", "reference": reference, "run": reference_run,
+                        "stages": stage_hashes, "candidate": candidate[1] if candidate else None,
+                        "teacher_cache": spec.teacher_cache if on_train else False, "eval": evaluation}
+            method = candidate[0] if candidate else ("Teacher" if reference == "teacher" else "Start")
+            add(_make_cell(spec, task, {**common, "kind": "reference", "reference": reference, "seed": None,
+                                        "objective_label": None, "variant": None, "run": reference_run,
+                                        "candidate": candidate[1] if candidate else None,
+                                        "teacher_generations": None, "_semantic": semantic}, method, {}))
+
         for variant in spec.variants:
             rank_only = variant.name.startswith("rank_only")
             if rank_only:
-                targets = [(spec.rank_only_objective, {}, None, {})]
+                targets = [(ObjectiveRef(name=spec.rank_only_objective), None)]
             else:
                 # A row with its own label (e.g. FD = kl on teacher generations) is selected only by that label.
-                targets = [
-                    (ref.name, ref.params, objective_label(ref), ref.train)
-                    for ref in spec.objectives
-                    if variant.objectives is None or objective_label(ref) in variant.objectives
-                    or (ref.label is None and ref.name in variant.objectives)
-                ]
-            ranking = {**ranking_base, **BUILTIN_VARIANTS[variant.name], **variant.ranking}
-            sweep = {_sweep_path(k): v for k, v in {**spec.sweep, **variant.sweep}.items()}
-            if not ranking["enabled"]:
+                targets = [(ref, objective_label(ref)) for ref in spec.objectives
+                           if variant.objectives is None or objective_label(ref) in variant.objectives
+                           or (ref.label is None and ref.name in variant.objectives)]
+            sweep = {sweep_path(k): v for k, v in {**spec.sweep, **variant.sweep}.items()}
+            ranked = BUILTIN_VARIANTS[variant.name]["enabled"]
+            if not ranked:
                 # k and friends mean nothing without the ranking loss: do not multiply such cells.
-                ranking = {"enabled": False}
                 sweep = {k: v for k, v in sweep.items() if not k.startswith("loss.ranking.")}
             keys = list(sweep)
-            for objective, params, label, train_override in targets:
-                row_train = deep_merge(train, train_override)
+            for ref, label in targets:
                 for combo in itertools.product(*(sweep[k] for k in keys)):
                     for seed in (variant.seeds or spec.seeds):
-                        semantic = {
-                            "task": task.name,
-                            "kind": "distill",
-                            "reference": None,
-                            "seed": seed,
-                            "loss": {"objective": objective, "params": dict(params),
-                                     "temperature": spec.temperature, "ranking": dict(ranking)},
-                            "train": copy.deepcopy(row_train),
-                            "eval": copy.deepcopy(evaluation),
-                        }
+                        run = deep_merge(task_run, ref.run)
+                        loss = run.setdefault("loss", {})
+                        if ref.name is not None and not loss.get("terms"):
+                            loss["objective"] = ref.name
+                            if ref.params:
+                                loss["params"] = dict(ref.params)
+                        if ranked:
+                            loss["ranking"] = deep_merge(loss.get("ranking") or {}, BUILTIN_VARIANTS[variant.name])
+                        else:
+                            loss["ranking"] = {"enabled": False}
+                        run = deep_merge(run, variant.run)
+                        run["seed"] = seed
                         chosen = dict(zip(keys, combo))
+                        evaluation_cell = copy.deepcopy(evaluation)
                         for path, value in chosen.items():
-                            _set_path(semantic, path, value)
-                        method = method_label(label, variant.name, semantic["loss"]["ranking"])
-                        add(_make_cell(spec, task, semantic, method, chosen))
+                            if path.startswith("eval."):
+                                _set_path(evaluation_cell, path.removeprefix("eval."), value)
+                            else:
+                                _set_path(run, path, value)
+                        k = (run["loss"].get("ranking") or {}).get("k")
+                        canonical = _validated_run(run, source, f"{where}: {label or variant.name} (seed {seed})")
+                        if k is None:
+                            k = canonical.get("loss", {}).get("ranking", {}).get("k", 5)
+                        method = method_label(label, variant.name, k)
+                        generations = spec.generation.model_dump() if ref.teacher_generations else None
+                        semantic = {"task": task.name, "kind": "distill", "run": canonical, "stages": stage_hashes,
+                                    "teacher_generations": generations, "teacher_cache": spec.teacher_cache,
+                                    "eval": evaluation_cell}
+                        _validated_eval(evaluation_cell, source, where)
+                        add(_make_cell(spec, task, {**common, "kind": "distill", "reference": None, "seed": seed,
+                                                    "objective_label": label, "variant": variant.name, "run": run,
+                                                    "candidate": None, "teacher_generations": generations,
+                                                    "eval": evaluation_cell, "_semantic": semantic},
+                                       method, chosen))
     return cells
 
 

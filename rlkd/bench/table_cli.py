@@ -1,4 +1,5 @@
-"""`rlkd table RESULTS_DIR`: Markdown, CSV and LaTeX tables beside the paper, plus plots."""
+"""`rlkd table RESULTS_DIR`: Markdown, CSV and LaTeX tables beside the paper (the verdict on the
+ranking loss first), plus plots: the verdict's forest plot (effect.png) and CR@k/MOR@k curves."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import sys
 from pathlib import Path
 
 from rlkd.bench.layouts import get_layout
-from rlkd.bench.plots import alignment_curves, k_sweep
+from rlkd.bench.effects import verdict
+from rlkd.bench.plots import alignment_curves, forest_plot, k_sweep
 from rlkd.bench.store import load_cells
-from rlkd.bench.tables import collect, write_tables
+from rlkd.bench.grid import collect
+from rlkd.bench.tables import row_order, write_tables
 
 
 def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path | None = None) -> dict[str, Path]:
@@ -27,6 +30,10 @@ def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path
     out_dir = out_dir or results_dir
     paths = write_tables(results_dir, layout, cells, out_dir)
     grid = collect(cells, layout)
+    effect = forest_plot(verdict(layout, grid, row_order(layout, grid)), out_dir / "effect.png",
+                         title=f"{layout.title}: effect of the ranking loss, Δ(+R) = with R − without R")
+    if effect:
+        paths["effect.png"] = effect
     prefixes = sorted({c.split("/", 1)[1].split("cr@")[0] for c in grid.columns()
                        if "/" in c and "cr@" in c and "|" not in c})
     for prefix in prefixes:
@@ -50,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", help="table layout (default: the one the spec named): generic, table1..table8, "
                                          "default, mini_table1")
     parser.add_argument("--out", type=Path, help="where to write the tables (default: the results directory)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a module or .py file that registers objectives or layouts (repeatable)")
     args = parser.parse_args(argv)
     try:
+        from rlkd.plugins import load_plugins, resolve_plugin_names
+
+        load_plugins(resolve_plugin_names(args.plugin, Path.cwd()))
         paths = make_tables(args.results, args.layout, args.out)
-    except (FileNotFoundError, KeyError) as exc:
+    except (FileNotFoundError, KeyError, ImportError) as exc:
         print(f"rlkd table: {exc}", file=sys.stderr)
         return 2
     for kind, path in paths.items():

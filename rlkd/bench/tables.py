@@ -1,11 +1,11 @@
 """Results directory -> tables beside the paper: Markdown, CSV and LaTeX.
 
-Each (row, column) aggregates the seeds of the cells that land there: mean ± the half-width of the
-95% Student-t interval when there are several seeds. The paper's number and ours − paper sit in
+Every output opens with the verdict: the effect of the ranking loss, Δ(+R) per objective and
+headline metric with its interval and Holm-adjusted p (``rlkd/bench/effects.py``). Then each
+(row, column) aggregates the seeds of the cells that land there: mean ± the half-width of the 95%
+Student-t interval when there are several seeds. The paper's number and ours − paper sit in
 adjacent columns. The best row of each column (lowest for PPL/time, highest otherwise; reference
-rows such as Teacher excluded) is marked. A second table gives the ±R effects: for every row X
-with a row X+R (also X+R (Dynamic), X+R (Pearson)) and each column, the paired t-test over the
-seeds both rows share.
+rows such as Teacher excluded) is marked. Last, every per-metric paired ±R t-test.
 """
 
 from __future__ import annotations
@@ -13,51 +13,17 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlkd.bench.layouts import HIDDEN_METRICS, Column, Layout, Section
-from rlkd.bench.stats import Estimate, PairedTest, mean_ci, paired_t
+from rlkd.bench.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Verdict,
+                                VerdictCell, method_sentence, ranking_effects, verdict)
+from rlkd.bench.grid import Grid, collect
+from rlkd.bench.layouts import Column, Layout
+from rlkd.bench.stats import Estimate
 
-RANKED_SUFFIXES = ("+R", "+R (Dynamic)", "+R (Pearson)")
-
-
-@dataclass
-class Grid:
-    """Values per (row, column) keyed by seed, in first-seen row order."""
-
-    rows: list[str] = field(default_factory=list)
-    values: dict[tuple[str, str], dict[Any, float]] = field(default_factory=lambda: defaultdict(dict))
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (cell id, error)
-
-    def add(self, row: str, column: str, seed: Any, value: float) -> None:
-        if row not in self.rows:
-            self.rows.append(row)
-        self.values[(row, column)][seed] = value
-
-    def columns(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for _, column in self.values:
-            seen.setdefault(column, None)
-        return list(seen)
-
-    def estimate(self, row: str, column: str) -> Estimate | None:
-        found = self.values.get((row, column))
-        return mean_ci(list(found.values())) if found else None
-
-
-def collect(cells: list[dict[str, Any]], layout: Layout) -> Grid:
-    grid = Grid()
-    for entry in cells:
-        config = entry["config"]
-        if entry["status"].get("status") != "done":
-            grid.failed.append((config["id"], entry["status"].get("error", "")))
-            continue
-        for row, column, value in layout.entries(config, entry["metrics"]):
-            grid.add(row, column, config.get("seed"), value)
-    return grid
+__all__ = ["Grid", "collect", "build_tables", "ranking_effects", "verdict", "write_tables"]
 
 
 @dataclass
@@ -70,42 +36,24 @@ class RenderedTable:
     best: set[tuple[str, str]]
 
 
-def _sections(layout: Layout, grid: Grid) -> list[Section]:
-    present = {c for c in grid.columns() if not HIDDEN_METRICS.search(c)}
-    if not layout.sections:
-        return [Section("", [Column(c, c) for c in sorted(present)])]
-    sections = []
-    for section in layout.sections:
-        kept = [c for c in section.columns if c.key in present]
-        if kept:
-            sections.append(Section(section.title, kept))
-    listed = {c.key for s in layout.sections for c in s.columns}
-    others = sorted(present - listed)
-    if others:
-        sections.append(Section("Other metrics", [Column(c, c) for c in others]))
-    return sections
-
-
-def _row_order(layout: Layout, grid: Grid) -> list[str]:
+def row_order(layout: Layout, grid: Grid) -> list[str]:
     paper_rows = layout.paper_rows() if not layout.split_by_correlation else []
     ordered = [r for r in paper_rows if r in grid.rows]
+    # Reference rows first, then each objective followed by its ranked variants (by the cells'
+    # fields: a row's objective label and variant, not its text).
+    variant_rank = {v: i for i, v in enumerate(("none",) + RANKED_VARIANTS)}
+    fields = {}
+    for arm, row in grid.arm_rows.items():
+        fields.setdefault(row, (arm.objective_label or row, variant_rank.get(arm.variant, len(variant_rank))))
     rest = [r for r in grid.rows if r not in ordered]
-    # Reference rows first, then each objective followed by its ranked variants.
-    rest.sort(key=lambda r: (r not in layout.reference_rows, _base_of(r), r))
+    rest.sort(key=lambda r: (r not in layout.reference_rows, *fields.get(r, (r, 0)), r))
     return ordered + rest
 
 
-def _base_of(row: str) -> str:
-    for suffix in RANKED_SUFFIXES[::-1]:
-        if suffix in row:
-            return row.replace(suffix, "", 1)
-    return row
-
-
 def build_tables(layout: Layout, grid: Grid) -> list[RenderedTable]:
-    rows = _row_order(layout, grid)
+    rows = row_order(layout, grid)
     tables = []
-    for section in _sections(layout, grid):
+    for section in layout.present_sections(grid.columns()):
         estimates, paper, best = {}, {}, set()
         for column in section.columns:
             for row in rows:
@@ -127,36 +75,6 @@ def build_tables(layout: Layout, grid: Grid) -> list[RenderedTable]:
     return tables
 
 
-@dataclass
-class Effect:
-    base_row: str
-    ranked_row: str
-    column: Column
-    test: PairedTest
-    seeds: int
-
-
-def ranking_effects(layout: Layout, grid: Grid) -> list[Effect]:
-    """Paired ±R comparisons over the seeds the two rows share."""
-    effects = []
-    columns = [c for s in _sections(layout, grid) for c in s.columns]
-    for ranked in grid.rows:
-        for suffix in RANKED_SUFFIXES:
-            if not ranked.endswith(suffix) and f"{suffix} [" not in ranked:
-                continue
-            base = ranked.replace(suffix, "", 1)
-            if base not in grid.rows:
-                continue
-            for column in columns:
-                with_r = grid.values.get((ranked, column.key), {})
-                without = grid.values.get((base, column.key), {})
-                seeds = sorted(set(with_r) & set(without), key=str)
-                if seeds:
-                    test = paired_t([with_r[s] for s in seeds], [without[s] for s in seeds])
-                    effects.append(Effect(base, ranked, column, test, len(seeds)))
-    return effects
-
-
 # ---------------------------------------------------------------------------------------------
 # Rendering
 
@@ -173,10 +91,23 @@ def _paper_cells(table: RenderedTable, row: str, key: str, est: Estimate | None)
     return [_fmt(paper), _fmt(est.mean - paper) if est is not None and paper is not None else ""]
 
 
+def _interval_shown(est: Estimate) -> bool:
+    """A t-interval from one or two seeds (1 df: ±12.7 standard errors) says nothing; it is not printed."""
+    return est.half_width is not None and est.n >= MIN_SEEDS_FOR_INTERVAL
+
+
+def _interval_caption(seeds: list[int]) -> str:
+    few, most = min(seeds, default=1), max(seeds, default=1)
+    if most >= MIN_SEEDS_FOR_INTERVAL:
+        return ", ± half-width of the 95% t-interval" + (
+            f" (none with fewer than {MIN_SEEDS_FOR_INTERVAL} seeds)" if few < MIN_SEEDS_FOR_INTERVAL else "")
+    return f" (no interval: fewer than {MIN_SEEDS_FOR_INTERVAL} seeds)" if most > 1 else ""
+
+
 def _ours(est: Estimate | None) -> str:
     if est is None:
         return ""
-    if est.half_width is None:
+    if not _interval_shown(est):
         return _fmt(est.mean)
     return f"{_fmt(est.mean)} ± {_fmt(est.half_width)}"
 
@@ -185,14 +116,70 @@ def _seed_counts(table: RenderedTable) -> set[int]:
     return {e.n for e in table.estimates.values()}
 
 
-def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: list[tuple[str, str]]) -> str:
-    out = []
+VERDICT_TITLE = "Effect of the ranking loss"
+
+
+def _signed(value: float | None, digits: int = 2) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:+.{digits}f}"
+
+
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return ""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.1 else f"p = {p:.2f}"
+
+
+def verdict_cell_text(cell: VerdictCell | None) -> str:
+    """Δ [low, high] (p Holm); † marks an interval over evaluation examples; without an interval
+    the per-seed differences."""
+    if cell is None:
+        return ""
+    if cell.interval == NONE:
+        return ", ".join(_signed(d) for d in cell.per_seed.values()) + " (per seed)"
+    mark = "†" if cell.interval == EXAMPLES else ""
+    text = f"{_signed(cell.mean)} [{_signed(cell.low)}, {_signed(cell.high)}]{mark}"
+    if cell.p_holm is not None:
+        text += f", {_p_text(cell.p_holm)}"
+    return f"**{text}**" if cell.p_holm is not None and cell.p_holm < 0.05 else text
+
+
+def _seed_span(result: Verdict, pair) -> str:
+    counts = sorted({c.n_seeds for (p, _), c in result.cells.items() if p == pair})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def render_verdict_markdown(result: Verdict, without_fields: list[str] = ()) -> list[str]:
+    out = [f"### {VERDICT_TITLE}\n"]
+    if without_fields:
+        # Pairing reads the cells' fields; guessing from labels would pair a "+R" user label wrongly.
+        out.append(f"{len(without_fields)} trained cell(s) lack the `objective_label`/`variant` fields (written by "
+                   "an older rlkd) and are left out of it: add the fields to their `config.json` or rerun them.\n")
+    if not result.cells:
+        out.append("No ±R comparison here: no objective has cells both with and without the ranking loss.\n")
+        return out
+    header = ["Comparison", "seeds"] + [h.header for h in result.headlines]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "---|" * len(header))
+    for pair in result.pairs:
+        if not any(p == pair for p, _ in result.cells):
+            continue
+        cells = [pair.label, _seed_span(result, pair)]
+        cells += [verdict_cell_text(result.cells.get((pair, h))) for h in result.headlines]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(method_sentence(result) + "\n")
+    return out
+
+
+def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: list[tuple[str, str]],
+                    result: Verdict | None = None, notes: list[str] = (), without_fields: list[str] = ()) -> str:
+    out = render_verdict_markdown(result, without_fields) if result is not None else []
     for table in tables:
         with_paper = bool(table.paper)
         out.append(f"### {table.title}\n")
         seeds = sorted(_seed_counts(table))
         out.append(f"Ours: mean over seeds (n = {', '.join(map(str, seeds))})"
-                   + (", ± half-width of the 95% t-interval" if max(seeds, default=1) > 1 else "")
+                   + _interval_caption(seeds)
                    + "; **bold** = best of our rows in the column (Teacher/Start excluded)."
                    + (" `paper` = the paper's value, `Δ` = ours − paper." if with_paper else "") + "\n")
         header = ["Method"]
@@ -213,19 +200,32 @@ def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: 
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     if effects:
-        out.append("### Effect of the ranking loss (paired over seeds)\n")
+        tested = sum(e.p_holm is not None for e in effects)
+        out.append("### Every metric: paired ±R t-tests over seeds\n")
         out.append("Δ = (with R) − (without R), mean over the seeds both rows have; CI = 95% t-interval of the "
-                   "paired differences; p = two-sided paired t-test (scipy.stats.ttest_rel). With one seed "
-                   "there is no test.\n")
-        out.append("| Comparison | Metric | n | Δ | 95% CI | t | p |")
-        out.append("|---|---|---|---|---|---|---|")
+                   "paired differences; p = two-sided paired t-test (scipy.stats.ttest_rel)"
+                   + (f"; p (Holm) = adjusted over the {tested} tests of this list" if tested else "")
+                   + f". With fewer than {MIN_SEEDS_FOR_INTERVAL} seeds there is "
+                   "no test: the CI column lists the per-seed differences.\n")
+        out.append("| Comparison | Metric | n | Δ | 95% CI | t | p | p (Holm) |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for effect in effects:
-            d = effect.test.diff
-            ci = f"[{_fmt(d.low)}, {_fmt(d.high)}]" if d.half_width is not None else ""
-            t = _fmt(effect.test.t) if effect.test.t is not None else ""
-            p = f"{effect.test.p:.3g}" if effect.test.p is not None else ""
+            if effect.test is None:
+                mean = math.fsum(effect.per_seed) / len(effect.per_seed)
+                ci, t, p = "per seed: " + ", ".join(_fmt(d) for d in effect.per_seed), "", ""
+            else:
+                d = effect.test.diff
+                mean = d.mean
+                ci = f"[{_fmt(d.low)}, {_fmt(d.high)}]" if d.half_width is not None else ""
+                t = _fmt(effect.test.t) if effect.test.t is not None else ""
+                p = f"{effect.test.p:.3g}" if effect.test.p is not None else ""
+            p_holm = f"{effect.p_holm:.3g}" if effect.p_holm is not None else ""
             out.append(f"| {effect.ranked_row} vs {effect.base_row} | {effect.column.header} | {effect.seeds} "
-                       f"| {_fmt(d.mean)} | {ci} | {t} | {p} |")
+                       f"| {_fmt(mean)} | {ci} | {t} | {p} | {p_holm} |")
+        out.append("")
+    if notes:
+        out.append("### Notes\n")
+        out += [f"- {note}" for note in notes]
         out.append("")
     if failed:
         out.append("### Failed cells (not in the tables)\n")
@@ -234,12 +234,20 @@ def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: 
     return "\n".join(out)
 
 
-def render_csv(tables: list[RenderedTable]) -> str:
-    """One line per (table, row, column): machine-readable, paper value and difference included."""
+def render_csv(tables: list[RenderedTable], result: Verdict | None = None) -> str:
+    """One line per (table, row, column): machine-readable, paper value and difference included.
+    The verdict's lines come first (table = "Effect of the ranking loss", mean = Δ(+R), `interval`
+    = seeds | examples | none, `p`, `p_holm`); the other tables leave those columns empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["table", "row", "column", "header", "n", "mean", "sd", "ci95_low", "ci95_high", "paper",
-                     "diff_vs_paper", "best"])
+                     "diff_vs_paper", "best", "interval", "p", "p_holm"])
+    for (pair, headline), cell in (result.cells.items() if result is not None else ()):
+        writer.writerow([VERDICT_TITLE, pair.label, "+".join(headline.keys), headline.header, cell.n_seeds,
+                         repr(cell.mean), "", repr(cell.low) if cell.low is not None else "",
+                         repr(cell.high) if cell.high is not None else "", "", "", "", cell.interval,
+                         repr(cell.p) if cell.p is not None else "",
+                         repr(cell.p_holm) if cell.p_holm is not None else ""])
     for table in tables:
         for row in table.rows:
             for column in table.columns:
@@ -256,21 +264,40 @@ def render_csv(tables: list[RenderedTable]) -> str:
                     repr(est.high) if est and est.high is not None else "",
                     repr(paper) if paper is not None else "",
                     repr(est.mean - paper) if est and paper is not None else "",
-                    int((row, column.key) in table.best),
+                    int((row, column.key) in table.best), "", "", "",
                 ])
     return buffer.getvalue()
 
 
 _LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "↓": r"$\downarrow$",
-                  "±": r"$\pm$", "Δ": r"$\Delta$", "—": "--", "{": r"\{", "}": r"\}"}
+                  "±": r"$\pm$", "Δ": r"$\Delta$", "—": "--", "{": r"\{", "}": r"\}",
+                  "−": "$-$", "–": "--", "†": r"$^\dagger$", "≥": r"$\geq$", "‖": r"$\|$", "<": "$<$"}
 
 
 def _tex(text: str) -> str:
     return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
 
 
-def render_latex(tables: list[RenderedTable]) -> str:
+def render_latex(tables: list[RenderedTable], result: Verdict | None = None) -> str:
     out = ["% Generated by `rlkd table`; needs \\usepackage{booktabs}."]
+    if result is not None and result.cells:
+        out.append("\\begin{table}[t]\\centering\\small")
+        out.append(f"\\caption{{{_tex(VERDICT_TITLE)}. {_tex(method_sentence(result).replace('**bold**', 'bold'))}}}")
+        out.append("\\begin{tabular}{lr" + "r" * len(result.headlines) + "}")
+        out.append("\\toprule")
+        out.append("Comparison & seeds & " + " & ".join(_tex(h.header) for h in result.headlines) + " \\\\")
+        out.append("\\midrule")
+        for pair in result.pairs:
+            if not any(p == pair for p, _ in result.cells):
+                continue
+            texts = []
+            for headline in result.headlines:
+                text = _tex(verdict_cell_text(result.cells.get((pair, headline))).replace("**", ""))
+                cell = result.cells.get((pair, headline))
+                texts.append(f"\\textbf{{{text}}}" if cell and cell.p_holm is not None and cell.p_holm < 0.05
+                             else text)
+            out.append(f"{_tex(pair.label)} & {_seed_span(result, pair)} & " + " & ".join(texts) + " \\\\")
+        out.append("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
     for table in tables:
         with_paper = bool(table.paper)
         per = 3 if with_paper else 1
@@ -291,7 +318,7 @@ def render_latex(tables: list[RenderedTable]) -> str:
                 est = table.estimates.get((row, column.key))
                 text = ""
                 if est is not None:
-                    text = _fmt(est.mean) + (f"$\\pm${_fmt(est.half_width)}" if est.half_width is not None else "")
+                    text = _fmt(est.mean) + (f"$\\pm${_fmt(est.half_width)}" if _interval_shown(est) else "")
                     if (row, column.key) in table.best:
                         text = f"\\textbf{{{text}}}"
                 cells.append(text)
@@ -307,10 +334,43 @@ def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]],
 
     out_dir = out_dir or results_dir
     grid = collect(cells, layout)
+    grid.notes.extend(code_version_notes(cells))
     tables = build_tables(layout, grid)
-    effects = ranking_effects(layout, grid)
+    order = row_order(layout, grid)
+    effects = ranking_effects(layout, grid, order)
+    result = verdict(layout, grid, order)
     paths = {"md": out_dir / "table.md", "csv": out_dir / "table.csv", "tex": out_dir / "table.tex"}
-    write_text_atomic(paths["md"], render_markdown(tables, effects, grid.failed))
-    write_text_atomic(paths["csv"], render_csv(tables))
-    write_text_atomic(paths["tex"], render_latex(tables))
+    write_text_atomic(paths["md"], render_markdown(tables, effects, grid.failed, result, grid.notes,
+                                                    grid.without_fields))
+    write_text_atomic(paths["csv"], render_csv(tables, result))
+    write_text_atomic(paths["tex"], render_latex(tables, result))
     return paths
+
+
+def code_version_notes(cells: list[dict[str, Any]]) -> list[str]:
+    """A note per code version when the finished cells did not all run on the same code (git sha,
+    dirty checkout, plug-in sources), naming the cells of each; nothing when they all agree."""
+    import json
+
+    versions: dict[str, list[str]] = {}
+    for entry in cells:
+        if entry["status"].get("status") != "done" or entry.get("dir") is None:
+            continue
+        try:
+            recorded = json.loads((Path(entry["dir"]) / "provenance.json").read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        sha = recorded.get("git_sha")
+        label = (sha[:10] if sha else "unknown code") + (" (uncommitted changes)" if recorded.get("git_dirty") else "")
+        plugins = recorded.get("plugins") or {}
+        if plugins:
+            label += "; plug-ins " + ", ".join(f"{Path(n).name}@{(h or '?')[:8]}" for n, h in sorted(plugins.items()))
+        versions.setdefault(label, []).append(entry["config"]["id"])
+    if len(versions) <= 1:
+        return []
+    notes = [f"These cells ran on {len(versions)} different code versions (`rlkd bench SPEC --rerun-stale` "
+             "re-runs the ones that differ from the current code):"]
+    for label, ids in sorted(versions.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(f"`{i}`" for i in ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+        notes.append(f"{label}: {len(ids)} cell(s): {shown}")
+    return notes

@@ -88,13 +88,24 @@ def _first_present(row: dict[str, Any], names: tuple[str, ...], where: str) -> s
                     f"fields present: {sorted(row)}")
 
 
+def response_field(task: str, row: dict[str, Any], where: str = "row") -> str:
+    """The field of a task's row that holds the reference response."""
+    if task == "gsm8k":
+        return "response" if "query" in row and "question" not in row else "answer"
+    if task == "xsum":
+        return "summary"
+    if task == "dolly":
+        return _first_present(row, ("response", "output"), where)
+    return "output"
+
+
 def _prompt_response(task: str, row: dict[str, Any], where: str) -> PromptResponse:
     if task == "gsm8k":
         if "query" in row and "question" not in row:  # the official repo's renamed copy
             instruction, extra = split_gsm8k_query(require(row, "query", where))
-            return PromptResponse(alpaca_prompt(instruction, extra), require(row, "response", where), where)
-        instruction, extra = split_gsm8k_query(require(row, "question", where))
-        return PromptResponse(alpaca_prompt(instruction, extra), require(row, "answer", where), where)
+        else:
+            instruction, extra = split_gsm8k_query(require(row, "question", where))
+        return PromptResponse(alpaca_prompt(instruction, extra), require(row, response_field(task, row), where), where)
     if task == "xsum":
         document = require(row, "document", where)
         return PromptResponse(alpaca_prompt(XSUM_INSTRUCTION, document), require(row, "summary", where), where)
@@ -102,12 +113,12 @@ def _prompt_response(task: str, row: dict[str, Any], where: str) -> PromptRespon
         context = row.get(_first_present(row, ("context", "input"), where))
         if not isinstance(context, str):
             raise DataError(f"{where}: field 'context'/'input' should be str, got {type(context).__name__}")
-        response = require(row, _first_present(row, ("response", "output"), where), where)
+        response = require(row, response_field(task, row, where), where)
         return PromptResponse(alpaca_prompt(require(row, "instruction", where), context), response, where)
     # Instruction-following sets: instruction, optional input, output (S-NI: a list of references).
     instruction = require(row, "instruction", where)
     input_text = row.get("input", "") or ""
-    output = require(row, "output", where, (str, list))
+    output = require(row, response_field(task, row, where), where, (str, list))
     if isinstance(output, list):
         if not output or not isinstance(output[0], str):
             raise DataError(f"{where}: field 'output' is an empty list or not a list of str")

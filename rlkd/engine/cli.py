@@ -17,6 +17,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="dotted overrides, e.g. train.max_steps=10 loss.ranking.enabled=true")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--data-dir", help="local data directory (sets data.data_dir)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a module or .py file that registers objectives (repeatable; recorded in "
+                             "the run config's plugins)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser
 
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, plugins=args.plugin)
     except ConfigError as exc:
         print(f"rlkd train: {exc}", file=sys.stderr)
         return 2

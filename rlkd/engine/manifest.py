@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlkd.provenance import file_sha256, git_sha, package_versions
+from rlkd.plugins import loaded_plugins
+from rlkd.provenance import file_sha256, git_state, package_versions
 
 
 def data_files(data_cfg) -> list[Path]:
@@ -28,7 +29,9 @@ def build_manifest(cfg, ds_configs: dict, world_size: int, extra: dict[str, Any]
     files = {str(p): file_sha256(p) for p in data_files(cfg.data) if p.is_file()}
     manifest = {
         "config": cfg.model_dump(mode="json"),
-        "git_sha": git_sha(),
+        "git_sha": (code := git_state())["sha"],
+        "git_dirty": code["dirty"],
+        "plugins": {name: record["sha256"] for name, record in loaded_plugins().items()},
         "packages": package_versions(),
         "data_files_sha256": files,
         "data_source": "hub" if not files else "local",

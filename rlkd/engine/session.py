@@ -37,6 +37,17 @@ def _scheduler_factory(cfg: RunConfig):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def with_epoch_steps(cfg: RunConfig, n_samples: int, world_size: int) -> RunConfig:
+    """``train.epochs`` turned into ``train.max_steps`` for this many samples and ranks."""
+    import math
+
+    if cfg.train.epochs is None:
+        return cfg
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    steps = max(1, math.ceil(cfg.train.epochs * n_samples / per_step))
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": steps})})
+
+
 def _pad_id(tokenizer, vocab: VocabPlan) -> int:
     for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if candidate is not None and candidate < vocab.shared_size:
@@ -114,6 +125,7 @@ def build_session(cfg: RunConfig) -> Session:
                        teacher_tokenizer, tokenizer, cfg.models.vocab_truncation)
     samples = build_samples(cfg.data, tokenizer)
     _check_data_ids(samples, vocab)
+    cfg = with_epoch_steps(cfg, len(samples), world_size)
     batches = ResumableBatches(samples, cfg.train.micro_batch_size, rank=rank, world_size=world_size,
                                seed=cfg.seed, shuffle=cfg.data.shuffle, pad_id=_pad_id(tokenizer, vocab))
 

@@ -70,9 +70,9 @@ def train_step(session: Session, step: int) -> dict[str, float]:
     """One optimizer step (grad_accum micro-batches); returns the step's metrics (global means)."""
     cfg, engine = session.cfg, session.student
     micro_batches = [next(session.batches).to(session.device) for _ in range(cfg.train.grad_accum)]
-    # "ce" has nothing to learn where the next token is unknown (the official mask's after-EOS
-    # position), so those positions do not count towards its normaliser.
-    label_only = cfg.loss.objective == "ce" and not (cfg.loss.ranking.enabled)
+    # A loss whose terms all declare counts="labelled" (cross-entropy) has nothing to learn where
+    # the next token is unknown (the official mask's after-EOS position): those do not count.
+    label_only = session.loss_fn.counts_labelled_only
     counted = [(b.supervised & (b.labels != IGNORE_INDEX)) if label_only else b.supervised for b in micro_batches]
     local = torch.tensor([float(c.sum()) for c in counted], dtype=torch.float64).sum()
     attended = sum(float(b.attention_mask.sum()) for b in micro_batches)
@@ -146,6 +146,7 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
     manifest_path = output_dir / "manifest.json"
 
     session = build_session(cfg)
+    cfg = session.cfg  # train.epochs resolved to max_steps
     try:
         rank = session.rank
         if rank == 0:

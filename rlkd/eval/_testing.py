@@ -17,14 +17,10 @@ def llama2_tokenizer_dir() -> Path | None:
 
 def tiny_llama(seed: int = 0, vocab_size: int = 32000, layers: int = 2, hidden: int = 32):
     """A randomly initialised LLaMA small enough to run in milliseconds."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from rlkd.factory import tiny_llama_model
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_model(vocab_size=vocab_size, hidden=hidden, layers=layers, heads=4, seed=seed,
+                            max_positions=1024).eval()
 
 
 def save_tiny_checkpoint(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

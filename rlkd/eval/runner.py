@@ -4,11 +4,15 @@ Layout under ``out_dir``::
 
     <task>/predictions.jsonl  one record per example, in input order, with its scores
     <task>/metrics.json       metrics + provenance (checkpoint hash, decoding, data hash, versions)
+    <task>/per_example.json   {metric: [its value per example, in input order]}: each list averages
+                              to the metric (GSM8K: ``score`` 0/100 per example), for paired
+                              bootstraps over examples; also returned as ``result["per_example"]``
     <task>/run.json           provenance written at the start; a rerun must match it to resume
     <task>/predictions.partial.jsonl   appended chunk by chunk while generating (removed at the end)
 
 Sampled protocols write one such folder per seed (``<task>/seed<s>/``) and ``<task>/metrics.json``
-with the mean and standard deviation over seeds. A rerun with the same settings returns the
+with the mean and standard deviation over seeds (``<task>/per_example.json``: each example's mean
+over seeds). A rerun with the same settings returns the
 finished metrics without generating; an interrupted run resumes from the partial file (a torn
 last line is ignored). A rerun with different settings into the same folder is refused unless
 ``overwrite``.
@@ -72,6 +76,28 @@ def score_predictions(task: TaskSpec | str, examples: Sequence[Example], predict
     raise ValueError(f"task {task.name!r} has unknown metric {task.metric!r}")
 
 
+def per_example_metrics(task: TaskSpec | str, per_example: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """{metric: [value per example]} for the metrics that are means over examples, on the
+    metric's own scale so that each list averages to it (GSM8K ``score``: 100 if correct else 0;
+    the count ``correct`` is not a mean and is left out)."""
+    task = get_task(task) if isinstance(task, str) else task
+    if task.metric == "gsm8k":
+        return {"score": [100.0 if p["correct"] else 0.0 for p in per_example]}
+    keys = per_example[0].keys() if per_example else ()
+    return {k: [float(p[k]) for p in per_example] for k in keys}
+
+
+PER_EXAMPLE_FILE = "per_example.json"
+
+
+def _with_per_example(result: dict, folder: Path) -> dict:
+    """A finished run's metrics with its per-example scores attached (not stored in metrics.json)."""
+    path = folder / PER_EXAMPLE_FILE
+    if path.is_file():
+        result = dict(result, per_example=json.loads(path.read_text()))
+    return result
+
+
 def _read_partial(path: Path, wanted: set[int]) -> dict[int, dict]:
     done: dict[int, dict] = {}
     if not path.exists():
@@ -114,7 +140,7 @@ def _run_one(task: TaskSpec, examples: list[Example], prompts: list[str], input_
                 f"{folder} holds a run with different settings (checkpoint, data or decoding); "
                 "use another --out, or --overwrite to replace it")
         if metrics_path.exists():
-            return json.loads(metrics_path.read_text())
+            return _with_per_example(json.loads(metrics_path.read_text()), folder)
     elif overwrite and folder.exists() and _is_main():
         shutil.rmtree(folder)
     _barrier()
@@ -159,12 +185,14 @@ def _run_one(task: TaskSpec, examples: list[Example], prompts: list[str], input_
         "n_input_cut": sum(r.get("input_cut", False) for r in ordered),
         "finished_at": utc_now(), "provenance": provenance,
     }
+    scores = per_example_metrics(task, per_example)
     if _is_main():
         atomic_write_jsonl(folder / "predictions.jsonl", ordered)
-        atomic_write_json(metrics_path, result)
+        atomic_write_json(folder / PER_EXAMPLE_FILE, scores)
+        atomic_write_json(metrics_path, result)  # last: its presence marks the run finished
         partial_path.unlink(missing_ok=True)
     _barrier()
-    return result
+    return dict(result, per_example=scores)
 
 
 def rescore(out_dir: str | os.PathLike, task: str, with_rouge_pkg: bool = True) -> dict:
@@ -186,6 +214,7 @@ def rescore(out_dir: str | os.PathLike, task: str, with_rouge_pkg: bool = True) 
         result = json.loads(metrics_path.read_text())
         result.update(metrics=metrics, rescored_at=utc_now(), rescored_with=package_versions())
         atomic_write_jsonl(predictions_path, records)
+        atomic_write_json(run_folder / PER_EXAMPLE_FILE, per_example_metrics(spec, per_example))
         atomic_write_json(metrics_path, result)
     if not seed_folders:
         return result
@@ -197,8 +226,16 @@ def rescore(out_dir: str | os.PathLike, task: str, with_rouge_pkg: bool = True) 
         mean, std = _mean_std([m[key] for m in per_seed.values()])
         summary["metrics"][key], summary["metrics"][f"{key}_std"] = mean, std
     summary["rescored_at"] = utc_now()
+    atomic_write_json(folder / PER_EXAMPLE_FILE, _mean_per_example(
+        [json.loads((p / PER_EXAMPLE_FILE).read_text()) for p in seed_folders]))
     atomic_write_json(folder / "metrics.json", summary)
     return summary
+
+
+def _mean_per_example(runs: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Each example's score averaged over sampling seeds (the lists then average to the summary)."""
+    return {key: [math.fsum(values) / len(values) for values in zip(*(run[key] for run in runs))]
+            for key in runs[0]}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -277,6 +314,9 @@ def evaluate_task(checkpoint: str | os.PathLike | None, task: str, *, out_dir: s
                                 provenance, overwrite, with_rouge_pkg, show_progress))
     if protocol == "greedy":
         return results[0]
+    # Runs finished before per-example files existed have none: then the summary has none either.
+    per_example = _mean_per_example([r["per_example"] for r in results]) \
+        if all("per_example" in r for r in results) else None
     summary_metrics = {}
     for key in results[0]["metrics"]:
         mean, std = _mean_std([r["metrics"][key] for r in results])
@@ -288,8 +328,10 @@ def evaluate_task(checkpoint: str | os.PathLike | None, task: str, *, out_dir: s
                "provenance": dict(base, decoding="see per-seed metrics.json"),
                "finished_at": utc_now()}
     if _is_main():
+        if per_example is not None:
+            atomic_write_json(folder / PER_EXAMPLE_FILE, per_example)
         atomic_write_json(folder / "metrics.json", summary)
-    return summary
+    return summary if per_example is None else dict(summary, per_example=per_example)
 
 
-__all__ = ["evaluate_task", "rescore", "score_predictions", "RunMismatchError", "DataError"]
+__all__ = ["evaluate_task", "rescore", "score_predictions", "per_example_metrics", "RunMismatchError", "DataError"]

@@ -8,7 +8,7 @@ from rlkd.objectives.registry import register_objective
 IGNORE_INDEX = -100
 
 
-@register_objective("ce", needs_teacher=False, needs_labels=True)
+@register_objective("ce", needs_teacher=False, needs_labels=True, counts="labelled")
 def cross_entropy(student_logits, teacher_logits=None, labels=None):
     """-log p_S(label); rows whose label is -100 contribute 0."""
     if labels is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from rlkd.objectives.config import RankingConfig
 from rlkd.objectives.registry import get_objective, list_objectives
@@ -17,15 +18,24 @@ def describe() -> list[dict]:
             key: {"default": default, **({"range": list(spec.bounds[key])} if key in spec.bounds else {})}
             for key, default in spec.defaults.items()
         }
-        rows.append({"name": name, "summary": spec.summary, "params": params,
-                     "needs_teacher": spec.needs_teacher, "needs_labels": spec.needs_labels})
+        rows.append({"name": name, "summary": spec.summary, "params": params, "module": spec.fn.__module__,
+                     "needs_teacher": spec.needs_teacher, "needs_labels": spec.needs_labels, "counts": spec.counts})
     return rows
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlkd objectives", description=__doc__)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a module or .py file that registers objectives first (repeatable)")
     args = parser.parse_args(argv)
+    from rlkd.plugins import PluginError, load_plugins, resolve_plugin_names
+
+    try:
+        load_plugins(resolve_plugin_names(args.plugin, None))
+    except PluginError as exc:
+        print(f"rlkd objectives: {exc}", file=sys.stderr)
+        return 2
     rows = describe()
     if args.json:
         print(json.dumps({"objectives": rows, "ranking": RankingConfig.model_json_schema()["properties"]}, indent=2))

@@ -41,13 +41,50 @@ class RankingConfig(BaseModel):
         return self
 
 
+class ObjectiveTerm(BaseModel):
+    """One weighted objective of a composed loss: ``weight * objective(**params)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: str
+    params: dict[str, float] = Field(default_factory=dict)
+    weight: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "ObjectiveTerm":
+        try:
+            spec = get_objective(self.objective)
+        except KeyError as err:
+            raise ValueError(str(err.args[0])) from None
+        self.params = spec.resolve_params(self.params)
+        return self
+
+
+class RankingTerm(BaseModel):
+    """The ranking term written as an item of ``terms``: ``{ranking: {k: 5, ...}, weight: 2}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ranking: dict = Field(default_factory=dict)
+    weight: float = Field(2.0, ge=0.0)
+
+
 class LossConfig(BaseModel):
-    """Base objective (by registry name) plus the optional ranking term."""
+    """A weighted sum of registered objectives plus the optional ranking term.
+
+    Two spellings of the same thing:
+      shorthand   ``objective: kl`` (+ ``params``) and ``ranking: {enabled: true, k: 5}``
+                  = rank_weight * L_rank + base_weight * L_kl
+      terms       ``terms: [{objective: kl}, {objective: ce, weight: 0.5}, {ranking: {k: 5}, weight: 2}]``
+                  = 2 * L_rank + base_weight * (L_kl + 0.5 * L_ce)
+    A ranking item of ``terms`` becomes the ``ranking`` block (its weight is ``rank_weight``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     objective: str | None = "kl"
     params: dict[str, float] = Field(default_factory=dict)
+    terms: list[ObjectiveTerm | RankingTerm] | None = None
     temperature: float = Field(1.0, gt=0.0)
     chunk_size: int | None = Field(None, ge=1, description="positions per chunk; None = as many as fit 2^22 logits (16 MiB in fp32)")
     ranking: RankingConfig = Field(default_factory=lambda: RankingConfig(enabled=False))
@@ -56,9 +93,22 @@ class LossConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
+        if self.terms is not None:
+            if self.objective is not None and "objective" in self.model_fields_set:
+                raise ValueError("give either loss.objective (shorthand) or loss.terms, not both")
+            if self.params and "params" in self.model_fields_set:
+                raise ValueError("loss.params belongs to the shorthand form; put params in each of loss.terms")
+            self.objective = None
+            ranking_items = [t for t in self.terms if isinstance(t, RankingTerm)]
+            if len(ranking_items) > 1:
+                raise ValueError("loss.terms: at most one ranking term")
+            if ranking_items:
+                item = ranking_items[0]
+                self.ranking = RankingConfig(**{**item.ranking, "enabled": True, "rank_weight": item.weight})
+            self.terms = [t for t in self.terms if isinstance(t, ObjectiveTerm)]
         rank_only = self.ranking.enabled and self.ranking.mode == "rank_only"
-        if self.objective is None and not rank_only:
-            raise ValueError("loss.objective is required unless ranking.mode='rank_only'")
+        if not self.objective_terms() and not rank_only:
+            raise ValueError("loss needs an objective (loss.objective or loss.terms) unless ranking.mode='rank_only'")
         if self.objective is not None:
             try:
                 spec = get_objective(self.objective)
@@ -67,13 +117,29 @@ class LossConfig(BaseModel):
             self.params = spec.resolve_params(self.params)
         return self
 
+    def objective_terms(self) -> list[ObjectiveTerm]:
+        """The weighted objectives of the loss (the shorthand is one term of weight 1)."""
+        if self.terms is not None:
+            return list(self.terms)
+        if self.objective is None:
+            return []
+        return [ObjectiveTerm.model_construct(objective=self.objective, params=self.params, weight=1.0)]
+
     @property
     def uses_base(self) -> bool:
-        return self.objective is not None and not (self.ranking.enabled and self.ranking.mode == "rank_only")
+        return bool(self.objective_terms()) and not (self.ranking.enabled and self.ranking.mode == "rank_only")
+
+    def base_label(self) -> str:
+        """'KL', or for composed terms 'KL+0.5CE'."""
+        parts = []
+        for term in self.objective_terms():
+            weight = "" if term.weight == 1.0 else f"{term.weight:g}"
+            parts.append(weight + term.objective.upper())
+        return "+".join(parts)
 
     def label(self) -> str:
         """Short name used in tables: 'KL', 'KL+R', 'KL+R(dyn)', 'Rank-15', 'KL+R(pearson)'."""
-        base = (self.objective or "").upper()
+        base = self.base_label()
         r = self.ranking
         if not r.enabled:
             return base

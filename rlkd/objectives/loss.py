@@ -54,7 +54,9 @@ class DistillLoss:
         self.config = config
         self.retain_gradient = retain_gradient
         self.ranking = config.ranking if config.ranking.enabled else None
-        self.objective = get_objective(config.objective) if config.uses_base else None
+        # (declaration, params, weight) of each weighted objective; empty for Rank-only.
+        self.objectives = [(get_objective(t.objective), dict(t.params), t.weight)
+                           for t in config.objective_terms()] if config.uses_base else []
 
     # ---- the per-chunk computation -----------------------------------------------------------
     def _chunk(self, student, teacher, labels, union_ids, weights: _Weights):
@@ -96,8 +98,13 @@ class DistillLoss:
                 total = total + weights.rank * rank
             if r.mode == "dynamic":
                 base_weight = base_weight * overlap.to(s.dtype) / r.k
-        if self.objective is not None and weights.base:
-            base = self.objective.fn(s, t, labels, **cfg.params)
+        if self.objectives and weights.base:
+            base = None
+            for spec, params, weight in self.objectives:
+                value = spec.fn(s, t, labels, **params)
+                if len(self.objectives) > 1:
+                    terms[f"base_{spec.name}"] = value  # each term logged on its own
+                base = weight * value if base is None else base + weight * value
             terms["base"] = base
             total = total + base_weight * base
         return total, terms, sparse
@@ -121,9 +128,21 @@ class DistillLoss:
         metrics["rank_fallback"] = float(weights.rank_fallback)
         return LossOutput(per_token.sum(), n, metrics, per_token)
 
+    # What the loss needs and how it is normalised, read from the objectives' declarations.
     @property
     def needs_teacher(self) -> bool:
-        return self.objective is not None and self.objective.needs_teacher or self.ranking is not None
+        return self.ranking is not None or any(spec.needs_teacher for spec, _, _ in self.objectives)
+
+    @property
+    def needs_labels(self) -> bool:
+        return any(spec.needs_labels for spec, _, _ in self.objectives)
+
+    @property
+    def counts_labelled_only(self) -> bool:
+        """True when every term averages over labelled positions only (e.g. plain cross-entropy):
+        the engine then counts only positions whose next token is known."""
+        return (self.ranking is None and bool(self.objectives)
+                and all(spec.counts == "labelled" for spec, _, _ in self.objectives))
 
     def _select(self, student_logits, teacher_logits, mask, labels):
         vocab = student_logits.shape[-1]
@@ -155,8 +174,9 @@ class DistillLoss:
             if labels.shape != lead:
                 raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits' leading shape {tuple(lead)}")
             labels_sel = labels.reshape(-1)[positions]
-        elif self.objective is not None and self.objective.needs_labels:
-            raise ValueError(f"objective {self.objective.name!r} needs labels")
+        elif self.needs_labels:
+            names = [spec.name for spec, _, _ in self.objectives if spec.needs_labels]
+            raise ValueError(f"objective {', '.join(map(repr, names))} needs labels")
         student_flat = student_logits.reshape(-1, vocab)
         teacher_flat = teacher_logits.reshape(-1, vocab) if teacher_logits is not None and needs_teacher else None
         return student_flat, teacher_flat, positions, labels_sel
@@ -167,8 +187,7 @@ class DistillLoss:
         if r is None:
             return None, _Weights(rank=0.0, base=1.0)
         if r.fidelity == "paper":
-            uses_base = self.objective is not None
-            return None, _Weights(rank=r.rank_weight, base=r.base_weight if uses_base else 0.0)
+            return None, _Weights(rank=r.rank_weight, base=r.base_weight if self.objectives else 0.0)
         with torch.no_grad():
             spans = [positions[i : i + chunk] for i in range(0, positions.numel(), chunk)]
             t_ids = torch.cat([topk_ids(_rows(teacher_flat, idx), r.k) for idx in spans])

@@ -27,6 +27,9 @@ class ObjectiveSpec:
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     needs_teacher: bool = True
     needs_labels: bool = False
+    # Which positions the per-token mean runs over: "supervised" (every supervised position) or
+    # "labelled" (only those whose next token is known; cross-entropy has nothing to learn elsewhere).
+    counts: str = "supervised"
     summary: str = ""
 
     def resolve_params(self, params: Mapping[str, object] | None) -> dict[str, float]:
@@ -57,8 +60,15 @@ def register_objective(
     bounds: Mapping[str, tuple[float, float]] | None = None,
     needs_teacher: bool = True,
     needs_labels: bool = False,
+    counts: str = "supervised",
 ) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Register ``fn`` under ``name``; its keyword-only arguments are its hyperparameters."""
+    """Register ``fn`` under ``name``; its keyword-only arguments are its hyperparameters.
+
+    The declaration tells the engine what the objective needs: ``needs_teacher`` (teacher logits),
+    ``needs_labels`` (the next token at each position) and ``counts`` (which positions its mean is
+    over: ``"supervised"`` or ``"labelled"``)."""
+    if counts not in ("supervised", "labelled"):
+        raise ValueError(f"objective {name!r}: counts must be 'supervised' or 'labelled', got {counts!r}")
 
     def decorate(fn: ObjectiveFn) -> ObjectiveFn:
         if name in _REGISTRY:
@@ -74,7 +84,7 @@ def register_objective(
         if unknown_bounds:
             raise TypeError(f"objective {name!r}: bounds for unknown parameters {sorted(unknown_bounds)}")
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        spec = ObjectiveSpec(name, fn, defaults, dict(bounds or {}), needs_teacher, needs_labels, summary)
+        spec = ObjectiveSpec(name, fn, defaults, dict(bounds or {}), needs_teacher, needs_labels, counts, summary)
         spec.resolve_params({})  # the defaults themselves must satisfy the bounds
         _REGISTRY[name] = spec
         return fn
@@ -83,7 +93,7 @@ def register_objective(
 
 
 def get_objective(name: str) -> ObjectiveSpec:
-    _load_builtin_objectives()
+    _load_entry_points()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -91,10 +101,13 @@ def get_objective(name: str) -> ObjectiveSpec:
 
 
 def list_objectives() -> list[str]:
-    _load_builtin_objectives()
+    _load_entry_points()
     return sorted(_REGISTRY)
 
 
-def _load_builtin_objectives() -> None:
-    # Importing the package registers the built-in objectives; plug-ins register on their own import.
-    import rlkd.objectives  # noqa: F401
+def _load_entry_points() -> None:
+    # The built-ins are registered by the package's __init__, which Python runs before this module;
+    # installed plug-ins (entry-point group rlkd.objectives) are imported on the first lookup.
+    from rlkd.plugins import load_entry_points
+
+    load_entry_points()

@@ -1,0 +1,229 @@
+"""Run one cell: its stages, training, export and evaluation, in a fresh process or in this one.
+
+``run_cell_inprocess`` does the work. ``LocalExecutor`` runs it in a child process
+(``python -m rlkd.bench.cell``): memory, threads and crashes stay isolated, and a killed runner takes
+its children with it (they resume from the cell's staging folder next time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rlkd.bench.stages import engine_tree, generation_data, stage_models, teacher_cache_dir, train
+from rlkd.factory import resolve_model
+from rlkd.provenance import atomic_write_json, atomic_write_jsonl
+
+RESULTS_REF = "@results/"
+METRICS_FILE = "cell_result.json"
+
+
+def resolve_results_refs(value: Any, results_dir: Path) -> Any:
+    """``@results/x`` -> ``<results_dir>/x`` anywhere in a cell: configs name files inside the results
+    directory without the directory's absolute path entering the config hash."""
+    if isinstance(value, str) and value.startswith(RESULTS_REF):
+        return str(results_dir / value.removeprefix(RESULTS_REF))
+    if isinstance(value, dict):
+        return {k: resolve_results_refs(v, results_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_results_refs(v, results_dir) for v in value]
+    return value
+
+
+def cell_engine_tree(cell: dict[str, Any], workdir: Path, *, cache_dir: Path, shared_dir: Path,
+                     create_models: bool = True) -> dict[str, Any]:
+    """The engine config a distill cell trains with (stages and teacher generations prepared first
+    when ``create_models``)."""
+    if not create_models:
+        return engine_tree(cell["run"], workdir, cache_dir=cache_dir, teacher_cache=cell.get("teacher_cache", False),
+                           create_models=False)
+    teacher, student = stage_models(cell, shared_dir, cache_dir)
+    run = generation_data(cell, teacher, shared_dir) if cell.get("teacher_generations") else cell["run"]
+    return engine_tree(run, workdir, cache_dir=cache_dir, teacher=teacher, student=student,
+                       teacher_cache=cell.get("teacher_cache", False))
+
+
+def _train_sequences(cell: dict[str, Any], cache_dir: Path):
+    """The cell's training sequences, tokenised as the engine does (alignment on trained-on data)."""
+    def sequences(tokenizer):
+        from rlkd.config import load_config
+        from rlkd.data import build_samples
+
+        tree = engine_tree({**cell["run"], "loss": {"objective": "ce"}}, Path("unused"), cache_dir=cache_dir,
+                           create_models=False)
+        return [s.input_ids for s in build_samples(load_config(base=tree).data, tokenizer)]
+    return sequences
+
+
+def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_dir: Path):
+    from rlkd.eval.dispatch import evaluate_model
+
+    cached = teacher_cache_dir(cache_dir) if cell.get("teacher_cache") else None
+    return evaluate_model(cell["eval"], model_path, workdir, teacher_path=teacher, task=cell["task"],
+                          train_sequences=_train_sequences(cell, cache_dir), teacher_cache_dir=cached)
+
+
+def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
+                       shared_dir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Metrics and per-example scores of one cell (training it first unless it is a reference row)."""
+    cell = resolve_results_refs(cell, cache_dir.parent)
+    from rlkd.plugins import load_plugins
+
+    load_plugins(cell["run"].get("plugins") or [])
+    if cell["kind"] == "reference":
+        teacher, student = stage_models(cell, shared_dir, cache_dir)
+        model = {"teacher": teacher, "student": student}.get(cell["reference"]) \
+            or resolve_model(cell["candidate"], cache_dir)
+        return _evaluate(cell, model, workdir, teacher, cache_dir)
+    tree = cell_engine_tree(cell, workdir / "train", cache_dir=cache_dir, shared_dir=shared_dir)
+    started = time.perf_counter()
+    export_dir, log = train(tree)
+    train_seconds = time.perf_counter() - started
+    atomic_write_jsonl(workdir / "train_log.jsonl", log)
+    metrics, per_example = _evaluate(cell, str(export_dir), workdir, tree["models"]["teacher"], cache_dir)
+    metrics["train_seconds"] = train_seconds
+    metrics["train_step_seconds"] = sum(float(row.get("step_time_s", 0.0)) for row in log)
+    if log:
+        metrics["final_train_loss"] = float(log[-1]["loss"])
+    if not cell.get("keep_checkpoints", False):
+        shutil.rmtree(export_dir, ignore_errors=True)
+        shutil.rmtree(workdir / "train" / "checkpoints", ignore_errors=True)
+    return metrics, per_example
+
+
+# A process group set up in the runner (e.g. by training the embedded benchmark's teacher in-process)
+# must not leak into the cell processes, which each start their own one-process group.
+_LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
+
+
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b(:|$)")
+
+
+def last_error_line(log_text: str) -> str:
+    """The last line of a log that says what went wrong (a Python exception line, without the
+    ``[rankN]:`` prefix distributed runs add), else its last line."""
+    lines = [_RANK_PREFIX.sub("", line).strip() for line in log_text.strip().splitlines()]
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line) and not line.endswith("Warning"):
+            return line
+    return lines[-1] if lines else "(no output)"
+
+
+class CellProcessError(RuntimeError):
+    pass
+
+
+class LocalExecutor:
+    """Runs each cell in a child process: a fresh one per cell (isolates memory, threads and
+    crashes; the default), or with ``reuse_processes`` long-lived workers (:mod:`rlkd.bench.worker`)
+    that run many cells each, for grids of many small cells whose cost is mostly start-up."""
+
+    def __init__(self, results_dir: Path, *, subprocess_per_cell: bool = True, threads: int | None = None,
+                 reuse_processes: bool = False):
+        self.results_dir = results_dir
+        self.cache_dir = results_dir / ".cache"
+        self.shared_dir = results_dir / ".shared"
+        self.subprocess_per_cell = subprocess_per_cell
+        self.threads = threads
+        self.reuse_processes = reuse_processes
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers: list[subprocess.Popen] = []
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+        env.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
+
+    def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+        if not self.subprocess_per_cell:
+            return run_cell_inprocess(cell, workdir, cache_dir=self.cache_dir, shared_dir=self.shared_dir)
+        out = workdir / METRICS_FILE
+        out.unlink(missing_ok=True)
+        if self.reuse_processes:
+            return self._run_in_worker(workdir, out)
+        env = self._env()
+        log_path = workdir / "cell.log"
+        with open(log_path, "a") as log:
+            code = subprocess.call([sys.executable, "-m", "rlkd.bench.cell", str(workdir), str(self.cache_dir),
+                                    str(self.shared_dir)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=_die_with_parent)
+        if code != 0 or not out.is_file():
+            reason = last_error_line(log_path.read_text(errors="replace"))
+            raise CellProcessError(f"{reason} (cell process exited with {code}; full log: {log_path.name} "
+                                   "in the cell's staging folder)")
+        result = json.loads(out.read_text())
+        return result["metrics"], result["per_example"]
+
+    def _run_in_worker(self, workdir: Path, out: Path):
+        try:
+            worker = self._idle.get_nowait()
+        except queue.Empty:
+            worker = subprocess.Popen([sys.executable, "-m", "rlkd.bench.worker", str(self.cache_dir),
+                                       str(self.shared_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env=self._env(), preexec_fn=_die_with_parent)
+            self._workers.append(worker)
+        worker.stdin.write(json.dumps({"workdir": str(workdir)}) + "\n")
+        worker.stdin.flush()
+        line = worker.stdout.readline()
+        if not line:  # the worker died mid-cell: discard it, the next cell gets a fresh one
+            code = worker.wait()
+            reason = last_error_line((workdir / "cell.log").read_text(errors="replace")) \
+                if (workdir / "cell.log").is_file() else "(no output)"
+            raise CellProcessError(f"{reason} (cell worker died with {code}; full log: cell.log in the cell's "
+                                   "staging folder)")
+        self._idle.put(worker)
+        answer = json.loads(line)
+        if not answer["ok"] or not out.is_file():
+            raise CellProcessError(f"{answer.get('error', '(no result)')} (full log: cell.log in the cell's "
+                                   "staging folder)")
+        result = json.loads(out.read_text())
+        return result["metrics"], result["per_example"]
+
+    def close(self) -> None:
+        """End the workers (they exit at the end of their input)."""
+        for worker in self._workers:
+            if worker.poll() is None:
+                worker.stdin.close()
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+        self._workers.clear()
+
+
+def write_result(workdir: Path, metrics: dict[str, float], per_example: dict[str, list[float]]) -> None:
+    atomic_write_json(workdir / METRICS_FILE, {"metrics": metrics, "per_example": per_example})
+
+
+def _die_with_parent() -> None:
+    """Linux: the cell process gets SIGKILL when the runner dies, so a killed runner leaves no orphan
+    training into a staging directory that the next runner will use."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - torch missing means CPU
+        return False

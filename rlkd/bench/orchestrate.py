@@ -1,0 +1,136 @@
+"""Run, dry-run or hand to Slurm a list of cells in a results folder, then render its tables."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from rlkd.bench.executor import LocalExecutor, cell_engine_tree
+from rlkd.bench.runner import code_provenance, run_grid
+from rlkd.bench.stages import finished_stage
+from rlkd.bench.store import STAGING, cell_status, is_done, read_json, write_json_atomic, write_text_atomic
+
+
+def stale_cells(cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    """Finished cells whose recorded code (git sha, dirty flag, plug-in sources) differs from the
+    code running now; a dirty checkout counts as different, since it cannot be identified."""
+    from rlkd.plugins import current_hashes
+
+    now = code_provenance()
+    stale = []
+    for cell in cells:
+        final = out_dir / cell["id"]
+        if not is_done(final, cell["config_hash"]):
+            continue
+        try:
+            recorded = read_json(final / "provenance.json")
+        except (FileNotFoundError, json.JSONDecodeError):
+            stale.append(cell["id"])
+            continue
+        plugins = (cell.get("run") or {}).get("plugins") or []
+        if (recorded.get("git_sha") != now["git_sha"] or recorded.get("git_dirty") or now["git_dirty"]
+                or (plugins and recorded.get("plugins") != current_hashes(plugins))):
+            stale.append(cell["id"])
+    return stale
+
+
+def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, jobs: int = 1,
+              retry_failed: bool = True, tables: bool = True, executor=None, threads: int | None = None,
+              rerun_stale: bool = False, reuse_processes: bool = False) -> int:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "spec.json", {"source": spec_source, "layout": layout,
+                                              "cells": [c["id"] for c in cells]})
+    if rerun_stale:
+        stale = set(stale_cells(cells, out_dir))
+        if stale:
+            print(f"rlkd bench: re-running {len(stale)} cell(s) that ran on other code (--rerun-stale)")
+        for cell in cells:
+            if cell["id"] in stale:
+                _retire(out_dir, cell["id"])
+    executor = executor or LocalExecutor(out_dir, threads=threads if threads else (None if jobs <= 1 else 1),
+                                         reuse_processes=reuse_processes)
+    try:
+        summary = run_grid(cells, out_dir, executor, jobs=jobs, retry_failed=retry_failed)
+    finally:
+        if hasattr(executor, "close"):
+            executor.close()
+    print(f"rlkd bench: {len(summary.done)} run, {len(summary.skipped)} already done, "
+          f"{len(summary.elsewhere)} done by another runner, {len(summary.failed)} failed of {summary.total} cells")
+    for cell_id, error in summary.failed.items():
+        print(f"  failed: {cell_id}: {error}")
+    if tables:
+        from rlkd.bench.table_cli import make_tables
+
+        try:
+            paths = make_tables(out_dir, layout)
+        except FileNotFoundError as exc:
+            print(f"rlkd bench: no table: {exc}")
+        else:
+            for kind, path in paths.items():
+                print(f"  {kind:>14}: {path}")
+    return 0 if summary.ok else 1
+
+
+def _retire(out_dir: Path, cell_id: str) -> None:
+    """Move a finished cell's record aside so that the runner runs the cell again."""
+    import os
+
+    final = out_dir / cell_id
+    target = out_dir / STAGING / f"{cell_id}.stale.{os.getpid()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(final, target)
+
+
+def dry_run(cells, out_dir: Path, *, show_config: bool = False, slurm: dict[str, int] | None = None) -> int:
+    counts = {"done": 0, "failed": 0, "pending": 0}
+    stale = set(stale_cells(cells, out_dir))
+    print(f"{len(cells)} cells -> {out_dir}/")
+    for cell in cells:
+        final = out_dir / cell["id"]
+        status = "done" if is_done(final, cell["config_hash"]) else \
+            ("failed" if (cell_status(final) or {}).get("status") == "failed" else "pending")
+        counts[status] += 1
+        note = " (ran on other code)" if cell["id"] in stale else ""
+        print(f"  [{status:>7}] {cell['id']}{note}")
+        if show_config:
+            print("            " + json.dumps({k: cell[k] for k in ("run", "stages", "eval")}, sort_keys=True))
+    print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    if slurm is not None:
+        print_slurm(cells, out_dir, nodes=slurm["nodes"], gpus_per_node=slurm["gpus_per_node"])
+    return 0
+
+
+def print_slurm(cells, out_dir: Path, *, nodes: int, gpus_per_node: int) -> None:
+    """One `rlkd launch slurm` job per pending cell; the engine config is written next to it. The
+    jobs train into the cells' staging directories; running the spec again afterwards (without
+    --slurm) evaluates and stores each cell whose training finished there, without retraining."""
+    import yaml
+
+    print("\n# Slurm: one job per cell (run configs written under .slurm/); afterwards "
+          "`rlkd bench SPEC` evaluates and stores the trained cells")
+    for cell in cells:
+        if is_done(out_dir / cell["id"], cell["config_hash"]) or cell["kind"] != "distill":
+            continue
+        if cell.get("teacher_generations"):
+            print(f"# {cell['id']}: trains on teacher generations; run it locally (rlkd bench SPEC --only ...)")
+            continue
+        run = dict(cell["run"])
+        missing = []
+        for role in cell.get("stages") or {}:
+            stage_export = finished_stage(cell, role, out_dir / ".shared")
+            if stage_export is None:
+                missing.append(role)
+            else:
+                run["models"] = {**run.get("models", {}), role: stage_export}
+        if missing:
+            print(f"# {cell['id']}: its {' and '.join(r + '_sft' for r in missing)} stage has not run yet; "
+                  "run one cell locally first (rlkd bench SPEC --only ...), which runs the stage once")
+            continue
+        config_path = out_dir / ".slurm" / f"{cell['id']}.yaml"
+        tree = cell_engine_tree({**cell, "run": run}, out_dir / STAGING / cell["id"] / "train",
+                                cache_dir=out_dir / ".cache", shared_dir=out_dir / ".shared", create_models=False)
+        write_text_atomic(config_path, yaml.safe_dump(tree, sort_keys=False))
+        print(shlex.join(["rlkd", "launch", "slurm", "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node),
+                          "--config", str(config_path), "--job-name", cell["id"][:60], "--resume"]))

@@ -1,0 +1,154 @@
+"""Training for the benchmark: a cell's engine config, and the cached stages cells share.
+
+A cell's ``run`` is a partial run config (see :mod:`rlkd.bench.spec`); :func:`engine_tree` turns it
+into the complete tree ``rlkd.engine.train.run_training`` takes: output folder, model references
+resolved to local paths (``@tiny/...``, ``@smollm2/...``), the teacher cache folder.
+
+Stages (``teacher_sft`` / ``student_sft``) fine-tune a model with cross-entropy once per task;
+every cell, and every runner, reuses the result. Each is built under a file lock, so a second
+runner waits for the first instead of training the same model into the same folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from rlkd.bench.spec import canonical_run, config_hash
+from rlkd.factory import resolve_model
+from rlkd.provenance import atomic_write_json, atomic_write_jsonl
+
+
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (blocking): one process prepares, the others wait."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def teacher_cache_dir(cache_dir: Path) -> Path:
+    return cache_dir / "teacher_logits"
+
+
+def engine_tree(run: dict[str, Any], workdir: Path, *, cache_dir: Path, teacher: str | None = None,
+                student: str | None = None, teacher_cache: bool = False, create_models: bool = True) -> dict[str, Any]:
+    """The complete run-config tree of ``run`` trained in ``workdir`` (``create_models=False``: name
+    tiny models without building them, for dry runs)."""
+    tree = copy.deepcopy(run)
+    models = tree.setdefault("models", {})
+    for role, given in (("teacher", teacher), ("student", student)):
+        if given is not None:
+            models[role] = given
+        elif role in models:
+            models[role] = resolve_model(models[role], cache_dir, create=create_models)
+    tree["output_dir"] = str(workdir)
+    tree.setdefault("progress_bar", False)
+    if teacher_cache:
+        tree["teacher_cache"] = str(teacher_cache_dir(cache_dir))
+    return tree
+
+
+def train(tree: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
+    """Train (resuming whatever a killed run left) unless exactly this training already finished."""
+    from rlkd.engine.train import run_training
+
+    finished = finished_training(tree)
+    if finished is not None:
+        return finished
+    result = run_training(tree, resume=True)
+    if result.export_dir is None:
+        raise RuntimeError("training finished without an exported checkpoint")
+    return Path(result.export_dir), _read_log(Path(result.metrics_path))
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finished_training(tree: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]] | None:
+    """A training that already finished in the tree's folder with exactly this config (e.g. a Slurm
+    job from ``rlkd bench --dry-run --slurm``): its export and log are used as they are."""
+    out = Path(tree["output_dir"])
+    manifest_path, export, metrics = out / "manifest.json", out / "export", out / "metrics.jsonl"
+    if not (manifest_path.is_file() and (export / "config.json").is_file() and metrics.is_file()):
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("status") != "finished":
+        return None
+    if canonical_run(manifest.get("config") or {}) != canonical_run(tree):
+        print(f"{out}: a finished training with another config is there; training again", flush=True)
+        return None
+    return export, _read_log(metrics)
+
+
+def stage_dir(cell: dict[str, Any], role: str, shared_dir: Path) -> Path:
+    key = config_hash(canonical_run(cell["stages"][role]))[:12]
+    return shared_dir / f"{role}_sft-{cell['task']}-{key}"
+
+
+def finished_stage(cell: dict[str, Any], role: str, shared_dir: Path) -> str | None:
+    """The export of the cell's ``<role>_sft`` stage if it has run, else None."""
+    out = stage_dir(cell, role, shared_dir)
+    return str(out / "export") if (out / "done.json").is_file() and (out / "export").is_dir() else None
+
+
+def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: Path) -> str:
+    """Fine-tune ``role``'s model with the cell's ``<role>_sft`` stage once; return its export."""
+    out = stage_dir(cell, role, shared_dir)
+    with exclusive(out.with_name(out.name + ".lock")):  # parallel cells and runners wait for one fine-tuning
+        done = finished_stage(cell, role, shared_dir)
+        if done is not None:
+            return done
+        tree = engine_tree(cell["stages"][role], out, cache_dir=cache_dir)
+        export_dir, log = train(tree)
+        atomic_write_jsonl(out / "train_log.jsonl", log)
+        atomic_write_json(out / "done.json", {"config": canonical_run(tree)}, sort_keys=True)
+        return str(export_dir)
+
+
+def stage_models(cell: dict[str, Any], shared_dir: Path, cache_dir: Path) -> tuple[str | None, str | None]:
+    """(teacher, student) paths, after their stages when the cell has them."""
+    models = cell["run"].get("models") or {}
+    found = []
+    for role in ("teacher", "student"):
+        if role in (cell.get("stages") or {}):
+            found.append(ensure_stage(cell, role, shared_dir, cache_dir))
+        elif role in models:
+            found.append(resolve_model(models[role], cache_dir))
+        else:
+            found.append(None)
+    return found[0], found[1]
+
+
+def generation_data(cell: dict[str, Any], teacher: str, shared_dir: Path) -> dict[str, Any]:
+    """The cell's ``run`` with its data replaced by the teacher's generations for the same rows."""
+    from rlkd.config import DataConfig
+    from rlkd.data.teacher_generations import ensure_teacher_generations
+
+    run = copy.deepcopy(cell["run"])
+    data = DataConfig.model_validate(run["data"])
+    decoding = cell["teacher_generations"]
+    path = ensure_teacher_generations(data, teacher, shared_dir, max_new_tokens=decoding["max_new_tokens"],
+                                      batch_size=decoding["batch_size"], device="cuda" if _cuda() else "cpu")
+    # The generated file holds exactly the selected rows, already without evaluation overlap.
+    run["data"] = {**{k: v for k, v in run["data"].items() if k not in ("limit", "skip", "data_dir", "source")},
+                   "path": str(path), "exclude_eval_overlap": False}
+    return run
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - torch missing means CPU
+        return False

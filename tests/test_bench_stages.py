@@ -1,0 +1,208 @@
+"""From a cell to the engine: its complete run config, model references, cached stages, teacher
+generations, and Slurm-trained cells collected without retraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlkd.bench.executor import resolve_results_refs
+from rlkd.bench.spec import expand, parse_spec
+from rlkd.bench.stages import engine_tree
+from rlkd.config import load_config
+from rlkd.factory import ModelRefError, shared_tokenizer
+
+
+def _cell(**run):
+    raw = {"name": "c", "tasks": [{"name": "gsm8k"}], "objectives": [{"name": "akl", "params": {"mu": 0.3}}],
+           "variants": ["R_dynamic"], "seeds": [5],
+           "defaults": {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"},
+                        "loss": {"ranking": {"k": 7}}, **run}}
+    return expand(parse_spec(raw))[0]
+
+
+def test_a_cell_run_is_the_engine_config_plus_output_and_resolved_models(tmp_path):
+    cell = _cell(train={"lr": 3e-5, "micro_batch_size": 4, "grad_accum": 16, "epochs": 2},
+                 data={"task": "gsm8k", "max_length": 1024, "limit": 1000}, checkpoint={"every_steps": 7})
+    tree = engine_tree(cell["run"], tmp_path / "out", cache_dir=tmp_path)
+    assert tree["output_dir"] == str(tmp_path / "out") and tree["seed"] == 5 and tree["progress_bar"] is False
+    cfg = load_config(base=tree)
+    assert (cfg.models.teacher, cfg.models.student) == ("T", "S")
+    assert (cfg.data.task, cfg.data.max_length, cfg.data.limit) == ("gsm8k", 1024, 1000)
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.epochs, cfg.train.lr) == (4, 16, 2, 3e-5)
+    assert cfg.checkpoint.every_steps == 7
+    assert cfg.loss.objective == "akl" and cfg.loss.params == {"mu": 0.3}
+    r = cfg.loss.ranking
+    assert (r.enabled, r.mode, r.correlation, r.k, r.rank_weight, r.base_weight) == (True, "dynamic", "spearman", 7, 2.0, 1.0)
+    cached = engine_tree(cell["run"], tmp_path / "out", cache_dir=tmp_path, teacher_cache=True)
+    assert cached["teacher_cache"] == str(tmp_path / "teacher_logits")
+
+
+def test_epochs_become_steps_from_the_samples_and_ranks():
+    from rlkd.engine.session import with_epoch_steps
+
+    cfg = load_config(base={"output_dir": "o", "models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"},
+                            "train": {"epochs": 2, "micro_batch_size": 4, "grad_accum": 8}})
+    assert with_epoch_steps(cfg, 1000, world_size=1).train.max_steps == 63   # ceil(2 * 1000 / 32)
+    assert with_epoch_steps(cfg, 1000, world_size=2).train.max_steps == 32   # ceil(2 * 1000 / 64)
+    plain = load_config(base={"output_dir": "o", "models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"},
+                              "train": {"max_steps": 9}})
+    assert with_epoch_steps(plain, 1000, world_size=4).train.max_steps == 9
+
+
+def test_results_refs_resolve_without_entering_the_hash(tmp_path):
+    cell = {"run": {"data": {"path": "@results/.data/x.jsonl"}, "list": ["@results/a", "plain"]}, "n": 3}
+    assert resolve_results_refs(cell, tmp_path) == {
+        "run": {"data": {"path": str(tmp_path / ".data/x.jsonl")}, "list": [str(tmp_path / "a"), "plain"]}, "n": 3}
+
+
+def test_tiny_models_are_named_in_dry_runs_and_built_otherwise(tmp_path):
+    cell = _cell(models={"teacher": "@tiny/teacher", "student": "@tiny/student"})
+    tree = engine_tree(cell["run"], tmp_path / "o", cache_dir=tmp_path, create_models=False)
+    assert tree["models"]["teacher"] == str(tmp_path / "tiny-teacher") and not (tmp_path / "tiny-teacher").exists()
+    with pytest.raises(ModelRefError, match="unknown tiny model"):
+        engine_tree(_cell(models={"teacher": "@tiny/huge", "student": "S"})["run"], tmp_path / "o", cache_dir=tmp_path)
+
+
+def test_teacher_generations_replace_responses_once_and_are_reused(tmp_path, monkeypatch):
+    from rlkd.config import DataConfig
+    from rlkd.data.jsonl import DataError
+    from rlkd.data.teacher_generations import ensure_teacher_generations
+    from rlkd.factory import resolve_model
+
+    if shared_tokenizer() is None:
+        pytest.skip("needs the local Llama-2 tokenizer")
+    data = tmp_path / "gsm8k.jsonl"
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    teacher = resolve_model("@tiny/teacher", tmp_path / "cache")
+    selected = DataConfig(task="gsm8k", path=str(data), limit=3)
+    out = ensure_teacher_generations(selected, teacher, tmp_path / "shared", max_new_tokens=4, batch_size=2)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in written] == [r["question"] for r in rows[:3]]  # order and limit kept
+    assert all(w["answer"] != r["answer"] for w, r in zip(written, rows))  # a random tiny model's text
+    provenance = json.loads(out.with_suffix(".provenance.json").read_text())
+    assert provenance["rows"] == 3 and provenance["decoding"]["max_new_tokens"] == 4
+    assert provenance["decoding"]["do_sample"] is False and data.name in provenance["sources_sha256"]
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("cached generations must be reused")
+
+    monkeypatch.setattr("rlkd.eval.generate.generate_texts", no_generation)
+    assert ensure_teacher_generations(selected, teacher, tmp_path / "shared", max_new_tokens=4, batch_size=2) == out
+    documents = tmp_path / "docs.jsonl"
+    documents.write_text(json.dumps({"text": "plain text"}) + "\n")
+    with pytest.raises(DataError, match="prompt/response task"):
+        ensure_teacher_generations(DataConfig(task="pretrain", path=str(documents)), teacher, tmp_path / "s2")
+
+
+def _staged_spec(docs: Path, **student_sft):
+    return {"name": "staged", "tasks": [{"name": "pretrain"}], "objectives": ["kl"], "variants": ["none"],
+            "seeds": [1], "references": ["teacher", "student"], "teacher_cache": True,
+            "defaults": {"models": {"teacher": "@tiny/teacher", "student": "@tiny/student", "dtype": "float32"},
+                         "data": {"task": "pretrain", "path": str(docs), "limit": 3, "max_samples": 4,
+                                  "max_length": 32},
+                         "train": {"micro_batch_size": 2, "max_steps": 1}},
+            "stages": {"student_sft": {"data": {"skip": 3, "limit": None, "max_samples": None},
+                                       "train": {"max_steps": 2, "lr": 1e-3}, **student_sft}},
+            "eval": {"kind": "alignment", "source": "train", "batch_size": 2,
+                     "extra_sets": {"heldout": {"text_path": str(docs), "skip_rows": 6, "slice_len": 32,
+                                                "max_slices": 3}}}}
+
+
+def test_reference_rows_carry_the_training_keys_only_when_staged():
+    base = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "pretrain"}}
+    plain = {"name": "p", "tasks": [{"name": "pretrain"}], "objectives": ["kl"], "variants": ["none"],
+             "references": ["student"], "defaults": {**base, "train": {"lr": 1.0}}}
+    other_lr = {**plain, "defaults": {**base, "train": {"lr": 2.0}}}
+    start = [expand(parse_spec(s))[0] for s in (plain, other_lr)]
+    assert start[0]["run"] == {"models": {"teacher": "T", "student": "S"}}
+    assert start[0]["config_hash"] == start[1]["config_hash"]  # a base model does not depend on lr
+    staged = [expand(parse_spec({**s, "stages": {"student_sft": {"train": {"max_steps": 3}}}}))[0]
+              for s in (plain, other_lr)]
+    assert staged[0]["stages"]["student"]["train"] == {"lr": 1.0, "max_steps": 3}
+    assert staged[0]["stages"]["student"]["loss"] == {"objective": "ce"}
+    assert staged[0]["config_hash"] != staged[1]["config_hash"]
+
+
+def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path, monkeypatch):
+    import torch
+
+    from rlkd.bench import stages as stages_module
+    from rlkd.bench.executor import _train_sequences, run_cell_inprocess
+    from rlkd.eval.alignment import compare_models
+    from rlkd.eval.generate import load_checkpoint
+
+    if shared_tokenizer() is None:
+        pytest.skip("needs the local Llama-2 tokenizer")
+    words = "the cat sat on a mat while dogs ran far away from home and birds sang".split()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
+                            for i in range(12)))
+    cells = {c["method"]: c for c in expand(parse_spec(_staged_spec(docs)))}
+    cache, shared = tmp_path / "res" / ".cache", tmp_path / "res" / ".shared"
+    start, _ = run_cell_inprocess(cells["Start"], tmp_path / "start", cache_dir=cache, shared_dir=shared)
+    stages = [p for p in shared.iterdir() if p.name.startswith("student_sft-") and p.is_dir()]
+    assert len(stages) == 1 and (stages[0] / "done.json").is_file()
+    stage_log = [json.loads(line) for line in (stages[0] / "train_log.jsonl").read_text().splitlines()]
+    assert len(stage_log) == 2
+
+    # The Start row is the stage's student, scored on the training sequences against the teacher;
+    # recomputed here with plain models (no cache) it must agree.
+    student, tokenizer = load_checkpoint(str(stages[0] / "export"), dtype="float32", device="cpu")
+    teacher, _ = load_checkpoint(str(cache / "tiny-teacher"), dtype="float32", device="cpu")
+    slices = _train_sequences(cells["Start"], cache)(tokenizer)
+    assert len(slices) == 4 and all(len(s) == 32 for s in slices)
+    with torch.no_grad():
+        direct = compare_models(student, teacher, slices, batch_size=2).metrics
+    for key in ("cr@1", "cr@3", "mor@5", "mor@20"):
+        assert start[key] == pytest.approx(direct[key], abs=1e-9), key
+    assert start["ppl"] == pytest.approx(direct["ppl_student"], rel=1e-5)
+    assert start["teacher_ppl"] == pytest.approx(direct["ppl_teacher"], rel=1e-5)
+    assert {"heldout_cr@1", "heldout_ppl"} <= set(start)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the stage and the teacher logits must be reused")
+
+    monkeypatch.setattr(stages_module, "train", no_training)
+    teacher_row, _ = run_cell_inprocess(cells["Teacher"], tmp_path / "teacher", cache_dir=cache, shared_dir=shared)
+    assert teacher_row["cr@5"] == 100.0 and teacher_row["ppl"] == pytest.approx(teacher_row["teacher_ppl"], rel=1e-5)
+
+
+def test_a_cell_trained_by_its_slurm_job_is_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from rlkd.bench.cli import main as bench_main
+    from rlkd.bench.executor import run_cell_inprocess
+    from rlkd.engine.train import run_training
+
+    if shared_tokenizer() is None:
+        pytest.skip("needs the local Llama-2 tokenizer")
+    words = "one two three four five six seven eight nine ten".split()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(words[(i * j) % 10] for j in range(50))}) + "\n"
+                            for i in range(12)))
+    spec_path = tmp_path / "staged.yaml"
+    spec_path.write_text(yaml.safe_dump(_staged_spec(docs)))
+    results = tmp_path / "results"
+    cells = {c["method"]: c for c in expand(parse_spec(_staged_spec(docs)))}
+    kl = cells["KL"]
+
+    assert bench_main([str(spec_path), "--dry-run", "--slurm", "--results-dir", str(results)]) == 0
+    assert "student_sft stage has not run yet" in capsys.readouterr().out  # the stage comes first
+    cache, shared = results / ".cache", results / ".shared"
+    run_cell_inprocess(cells["Start"], results / ".staging" / cells["Start"]["id"], cache_dir=cache,
+                       shared_dir=shared)
+    assert bench_main([str(spec_path), "--dry-run", "--slurm", "--results-dir", str(results)]) == 0
+    launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rlkd launch slurm")]
+    assert len(launches) == 1 and kl["id"][:60] in launches[0]
+    job_config = results / ".slurm" / f"{kl['id']}.yaml"
+    assert "student_sft-pretrain-" in yaml.safe_load(job_config.read_text())["models"]["student"]
+
+    run_training(job_config)  # what the Slurm job runs
+    monkeypatch.setattr("rlkd.engine.train.run_training",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    metrics, _ = run_cell_inprocess(kl, results / ".staging" / kl["id"], cache_dir=cache, shared_dir=shared)
+    assert {"cr@1", "mor@20", "ppl", "heldout_cr@1", "final_train_loss"} <= set(metrics)
