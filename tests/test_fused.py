@@ -162,3 +162,12 @@ def test_logit_blocks_of_any_size_give_the_same_result(monkeypatch, chunks_per_b
     monkeypatch.setattr(fused, "HEAD_BLOCK_ELEMENTS", V * 4 * chunks_per_block)
     loss_fn = DistillLoss(objective="jsd", ranking=RANKINGS["R"], chunk_size=4)
     _assert_same(*_both_paths(loss_fn, *_inputs(b=4, l=13, seed=8)))
+
+
+def test_composed_terms_with_ranking():
+    """A weighted list of terms (KL + 0.5 CE + 2 R) on both paths."""
+    from rlkd.objectives import LossConfig
+
+    config = LossConfig(terms=[{"objective": "kl"}, {"objective": "ce", "weight": 0.5},
+                               {"ranking": {"k": 4, "backend": "torch"}, "weight": 2.0}], chunk_size=5)
+    _assert_same(*_both_paths(DistillLoss(config), *_inputs(seed=9)))

@@ -29,11 +29,11 @@ from rlkd.objectives.common import compute_dtype
 from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET, DistillLoss, LossOutput, _check_finite
 
 # Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
-# blocks of about this many elements (64 MiB in fp32); the loss maths then runs on the logits
+# blocks of about this many elements (128 MiB in fp32); the loss maths then runs on the logits
 # path's chunks inside a block. One block of a few hundred rows keeps the matmuls efficient: each
 # update of the V x H weight gradient reads and writes all of it, which costs as much as the
 # matmul itself when it is done for a chunk of a few dozen rows (V = 128k).
-HEAD_BLOCK_ELEMENTS = 2**24
+HEAD_BLOCK_ELEMENTS = 2**25
 
 
 @dataclass
@@ -108,8 +108,9 @@ def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput
         if labels.shape != lead:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden states' leading shape {tuple(lead)}")
         labels_sel = labels.reshape(-1)[positions]
-    elif loss.objective is not None and loss.objective.needs_labels:
-        raise ValueError(f"objective {loss.objective.name!r} needs labels")
+    elif loss.needs_labels:
+        names = [spec.name for spec, _, _ in loss.objectives if spec.needs_labels]
+        raise ValueError(f"objective {', '.join(map(repr, names))} needs labels")
 
     hidden_flat = hidden.reshape(-1, hidden.shape[-1])
     teacher_rows = None
