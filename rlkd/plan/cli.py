@@ -25,6 +25,14 @@ class PlanInputError(ValueError):
     pass
 
 
+def _dig(tree: dict, *keys: str):
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
 def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
     """``([(student, teacher or None, label)], settings)`` from a run config or a benchmark spec."""
     try:
@@ -43,23 +51,26 @@ def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
                     "fused": cfg.loss.fused_lm_head,
                     "offload": cfg.deepspeed.student_offload_optimizer or cfg.deepspeed.teacher_offload_params}
         return [(cfg.models.student, cfg.models.teacher if needs_teacher else None, "run")], settings
-    if "tasks" in tree:  # a benchmark spec
+    if "tasks" in tree:  # a benchmark spec: per-cell run-config trees (older specs: flat keys)
         defaults = tree.get("defaults") or {}
-        student = defaults.get("student")
-        pairs, seen = [], set()
+        student = _dig(defaults, "models", "student") or defaults.get("student")
+        pairs: list[tuple[str, str | None, str]] = []
         for task in tree["tasks"]:
-            train = (task or {}).get("train") or {}
-            pair = (train.get("student", student), train.get("teacher"))
+            task = task or {}
+            run = task.get("run") or task.get("train") or {}
+            pair = (_dig(run, "models", "student") or run.get("student") or student,
+                    _dig(run, "models", "teacher") or run.get("teacher"))
             if pair[0] is None:
-                raise PlanInputError(f"{path}: task {task.get('name')!r} has no student (defaults.student)")
-            if pair not in seen:
-                seen.add(pair)
-                pairs.append((pair[0], pair[1], str(task.get("name"))))
-            else:
-                index = [p[:2] for p in pairs].index(pair)
+                raise PlanInputError(f"{path}: task {task.get('name')!r} has no student (defaults.models.student)")
+            known = [p[:2] for p in pairs]
+            if pair in known:
+                index = known.index(pair)
                 pairs[index] = (*pair, f"{pairs[index][2]}, {task.get('name')}")
-        settings = {"micro_batch": int(defaults.get("micro_batch", 1)), "seq_len": int(defaults.get("seq_len", 2048)),
-                    "dtype": defaults.get("precision", "auto")}
+            else:
+                pairs.append((*pair, str(task.get("name"))))
+        settings = {"micro_batch": int(_dig(defaults, "train", "micro_batch_size") or defaults.get("micro_batch") or 1),
+                    "seq_len": int(_dig(defaults, "data", "max_length") or defaults.get("seq_len") or 2048),
+                    "dtype": _dig(defaults, "models", "dtype") or defaults.get("precision") or "auto"}
         return pairs, settings
     raise PlanInputError(f"{path}: neither a run config (no `models:`) nor a benchmark spec (no `tasks:`)")
 
