@@ -177,6 +177,27 @@ class _Plan:
     metrics: dict | None = None
 
 
+def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights, want_grad, idx):
+    """``(per-token totals, logged terms, gradient w.r.t. the chunk's logits or None)``, all detached.
+
+    Its own function so that the chunk's autograd graph, which holds the chunk's logits (a view
+    of the whole block), is gone when it returns.
+    """
+    s_rows = student_rows.detach()
+    with torch.enable_grad():
+        s_rows.requires_grad_(want_grad)
+        total, terms, sparse = loss._chunk(s_rows, t_rows, labels, union_ids, weights)
+        _check_finite(total, s_rows, t_rows, idx)
+        g = None
+        if want_grad:
+            leaves = [s_rows] + ([sparse[0]] if sparse is not None else [])
+            grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
+            g = grads[0] if grads[0] is not None else torch.zeros_like(s_rows)
+            if sparse is not None and grads[1] is not None:
+                g.scatter_add_(-1, sparse[1], grads[1].to(g.dtype))
+    return total.detach(), {name: value.detach() for name, value in terms.items()}, g
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_flat, weight, plan: _Plan):
@@ -201,24 +222,15 @@ class _FusedHeadLoss(torch.autograd.Function):
             for offset in range(0, block_idx.numel(), chunk):
                 start = block_start + offset
                 rows = slice(offset, offset + chunk)
-                s_rows = logits[rows].detach()
                 t_rows = t_block[rows] if t_block is not None else None
                 lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
                 ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
-                with torch.enable_grad():
-                    s_rows.requires_grad_(want_h or want_w)
-                    total, terms, sparse = loss._chunk(s_rows, t_rows, lab, ids, plan.weights)
-                    _check_finite(total, s_rows, t_rows, block_idx[rows])
-                    if want_h or want_w:
-                        leaves = [s_rows] + ([sparse[0]] if sparse is not None else [])
-                        grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
-                        g = grads[0] if grads[0] is not None else torch.zeros_like(s_rows)
-                        if sparse is not None and grads[1] is not None:
-                            g.scatter_add_(-1, sparse[1], grads[1].to(g.dtype))
-                        logits[rows] = g
-                per_token[start : start + chunk] = total.detach()
+                total, terms, g = _chunk_loss_and_grad(loss, logits[rows], t_rows, lab, ids, plan.weights,
+                                                       want_h or want_w, block_idx[rows])
+                if g is not None:
+                    logits[rows] = g
+                per_token[start : start + chunk] = total
                 for name, value in terms.items():
-                    value = value.detach()
                     if name == "rank":
                         value = torch.where(value.isnan(), torch.zeros_like(value), value)
                     sums[name] = sums.get(name, 0.0) + value.sum()
@@ -226,6 +238,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 grad_h.index_copy_(0, block_idx, logits @ head)
             if want_w:
                 grad_w.narrow(0, 0, vocab).addmm_(logits.t().to(acc_dtype), h_block.to(acc_dtype))
+            del logits, t_block, t_rows  # free this block before the next one is allocated
         plan.per_token = per_token
         plan.metrics = {name: float(value) for name, value in sums.items()}
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
