@@ -44,8 +44,10 @@ def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
     if "models" in tree:  # a run config: validate it as `rlkd train` would
         from rlkd.config import load_config
 
+        from rlkd.objectives import DistillLoss
+
         cfg = load_config(path)
-        needs_teacher = cfg.loss.objective != "ce" or cfg.loss.ranking.enabled
+        needs_teacher = DistillLoss(cfg.loss).needs_teacher  # e.g. "ce" alone never loads the teacher
         settings = {"micro_batch": cfg.train.micro_batch_size, "seq_len": cfg.data.max_length,
                     "dtype": cfg.models.dtype, "checkpointing": cfg.models.gradient_checkpointing,
                     "fused": cfg.loss.fused_lm_head,
