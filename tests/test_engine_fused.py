@@ -64,12 +64,12 @@ def tied_student(tmp_path_factory) -> Path:
     return path
 
 
-def test_tied_embeddings_and_a_padded_teacher_vocabulary(run_config, tmp_path, tiny_models, tied_student):
+def test_tied_embeddings_a_padded_teacher_vocabulary_and_checkpointing(run_config, tmp_path, tiny_models, tied_student):
     """The head is the embedding matrix (both gradients meet in one ZeRO-3 parameter); the teacher has
-    8 padding rows, cut by vocab_truncation=shared."""
+    8 padding rows, cut by vocab_truncation=shared; the student recomputes its layers in backward."""
     run_config["loss"] = {"objective": "jsd", "ranking": {"enabled": True, "k": 5, "fidelity": "official"}}
     models = dict(run_config["models"], student=str(tied_student), teacher=str(tiny_models["teacher_padded"]),
-                  vocab_truncation="shared")
+                  vocab_truncation="shared", gradient_checkpointing=True)
     logits_run, fused_run = _train_both(run_config, tmp_path, models=models)
     _assert_same_training(logits_run, fused_run)
 
