@@ -6,8 +6,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlkd.data.onpolicy import OnPolicyConfig
+from rlkd.report_sinks import missing_packages
+from rlkd.lora import StudentLoraConfig
 from rlkd.objectives import LossConfig
 
 
@@ -25,6 +28,7 @@ class ModelsConfig(_Strict):
     # "shared": when the two vocab sizes differ only by padding rows, compare logits on the shared
     # prefix min(V_teacher, V_student); checked against both tokenizers before any compute.
     vocab_truncation: Literal["none", "shared"] = "none"
+    student_lora: StudentLoraConfig | None = None  # train peft LoRA adapters only (rlkd.lora)
 
 
 class DataConfig(_Strict):
@@ -40,6 +44,15 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, ge=1)   # rows (pretrain: documents) read from the source
     max_samples: int | None = Field(None, ge=1)  # encoded samples kept (pretrain: packed sequences)
     shuffle: bool = True
+    on_policy: OnPolicyConfig | None = None  # GKD-style student-sampled responses (rlkd.data.onpolicy)
+
+    @model_validator(mode="after")
+    def _on_policy_is_shifted(self) -> "DataConfig":
+        # Prompts are cut at the first supervised position, which only the shifted mask places
+        # just before the response.
+        if self.on_policy is not None and self.mask_convention != "shifted":
+            raise ValueError("on_policy needs mask_convention 'shifted'")
+        return self
 
 
 class TrainSection(_Strict):
@@ -87,8 +100,34 @@ class RunConfig(_Strict):
     # training samples and every step, epoch and later run with the same teacher and data reads them.
     teacher_cache: str | None = None
     log_every: int = Field(1, ge=1)
+    # Sinks besides metrics.jsonl, same rows (rlkd.engine.reporting), and the period in steps of
+    # CR@1-5 of student vs teacher on the training batch (rlkd.engine.agreement; 0: never).
+    report_to: list[Literal["tensorboard", "wandb", "csv"]] = Field(default_factory=list)
+    agreement_every: int = Field(0, ge=0)
     progress_bar: bool = True
     export: bool = True
+
+    @field_validator("report_to")
+    @classmethod
+    def _sinks_installed(cls, sinks: list[str]) -> list[str]:
+        missing = missing_packages(sinks)
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed (pip install 'rlkd[{missing[0]}]')")
+        return sinks
+
+    @model_validator(mode="after")
+    def _on_policy_needs_a_live_teacher(self) -> "RunConfig":
+        if self.data.on_policy is not None and self.teacher_cache:
+            raise ValueError("data.on_policy: student-sampled sequences are not in teacher_cache; "
+                             "drop one of the two")
+        return self
+
+    @model_validator(mode="after")
+    def _agreement_needs_logits(self) -> "RunConfig":
+        if self.agreement_every and self.loss.fused_lm_head:
+            raise ValueError("agreement_every: CR@k needs the logits, which loss.fused_lm_head never forms; "
+                             "set agreement_every=0 or loss.fused_lm_head=false")
+        return self
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,6 @@ its own rows into the shared file.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlkd.provenance import atomic_write_json, checkpoint_fingerprint, utc_now
+from rlkd.provenance import atomic_write_json, checkpoint_fingerprint, file_lock, utc_now
 
 # Returns the teacher, called as ``teacher(input_ids=, attention_mask=, use_cache=False).logits``;
 # only called when an entry has to be built.
@@ -111,13 +110,8 @@ def _locked(path: Path, enabled: bool):
     if not enabled:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(path):
+        yield
 
 
 def _dist():

@@ -111,3 +111,10 @@ def test_two_rank_fused_training_matches_one_rank_logits_path(run_config, tmp_pa
     a, b = _weights(Path(two["output_dir"]) / "export"), _weights(one.export_dir)
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+def test_agreement_metrics_are_refused_on_the_fused_path(run_config):
+    from rlkd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="agreement_every"):
+        load_config(base=dict(run_config, agreement_every=5, loss={"objective": "kl", "fused_lm_head": True}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import stat
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from rlkd.launch.cli import main
-from rlkd.launch.slurm import SlurmJob, expand_nodelist, node_commands, render
+from rlkd.launch.slurm import SlurmJob, expand_nodelist, node_commands, render, time_limit_seconds
 
 
 @pytest.fixture
@@ -40,29 +41,34 @@ def _executable(path: Path, body: str) -> None:
 
 def test_rendered_script_runs_exactly_the_dry_run_commands(tmp_path, config_path, capsys, monkeypatch):
     """Run the sbatch script with stand-ins: srun starts the task once per node with that node's
-    SLURM_NODEID, torchrun records its arguments. They must equal what --dry-run prints."""
+    SLURM_NODEID, torchrun records its arguments. They must equal what --dry-run prints, and the
+    master is the first node's NodeAddr, not its name."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "record"
+    record.mkdir()
+    _executable(bin_dir / "scontrol", 'if [[ $1 == show && $2 == node ]]; then\n'
+                '  echo "NodeName=$3 Arch=x86_64"\n'
+                '  echo "   NodeAddr=10.0.0.$(( ${3: -1} )) NodeHostName=$3 Version=22.05"\n'
+                'else echo gpu001; echo gpu002; fi\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[001-002]")
     assert main(["slurm", "--nodes", "2", "--gpus-per-node", "8", "--config", str(config_path),
                  "train.max_steps=100", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     dry_run = [line.split(": ", 1)[1] for line in printed.splitlines() if line.startswith("[node ")]
-    assert len(dry_run) == 2 and "--node_rank=1 --master_addr=gpu001" in dry_run[1]
+    assert len(dry_run) == 2 and "--node_rank=1 --master_addr=10.0.0.1 " in dry_run[1]
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "record"
-    record.mkdir()
-    _executable(bin_dir / "scontrol", 'echo gpu001; echo gpu002\n')
     # srun: drop its own options, then run the task once per node
     _executable(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\n'
                 'for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@" || exit 1; done\n')
     _executable(bin_dir / "torchrun", f'printf "%s\\n" torchrun "$@" > {record}/node$SLURM_NODEID\n')
 
-    job = SlurmJob(config=config_path.resolve(), nodes=2, gpus_per_node=8, overrides=["train.max_steps=100"],
+    job = SlurmJob(config=config_path.resolve(), nodes=2, procs_per_node=8, overrides=["train.max_steps=100"],
                    log_dir=tmp_path / "logs")
     script = tmp_path / "train.sbatch"
     script.write_text(render(job))
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[001-002]",
+    env = dict(os.environ, SLURM_JOB_NODELIST="gpu[001-002]",
                SLURM_NNODES="2", SLURM_JOB_ID="42")
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
@@ -72,7 +78,7 @@ def test_rendered_script_runs_exactly_the_dry_run_commands(tmp_path, config_path
 
 
 def test_sbatch_header_and_commands_follow_the_request(config_path):
-    job = SlurmJob(config=config_path, nodes=3, gpus_per_node=4, partition="gpu", resume=True)
+    job = SlurmJob(config=config_path, nodes=3, procs_per_node=4, partition="gpu", resume=True)
     text = render(job)
     for line in ("#SBATCH --nodes=3", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --partition=gpu", 'scontrol show hostnames "$SLURM_JOB_NODELIST"'):
@@ -89,3 +95,133 @@ def test_launch_rejects_a_bad_config_key(tmp_path, config_path, capsys):
     assert main(["slurm", "--nodes", "1", "--gpus-per-node", "1", "--config", str(config_path),
                  "train.bogus=1", "--dry-run"]) == 2
     assert "train.bogus: unknown key" in capsys.readouterr().err
+
+
+def test_cpu_nodes_request_no_gpus_and_run_deepspeed_on_cpu(config_path, capsys, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+    assert main(["slurm", "--nodes", "2", "--procs-per-node", "3", "--config", str(config_path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "--gpus-per-node" not in printed and "gres" not in printed.lower()
+    assert "\nexport DS_ACCELERATOR=cpu\n" in printed
+    assert "# world size 6;" in printed
+    nodes = [line for line in printed.splitlines() if line.startswith("[node ")]
+    assert [n.split(": ", 1)[0] for n in nodes] == ["[node 0 node0] ranks 0-2", "[node 1 node1] ranks 3-5"]
+    assert all("--nproc_per_node=3" in n for n in nodes)
+
+    job = SlurmJob(config=config_path, nodes=2, procs_per_node=8)  # GPU nodes keep their GRES request
+    assert "#SBATCH --gpus-per-node=8" in render(job) and "DS_ACCELERATOR" not in render(job)
+
+
+def test_requeue_lines_follow_the_warning(config_path):
+    asked = render(SlurmJob(config=config_path, nodes=1, procs_per_node=1, requeue_warning_s=120))
+    assert "#SBATCH --signal=B:USR1@120\n#SBATCH --requeue\n" in asked and "#SBATCH --open-mode=append" in asked
+    off = render(SlurmJob(config=config_path, nodes=1, procs_per_node=1, requeue_warning_s=0))
+    assert "#SBATCH --signal" not in off and "#SBATCH --requeue" not in off
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus-per-node", "1", "--procs-per-node", "1"], "not allowed with argument"),
+    ([], "one of the arguments --gpus-per-node --procs-per-node is required"),
+])
+def test_one_kind_of_node_must_be_named(config_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slurm", "--nodes", "1", *argv, "--config", str(config_path), "--dry-run"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _run_batch_script(tmp_path, config_path, *, signal_batch_shell: bool, manifest: dict, restart_count: int = 0):
+    """Run the rendered script on one fake node. The fake torchrun waits until it has been started
+    (and, if asked, until the stop file appears), then writes `manifest` with rlkd's own JSON writer."""
+    import signal
+    import sys
+    import time
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir(parents=True)
+    record.mkdir()
+    manifest_path = tmp_path / "manifest.json"
+    manifest_json = tmp_path / "manifest.in.json"
+    manifest_json.write_text(json.dumps(manifest))
+    _executable(bin_dir / "scontrol", f'if [[ $1 == requeue ]]; then echo "$@" >> {record}/scontrol; '
+                'elif [[ $1 == show && $2 == node ]]; then echo "   NodeAddr=10.1.2.3 NodeHostName=x"; '
+                'else echo n1; fi\n')
+    _executable(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 "$@"\n')
+    wait_for_stop = 'while [[ ! -f $RLKD_STOP_FILE ]]; do sleep 0.05; done\n' if signal_batch_shell else ''
+    _executable(bin_dir / "torchrun", f'printf "%s\\n" "$@" > {record}/torchrun.args\n{wait_for_stop}'
+                f'{sys.executable} -c "import json; from rlkd.provenance import atomic_write_json; '
+                f'atomic_write_json(\'{manifest_path}\', json.load(open(\'{manifest_json}\')))"\n')
+    job = SlurmJob(config=config_path.resolve(), nodes=1, procs_per_node=1, log_dir=tmp_path / "logs",
+                   manifest=manifest_path)
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    script = tmp_path / "train.sbatch"
+    script.write_text(render(job))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1",
+               SLURM_JOB_ID="77", SLURM_RESTART_COUNT=str(restart_count))
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if signal_batch_shell:  # what --signal=B:USR1 does: only the batch shell, once the task runs
+        deadline = time.monotonic() + 30
+        while not (record / "torchrun.args").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    requeued = (record / "scontrol").read_text() if (record / "scontrol").exists() else ""
+    return out, requeued, (record / "torchrun.args").read_text().splitlines()
+
+
+def test_warning_signal_leads_to_requeue_once_the_run_reports_its_checkpoint(tmp_path, config_path):
+    out, requeued, args = _run_batch_script(tmp_path, config_path, signal_batch_shell=True,
+                                            manifest={"config": {"status": "x"}, "status": "preempted"})
+    assert requeued == "requeue 77\n"
+    assert "rlkd: USR1 at" in out and "checkpoint written; requeueing job 77" in out
+    assert "--master_addr=10.1.2.3" in args and "--resume" not in args
+
+
+def test_no_requeue_without_the_signal_or_when_the_run_finished(tmp_path, config_path):
+    # Only a top-level "preempted" counts; a finished run is never requeued, signal or not.
+    for signalled in (False, True):
+        _, requeued, _ = _run_batch_script(tmp_path / str(signalled), config_path, signal_batch_shell=signalled,
+                                           manifest={"config": {"status": "preempted"}, "status": "finished"})
+        assert requeued == ""
+    _, requeued, _ = _run_batch_script(tmp_path / "unsignalled", config_path, signal_batch_shell=False,
+                                       manifest={"status": "preempted"})
+    assert requeued == ""
+
+
+def test_a_requeued_start_resumes(tmp_path, config_path):
+    _, _, args = _run_batch_script(tmp_path, config_path, signal_batch_shell=False, manifest={"status": "finished"},
+                                   restart_count=1)
+    assert args[-1] == "--resume"
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 5400), ("1:30", 90), ("2:00:05", 7205), ("1-2", 93600),
+                                           ("1-0:30", 88200), ("0-0:1:2", 62)])
+def test_slurm_time_formats(text, seconds):
+    assert time_limit_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--time", "5", "--requeue-warning", "300"], "--requeue-warning 300 must be >= 0 and shorter than --time 5"),
+    (["--time", "1h"], "--time '1h': not a Slurm time"),
+    (["--requeue-warning", "-1"], "--requeue-warning -1 must be >= 0"),
+])
+def test_bad_time_limits_fail_before_anything_is_written(tmp_path, config_path, capsys, argv, message):
+    assert main(["slurm", "--nodes", "1", "--procs-per-node", "1", "--config", str(config_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_master_falls_back_to_the_node_name_when_node_details_are_hidden(tmp_path, config_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "scontrol", 'if [[ $1 == show && $2 == node ]]; then echo "denied" >&2; exit 1; fi\n'
+                'echo c17; echo c18\n')
+    _executable(bin_dir / "srun", 'while [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 "$@"\n')
+    _executable(bin_dir / "torchrun", f'printf "%s\\n" "$@" > {tmp_path}/args\n')
+    job = SlurmJob(config=config_path.resolve(), nodes=2, procs_per_node=1, log_dir=tmp_path, requeue_warning_s=0)
+    (tmp_path / "train.sbatch").write_text(render(job))
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="c[17-18]", SLURM_JOB_ID="5")
+    done = subprocess.run(["bash", str(tmp_path / "train.sbatch")], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "--master_addr=c17" in (tmp_path / "args").read_text().splitlines()

@@ -12,6 +12,9 @@ from rlkd.objectives import DistillLoss, get_objective, list_objectives, registe
 from rlkd.objectives.registry import _REGISTRY
 
 DIVERGENCES = ["kl", "rkl", "jsd", "tvd", "akl", "skew_kl", "skew_rkl"]
+# The divergence properties below are checked for every registered teacher-based objective, so an
+# objective added by a plug-in (installed entry point) is held to them with no edit here.
+REGISTERED = [n for n in list_objectives() if get_objective(n).needs_teacher and not get_objective(n).needs_labels]
 
 
 def _pair(n=6, v=40, seed=0, dtype=torch.float64):
@@ -27,14 +30,14 @@ def test_builtin_objectives_are_registered():
     assert set(DIVERGENCES + ["ce"]) <= set(list_objectives())
 
 
-@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_identical_distributions_give_zero(name):
     s, _ = _pair()
     loss = get_objective(name).fn(s, s.clone(), None)
     assert torch.allclose(loss, torch.zeros_like(loss), atol=1e-12)
 
 
-@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("name", REGISTERED)
 def test_divergences_are_positive_for_different_distributions(name):
     s, t = _pair()
     assert (get_objective(name).fn(s, t, None) > 0).all()

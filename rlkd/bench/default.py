@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from rlkd.bench.spec import config_hash, expand, filter_cells, parse_seeds, parse_spec
-from rlkd.bench.stages import exclusive
+from rlkd.provenance import file_lock
 from rlkd.bench.store import is_done, write_json_atomic
 from rlkd.data.synthetic import MarkovSource, SourceConfig, read_corpus, write_corpus
 
@@ -168,7 +168,7 @@ def run_default(args) -> int:
     torch.set_num_threads(1)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     root.mkdir(parents=True, exist_ok=True)
-    with exclusive(root / ".prepare.lock"):  # a second runner waits, then reuses what the first built
+    with file_lock(root / ".prepare.lock"):  # a second runner waits, then reuses what the first built
         paths = prepare_data(root, quick)
         prepare_models(root, quick, paths["train"])
         write_json_atomic(root / "source.json", {"source": SOURCE.__dict__, "data": data_plan(quick),

@@ -12,27 +12,13 @@ runner waits for the first instead of training the same model into the same fold
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlkd.bench.spec import canonical_run, config_hash
 from rlkd.factory import resolve_model
-from rlkd.provenance import atomic_write_json, atomic_write_jsonl
-
-
-@contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (blocking): one process prepares, the others wait."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+from rlkd.provenance import atomic_write_json, atomic_write_jsonl, file_lock
 
 
 def teacher_cache_dir(cache_dir: Path) -> Path:
@@ -104,7 +90,7 @@ def finished_stage(cell: dict[str, Any], role: str, shared_dir: Path) -> str | N
 def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: Path) -> str:
     """Fine-tune ``role``'s model with the cell's ``<role>_sft`` stage once; return its export."""
     out = stage_dir(cell, role, shared_dir)
-    with exclusive(out.with_name(out.name + ".lock")):  # parallel cells and runners wait for one fine-tuning
+    with file_lock(out.with_name(out.name + ".lock")):  # parallel cells and runners wait for one fine-tuning
         done = finished_stage(cell, role, shared_dir)
         if done is not None:
             return done

@@ -8,7 +8,6 @@ file for the same task. Generated once per (teacher, rows, decoding) under a loc
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from rlkd.data.jsonl import DataError
 from rlkd.data.tasks import PromptResponse, load_rows, response_field
-from rlkd.provenance import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, file_sha256
+from rlkd.provenance import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, file_lock, file_sha256
 
 
 def _key(payload: dict[str, Any]) -> str:
@@ -41,8 +40,7 @@ def ensure_teacher_generations(data, teacher_path: str, out_dir: Path, *, max_ne
                 "decoding": decoding.as_dict()})
     out = Path(out_dir) / f"teacher_generations-{data.task}-{key}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel cells wait for one generation pass
+    with file_lock(out.parent / f".{out.name}.lock"):  # parallel cells wait for one generation pass
         if out.is_file():
             return out
         model, tokenizer = load_checkpoint(teacher_path, dtype="float32", device=device)

@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"run finished: export {result.export_dir}; metrics {result.metrics_path}")
+        if result.stopped_early:
+            print(f"run stopped on request after step {result.steps}; "
+                  f"checkpoint in {result.output_dir / 'checkpoints'} (continue with --resume)")
+        else:
+            print(f"run finished: export {result.export_dir}; metrics {result.metrics_path}")
     return 0
 
 

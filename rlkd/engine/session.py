@@ -18,9 +18,11 @@ import torch
 from rlkd.config import RunConfig
 from rlkd.data import Batch, ResumableBatches, build_samples
 from rlkd.data.jsonl import DataError
+from rlkd.data.onpolicy import OnPolicyBatches
 from rlkd.engine.distributed import device_for, ensure_distributed
 from rlkd.engine.ds_config import student_ds_config, teacher_ds_config
 from rlkd.engine.schedule import lr_multiplier
+from rlkd.lora import wrap_student
 from rlkd.models import VocabPlan, config_vocab_size, load_causal_lm, load_tokenizer, plan_vocab, resolve_dtype
 
 
@@ -64,7 +66,7 @@ class Session:
     dtype: torch.dtype
     vocab: VocabPlan
     tokenizer: Any
-    batches: ResumableBatches
+    batches: ResumableBatches | OnPolicyBatches
     teacher: Any  # DeepSpeedEngine (inference); None with a teacher cache or a loss that needs no teacher
     student: Any  # DeepSpeedEngine
     loss_fn: Any
@@ -157,14 +159,22 @@ def build_session(cfg: RunConfig) -> Session:
     hf_refs.append(HfDeepSpeedConfig(s_config))
     student_model = load_causal_lm(cfg.models.student, dtype,
                                    gradient_checkpointing=cfg.models.gradient_checkpointing)
+    if cfg.models.student_lora is not None:
+        student_model = wrap_student(student_model, cfg.models.student_lora, cfg.models.gradient_checkpointing)
     student_model.train()
+    trainable = [p for p in student_model.parameters() if p.requires_grad]  # all of them, except with LoRA
     optimizer = None
     if cfg.train.optimizer == "torch_adamw":
-        optimizer = torch.optim.AdamW(student_model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
     student_engine, *_ = deepspeed.initialize(model=student_model, optimizer=optimizer,
-                                              model_parameters=student_model.parameters(),
+                                              model_parameters=trainable,
                                               lr_scheduler=_scheduler_factory(cfg), config=s_config)
+    if cfg.data.on_policy is not None:
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+        batches = OnPolicyBatches(batches, student_engine.module, cfg.data.on_policy, seed=cfg.seed, rank=rank,
+                                  world_size=world_size, max_length=cfg.data.max_length, device=device,
+                                  eos_id=eos_id if eos_id is not None else student_model.config.eos_token_id)
     return Session(cfg=cfg, rank=rank, world_size=world_size, device=device, dtype=dtype, vocab=vocab,
                    tokenizer=tokenizer, batches=batches, teacher=teacher_engine, student=student_engine,
                    loss_fn=loss_fn, ds_configs={"teacher": t_config, "student": s_config},

@@ -26,10 +26,12 @@ import torch.distributed as dist
 
 from rlkd.config import RunConfig, load_config
 from rlkd.data.encode import IGNORE_INDEX
-from rlkd.engine import checkpoint
+from rlkd.engine import agreement, checkpoint, reporting
 from rlkd.engine.distributed import all_reduce_sum
 from rlkd.engine.heads import fused_loss_and_backward
 from rlkd.engine.manifest import build_manifest
+from rlkd.engine.preemption import StopRequest
+from rlkd.lora import is_lora, save_lora_export
 from rlkd.provenance import atomic_write_json, atomic_write_text
 from rlkd.engine.session import Session, build_session
 
@@ -46,6 +48,7 @@ class TrainResult:
     manifest_path: Path
     steps: int                    # optimizer steps completed
     resumed_from: int | None      # step of the checkpoint resumed from, if any
+    stopped_early: bool = False   # a stop request (Slurm's time-limit warning) ended it after a checkpoint
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +94,8 @@ def train_step(session: Session, step: int) -> dict[str, float]:
             teacher_logits = session.teacher_logits(batch)
             student_logits = session.student_logits(batch)
             out = session.loss_fn(student_logits, teacher_logits, batch.supervised, labels=batch.labels)
+            if agreement.due(cfg.agreement_every, step):
+                out.metrics.update(agreement.agreement_sums(student_logits, teacher_logits, batch.supervised))
             engine.backward(out.loss_sum * scale)
         engine.step()  # DeepSpeed only updates at the accumulation boundary
         loss_total += float(out.loss_sum.detach())
@@ -120,7 +125,10 @@ def _export(session: Session, export_dir: Path) -> None:
     if session.rank == 0:
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        if is_lora(engine.module):
+            save_lora_export(engine.module, state_dict, tmp)  # merged weights, plus tmp/adapter
+        else:
+            engine.module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         if session.tokenizer is not None:
             session.tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(export_dir, ignore_errors=True)
@@ -147,6 +155,7 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
 
     session = build_session(cfg)
     cfg = session.cfg  # train.epochs resolved to max_steps
+    reporter = None
     try:
         rank = session.rank
         if rank == 0:
@@ -167,7 +176,9 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
             atomic_write_json(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size,
                                                             {"status": "running", "resumed_from": resumed_from}))
 
+        reporter = reporting.open_reporter(cfg.report_to, output_dir, rank, resumed_from, cfg.model_dump())
         last: dict[str, Any] = {}
+        stop, stopped_at = StopRequest.from_environment(), None
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=(rank != 0 or not cfg.progress_bar),
                    desc="rlkd train", dynamic_ncols=True)
         for step in range(start_step, cfg.train.max_steps):
@@ -179,13 +190,25 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.train.max_steps):
                 with metrics_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(last) + "\n")
+                reporter.write(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
             bar.update(1)
             every = cfg.checkpoint.every_steps
-            if every and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps:
+            stopping = step + 1 < cfg.train.max_steps and stop.requested(session.device)
+            if stopping or (every and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps):
                 checkpoint.save(session.student, checkpoint_dir, step + 1, session.batches.state(), rank,
                                 cfg.checkpoint.keep_last)
+            if stopping:
+                stopped_at = step + 1
+                break
         bar.close()
+        if stopped_at is not None:  # no export: the requeued job resumes from the checkpoint just written
+            if rank == 0:
+                atomic_write_json(manifest_path, build_manifest(cfg, session.ds_configs, session.world_size, {
+                    "status": "preempted", "resumed_from": resumed_from, "steps": stopped_at, "final_metrics": last}))
+            return TrainResult(output_dir=output_dir, export_dir=None, metrics_path=metrics_path,
+                               manifest_path=manifest_path, steps=stopped_at, resumed_from=resumed_from,
+                               last_metrics=last, stopped_early=True)
 
         if cfg.export:
             _export(session, export_dir)
@@ -197,4 +220,6 @@ def run_training(cfg: RunConfig | dict | str | Path, *, resume: bool = False,
                            metrics_path=metrics_path, manifest_path=manifest_path, steps=cfg.train.max_steps,
                            resumed_from=resumed_from, last_metrics=last)
     finally:
+        if reporter is not None:
+            reporter.close()
         session.close()

@@ -1,4 +1,5 @@
-"""`rlkd launch slurm --nodes N --gpus-per-node G --config run.yaml [key=value ...] [--dry-run]`."""
+"""`rlkd launch slurm --nodes N (--gpus-per-node G | --procs-per-node P) --config run.yaml [key=value ...]`
+[--dry-run] [--time T --requeue-warning S]."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 
 from rlkd.config import ConfigError, load_config
-from rlkd.launch.slurm import SlurmJob, hosts_from_environment, node_commands, render
+from rlkd.launch.slurm import (SlurmJob, hosts_from_environment, node_address, node_commands, render,
+                               time_limit_seconds)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,11 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--config", required=True, help="run config YAML (validated before anything is written)")
     slurm.add_argument("overrides", nargs="*", metavar="key=value", help="passed on to `rlkd train`")
     slurm.add_argument("--nodes", type=int, required=True)
-    slurm.add_argument("--gpus-per-node", type=int, required=True)
+    per_node = slurm.add_mutually_exclusive_group(required=True)
+    per_node.add_argument("--gpus-per-node", type=int, help="GPU nodes: one process per GPU (NCCL)")
+    per_node.add_argument("--procs-per-node", type=int,
+                          help="CPU nodes: processes per node, no GPU request (gloo, DS_ACCELERATOR=cpu)")
     slurm.add_argument("--dry-run", action="store_true", help="print the script and each node's command; submit nothing")
     slurm.add_argument("--resume", action="store_true", help="pass --resume to `rlkd train`")
     slurm.add_argument("--job-name", default="rlkd-train")
     slurm.add_argument("--time", default="24:00:00")
+    slurm.add_argument("--requeue-warning", type=int, default=300, metavar="SECONDS",
+                       help="Slurm signals the job this long before --time; it checkpoints at the next step and "
+                            "requeues itself, and the requeued job resumes (0: no signal, no requeue)")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
     slurm.add_argument("--cpus-per-task", type=int, default=16)
@@ -34,8 +42,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        print("rlkd launch: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
+    per_node = args.gpus_per_node if args.gpus_per_node is not None else args.procs_per_node
+    if args.nodes < 1 or per_node < 1:
+        print("rlkd launch: --nodes and --gpus-per-node/--procs-per-node must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        limit_s = time_limit_seconds(args.time)
+    except ValueError as exc:
+        print(f"rlkd launch: {exc}", file=sys.stderr)
+        return 2
+    # A warning as long as the limit would stop every start after its first step, forever.
+    if not 0 <= args.requeue_warning < limit_s:
+        print(f"rlkd launch: --requeue-warning {args.requeue_warning} must be >= 0 and shorter than --time "
+              f"{args.time} ({limit_s} s)", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
@@ -43,24 +62,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlkd launch: {exc}", file=sys.stderr)
         return 2
     output_dir = Path(cfg.output_dir).resolve()
-    job = SlurmJob(config=Path(args.config).resolve(), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                   overrides=list(args.overrides), resume=args.resume, job_name=args.job_name, time=args.time,
-                   cpus_per_task=args.cpus_per_task, master_port=args.master_port,
-                   log_dir=output_dir / "slurm-logs", partition=args.partition, account=args.account)
+    job = SlurmJob(config=Path(args.config).resolve(), nodes=args.nodes, procs_per_node=per_node,
+                   gpus=args.gpus_per_node is not None, overrides=list(args.overrides), resume=args.resume,
+                   job_name=args.job_name, time=args.time, cpus_per_task=args.cpus_per_task,
+                   master_port=args.master_port, log_dir=output_dir / "slurm-logs",
+                   manifest=output_dir / "manifest.json", requeue_warning_s=args.requeue_warning,
+                   partition=args.partition, account=args.account)
     script_text = render(job)
     script_path = Path(args.script) if args.script else output_dir / "slurm" / "train.sbatch"
 
     if args.dry_run:
         hosts, origin = hosts_from_environment(args.nodes)
+        master = (node_address(hosts[0]) if origin.startswith("SLURM_JOB_NODELIST") else None) or hosts[0]
         try:
-            commands = node_commands(job, hosts)
+            commands = node_commands(job, hosts, master)
         except ValueError as exc:
             print(f"rlkd launch: {exc}", file=sys.stderr)
             return 2
         print(f"# sbatch script (would be written to {script_path}):")
         print(script_text)
         print(f"# hosts: {origin}")
-        print(f"# world size {args.nodes * args.gpus_per_node}; master {hosts[0]}:{args.master_port}")
+        print(f"# world size {args.nodes * per_node}; master {master}:{args.master_port} (the first node's NodeAddr)")
+        if job.requeue_warning_s:
+            print(f"# {job.requeue_warning_s} s before --time the job checkpoints and requeues itself; "
+                  "the requeued job runs these commands with --resume")
         for node_rank, (host, ranks, command) in enumerate(commands):
             print(f"[node {node_rank} {host}] ranks {ranks.start}-{ranks.stop - 1}: {command}")
         return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,8 @@ TEMPLATE = REPO_ROOT / "scripts" / "slurm" / "rlkd_train.sbatch.template"
 class SlurmJob:
     config: Path
     nodes: int
-    gpus_per_node: int
+    procs_per_node: int           # torchrun processes per node: one per GPU, or CPU processes (gloo)
+    gpus: bool = True             # request `--gpus-per-node=procs_per_node`; False: CPU nodes, no GRES
     overrides: list[str] = field(default_factory=list)
     resume: bool = False
     job_name: str = "rlkd-train"
@@ -25,6 +28,8 @@ class SlurmJob:
     cpus_per_task: int = 16
     master_port: int = 29500
     log_dir: Path = Path("slurm-logs")
+    manifest: Path = Path("manifest.json")   # the run's manifest: says whether a stopped run wants requeueing
+    requeue_warning_s: int = 300  # seconds before the time limit to checkpoint and requeue; 0: neither
     partition: str | None = None
     account: str | None = None
     omp_num_threads: int = 4
@@ -33,6 +38,10 @@ class SlurmJob:
 
     def train_args(self) -> list[str]:
         return list(self.overrides) + (["--resume"] if self.resume else [])
+
+    def environment(self) -> dict[str, str]:
+        # CPU nodes: DeepSpeed must not look for an accelerator; torch.distributed then uses gloo.
+        return ({} if self.gpus else {"DS_ACCELERATOR": "cpu"}) | self.env
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -55,22 +64,40 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def time_limit_seconds(text: str) -> int:
+    """Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if match is None:
+        raise ValueError(f"--time {text!r}: not a Slurm time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S)")
+    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    if third is not None:  # H:M:S
+        return (first * 60 + second) * 60 + third
+    return first * 60 + (second or 0)  # M or M:S
+
+
 def render(job: SlurmJob) -> str:
     extra = []
     if job.partition:
         extra.append(f"#SBATCH --partition={job.partition}")
     if job.account:
         extra.append(f"#SBATCH --account={job.account}")
-    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.env.items())]
-    args = job.train_args()
+    requeue = [f"#SBATCH --signal=B:USR1@{job.requeue_warning_s}", "#SBATCH --requeue"] if job.requeue_warning_s else []
+    env_lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.environment().items())]
     values = {
-        "JOB_NAME": job.job_name, "NODES": str(job.nodes), "GPUS_PER_NODE": str(job.gpus_per_node),
+        "JOB_NAME": job.job_name, "NODES": str(job.nodes), "PROCS_PER_NODE": str(job.procs_per_node),
+        "GRES": f"#SBATCH --gpus-per-node={job.procs_per_node}" if job.gpus else "# CPU nodes: no GPU request",
         "CPUS_PER_TASK": str(job.cpus_per_task), "TIME": job.time, "LOG_DIR": str(job.log_dir),
+        "REQUEUE_SBATCH": "\n".join(requeue) or "# no time-limit warning, no requeue (--requeue-warning 0)",
         "EXTRA_SBATCH": "\n".join(extra), "MASTER_PORT": str(job.master_port),
         "OMP_NUM_THREADS": str(job.omp_num_threads), "EXTRA_ENV": "\n".join(env_lines),
         "LAUNCHER": job.launcher, "CONFIG": shlex.quote(str(job.config)),
-        "TRAIN_ARGS": "".join(" " + shlex.quote(a) for a in args),
+        "TRAIN_ARGS": "".join(" " + shlex.quote(a) for a in job.overrides),
+        "RESUME_ARG": "--resume" if job.resume else "", "MANIFEST": shlex.quote(str(job.manifest)),
     }
+    if any(c.isspace() for c in str(job.log_dir)):
+        raise ValueError(f"log directory {job.log_dir}: Slurm's #SBATCH --output cannot hold whitespace")
     text = TEMPLATE.read_text(encoding="utf-8")
     for key, value in values.items():
         text = text.replace(f"@@{key}@@", value)
@@ -82,19 +109,30 @@ def render(job: SlurmJob) -> str:
     return text
 
 
-def node_commands(job: SlurmJob, hosts: list[str]) -> list[tuple[str, range, str]]:
-    """(host, global ranks, command) for each node: what torchrun runs there."""
+def node_commands(job: SlurmJob, hosts: list[str], master: str | None = None) -> list[tuple[str, range, str]]:
+    """(host, global ranks, command) for each node: what torchrun runs there (a requeued job adds --resume).
+
+    `master` is the first node's address (its NodeAddr); the script looks it up, default: its name."""
     if len(hosts) != job.nodes:
         raise ValueError(f"--nodes {job.nodes} but the node list has {len(hosts)} hosts: {hosts}")
-    master = hosts[0]
+    master = master or hosts[0]
     out = []
     for node_rank, host in enumerate(hosts):
-        command = [job.launcher, f"--nnodes={job.nodes}", f"--nproc_per_node={job.gpus_per_node}",
+        command = [job.launcher, f"--nnodes={job.nodes}", f"--nproc_per_node={job.procs_per_node}",
                    f"--node_rank={node_rank}", f"--master_addr={master}", f"--master_port={job.master_port}",
                    "-m", "rlkd.cli", "train", "--config", str(job.config), *job.train_args()]
-        ranks = range(node_rank * job.gpus_per_node, (node_rank + 1) * job.gpus_per_node)
+        ranks = range(node_rank * job.procs_per_node, (node_rank + 1) * job.procs_per_node)
         out.append((host, ranks, shlex.join(command)))
     return out
+
+
+def node_address(node: str) -> str | None:
+    """The address Slurm reaches `node` at (NodeAddr of `scontrol show node`), None without Slurm."""
+    if shutil.which("scontrol") is None:
+        return None
+    done = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True)
+    match = re.search(r"NodeAddr=(\S+)", done.stdout) if done.returncode == 0 else None
+    return match.group(1) if match else None
 
 
 def hosts_from_environment(nodes: int) -> tuple[list[str], str]:

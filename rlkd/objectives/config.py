@@ -52,12 +52,17 @@ class ObjectiveTerm(BaseModel):
 
     @model_validator(mode="after")
     def _resolve(self) -> "ObjectiveTerm":
-        try:
-            spec = get_objective(self.objective)
-        except KeyError as err:
-            raise ValueError(str(err.args[0])) from None
-        self.params = spec.resolve_params(self.params)
+        self.params = _resolved_params(self.objective, self.params)
         return self
+
+
+def _resolved_params(objective: str, params: dict[str, float]) -> dict[str, float]:
+    """The objective's declared defaults overlaid with ``params``, checked against its bounds."""
+    try:
+        spec = get_objective(objective)
+    except KeyError as err:
+        raise ValueError(str(err.args[0])) from None
+    return spec.resolve_params(params)
 
 
 class RankingTerm(BaseModel):
@@ -110,11 +115,7 @@ class LossConfig(BaseModel):
         if not self.objective_terms() and not rank_only:
             raise ValueError("loss needs an objective (loss.objective or loss.terms) unless ranking.mode='rank_only'")
         if self.objective is not None:
-            try:
-                spec = get_objective(self.objective)
-            except KeyError as err:
-                raise ValueError(str(err.args[0])) from None
-            self.params = spec.resolve_params(self.params)
+            self.params = _resolved_params(self.objective, self.params)
         return self
 
     def objective_terms(self) -> list[ObjectiveTerm]:
