@@ -179,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         need = logits_path_bytes(n, v, args.hidden) + 4 * v * args.hidden * 2  # + the two heads (inputs)
         row = {"tokens": n, "vocab": v, "logits_path_analytic_gib": need / GIB}
         if f"{n}x{v}" in args.skip:
-            row["skipped"] = (f"skipped for time (--skip); logits path ≈{need / GIB:.1f} GiB, a few minutes per "
+            row["skipped"] = (f"skipped for time (--skip); inputs + logits path ≈{need / GIB:.1f} GiB, minutes per "
                               "step at 1 CPU thread")
         elif need / GIB > args.max_gib:
-            row["skipped"] = f"logits path needs ≈{need / GIB:.1f} GiB > {args.max_gib:.1f} GiB allowed on this shared machine"
+            row["skipped"] = f"inputs + logits path need ≈{need / GIB:.1f} GiB > {args.max_gib:.1f} GiB allowed on this shared machine"
         else:
             row["result"] = measure(n, v, args)
         print(json.dumps(row), flush=True)
