@@ -1,15 +1,16 @@
-"""The distillation loss from final hidden states and output-head weights, one chunk of positions at a time.
+"""The distillation loss from final hidden states and output-head weights, one block of positions at a time.
 
 ``fused_distill_loss(loss, student, teacher, mask, labels)`` gives the same ``LossOutput`` as
 ``loss(student_hidden @ W_s.T, teacher_hidden @ W_t.T, mask, labels)`` without any N x V tensor:
-for each chunk of supervised positions it computes both models' logits, runs the unchanged
-per-chunk maths (``DistillLoss._chunk``: every objective, the ranking term in every mode,
-temperature), takes the gradient with respect to the chunk's student logits, and folds it at once
-into the gradients of the student's hidden states (chunk x H rows) and head weight (V x H,
-accumulated in fp32). Working memory is O(chunk x V) plus those two gradients.
+for each block of supervised positions (HEAD_BLOCK_ELEMENTS logits) it computes both models'
+logits, runs the unchanged per-chunk maths (``DistillLoss._chunk``: every objective, the ranking
+term in every mode, temperature) on the logits path's chunks inside the block, overwrites the
+block's student logits with their gradient, and folds that into the gradients of the student's
+hidden states (block x H rows) and head weight (V x H, accumulated in fp32). Working memory is
+O(block x V) plus those two gradients.
 
 The teacher is either a ``HeadInput`` (its hidden states and head weight) or its logits as a tensor
-(the teacher cache stores logits; rows are read chunk by chunk). Logits are cut to ``vocab_size``
+(the teacher cache stores logits; rows are read block by block). Logits are cut to ``vocab_size``
 columns (padded vocabularies); head rows beyond it get zero gradient, as in the logits path.
 
 Like Liger's fused linear losses, the gradients are computed during forward (the only time the
