@@ -122,6 +122,13 @@ class RunConfig(_Strict):
                              "drop one of the two")
         return self
 
+    @model_validator(mode="after")
+    def _agreement_needs_logits(self) -> "RunConfig":
+        if self.agreement_every and self.loss.fused_lm_head:
+            raise ValueError("agreement_every: CR@k needs the logits, which loss.fused_lm_head never forms; "
+                             "set agreement_every=0 or loss.fused_lm_head=false")
+        return self
+
 
 class ConfigError(ValueError):
     """Invalid run configuration; the message names the offending key."""

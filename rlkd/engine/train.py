@@ -28,6 +28,7 @@ from rlkd.config import RunConfig, load_config
 from rlkd.data.encode import IGNORE_INDEX
 from rlkd.engine import agreement, preflight, reporting, resume as resuming
 from rlkd.engine.distributed import all_reduce_sum
+from rlkd.engine.heads import fused_loss_and_backward
 from rlkd.engine.manifest import build_manifest
 from rlkd.engine.preemption import StopRequest
 from rlkd.lora import is_lora, save_lora_export
@@ -78,12 +79,15 @@ def train_step(session: Session, step: int) -> dict[str, float]:
     sums: dict[str, float] = {}
     loss_total = 0.0
     for batch in micro_batches:
-        teacher_logits = session.teacher_logits(batch)
-        student_logits = session.student_logits(batch)
-        out = session.loss_fn(student_logits, teacher_logits, batch.supervised, labels=batch.labels)
-        if agreement.due(cfg.agreement_every, step):
-            out.metrics.update(agreement.agreement_sums(student_logits, teacher_logits, batch.supervised))
-        engine.backward(out.loss_sum * scale)
+        if cfg.loss.fused_lm_head:  # hidden states and head weights; no N x V logits
+            out = fused_loss_and_backward(session, batch, scale)
+        else:
+            teacher_logits = session.teacher_logits(batch)
+            student_logits = session.student_logits(batch)
+            out = session.loss_fn(student_logits, teacher_logits, batch.supervised, labels=batch.labels)
+            if agreement.due(cfg.agreement_every, step):
+                out.metrics.update(agreement.agreement_sums(student_logits, teacher_logits, batch.supervised))
+            engine.backward(out.loss_sum * scale)
         engine.step()  # DeepSpeed only updates at the accumulation boundary
         loss_total += float(out.loss_sum.detach())
         for key, value in out.metrics.items():

@@ -93,6 +93,8 @@ class LossConfig(BaseModel):
     temperature: float = Field(1.0, gt=0.0)
     chunk_size: int | None = Field(None, ge=1, description="positions per chunk; None = as many as fit 2^22 logits (16 MiB in fp32)")
     ranking: RankingConfig = Field(default_factory=lambda: RankingConfig(enabled=False))
+    fused_lm_head: bool = Field(False, description="compute logits from final hidden states chunk by chunk "
+                                "(rlkd.objectives.fused): no N x V tensor for either model")
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":

@@ -1,0 +1,258 @@
+"""The distillation loss from final hidden states and output-head weights, one block of positions at a time.
+
+``fused_distill_loss(loss, student, teacher, mask, labels)`` gives the same ``LossOutput`` as
+``loss(student_hidden @ W_s.T, teacher_hidden @ W_t.T, mask, labels)`` without any N x V tensor:
+for each block of supervised positions (HEAD_BLOCK_ELEMENTS logits) it computes both models'
+logits, runs the unchanged per-chunk maths (``DistillLoss._chunk``: every objective, the ranking
+term in every mode, temperature) on the logits path's chunks inside the block, overwrites the
+block's student logits with their gradient, and folds that into the gradients of the student's
+hidden states (block x H rows) and head weight (V x H, accumulated in fp32). Working memory is
+O(block x V) plus those two gradients.
+
+The teacher is either a ``HeadInput`` (its hidden states and head weight) or its logits as a tensor
+(the teacher cache stores logits; rows are read block by block). Logits are cut to ``vocab_size``
+columns (padded vocabularies); head rows beyond it get zero gradient, as in the logits path.
+
+Like Liger's fused linear losses, the gradients are computed during forward (the only time the
+chunk's logits exist) and backward scales them by the incoming scalar gradient; the result is
+therefore the *summed* loss as a scalar, and ``per_token`` comes back detached. Under ZeRO-3 the
+caller gathers the head weights around the call (``deepspeed.zero.GatheredParameters``); the weight
+gradient is handed to autograd as usual and reduced by DeepSpeed's own gradient hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlkd.objectives.common import compute_dtype
+from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET, DistillLoss, LossOutput, _check_finite
+
+# Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
+# blocks of about this many elements (128 MiB in fp32); the loss maths then runs on the logits
+# path's chunks inside a block. One block of a few hundred rows keeps the matmuls efficient: each
+# update of the V x H weight gradient reads and writes all of it, which costs as much as the
+# matmul itself when it is done for a chunk of a few dozen rows (V = 128k).
+HEAD_BLOCK_ELEMENTS = 2**25
+
+
+@dataclass
+class HeadInput:
+    """A model's final hidden states ``[..., H]`` (after the final norm) and its head weight ``[V, H]``
+    (the input embedding matrix when the embeddings are tied)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+class _LogitRows:
+    """Rows of ``hidden @ weight[:vocab].T`` computed on demand.
+
+    Quacks like the flattened logits tensor that ``DistillLoss._batch_level`` slices (``detach``,
+    ``narrow``, ``index_select``), so the official fidelity's batch-level union and NaN fallback
+    run unchanged on logits that never exist in full.
+    """
+
+    def __init__(self, hidden_flat: torch.Tensor, weight: torch.Tensor, vocab: int):
+        self.hidden, self.weight = hidden_flat.detach(), weight.detach().narrow(0, 0, vocab)
+
+    def detach(self) -> "_LogitRows":
+        return self
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self.hidden.narrow(dim, start, length) @ self.weight.t()
+
+    def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        return self.hidden.index_select(dim, idx) @ self.weight.t()
+
+
+class _CachedRows:
+    """Rows of a stored ``[N, V']`` logits tensor, cut to ``vocab`` columns."""
+
+    def __init__(self, logits_flat: torch.Tensor, vocab: int):
+        self.logits = logits_flat.detach().narrow(-1, 0, vocab)
+
+    def detach(self) -> "_CachedRows":
+        return self
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self.logits.narrow(dim, start, length)
+
+    def index_select(self, dim: int, idx: torch.Tensor) -> torch.Tensor:
+        return self.logits.index_select(dim, idx)
+
+
+def _rows(source, idx: torch.Tensor):
+    if source is None:
+        return None
+    first = int(idx[0])
+    if int(idx[-1]) - first + 1 == idx.numel():
+        return source.narrow(0, first, idx.numel())
+    return source.index_select(0, idx)
+
+
+def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput | torch.Tensor | None,
+                       mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                       vocab_size: int | None = None) -> LossOutput:
+    """``loss`` evaluated on logits computed chunk by chunk from hidden states; see the module docstring."""
+    hidden, weight = student.hidden, student.weight
+    lead = hidden.shape[:-1]
+    vocab = _check_inputs(loss, student, teacher, lead, vocab_size)
+    if mask is None:
+        mask = torch.ones(lead, dtype=torch.bool, device=hidden.device)
+    if mask.shape != lead:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match hidden states' leading shape {tuple(lead)}")
+    positions = mask.reshape(-1).nonzero().squeeze(-1)
+    labels_sel = None
+    if labels is not None:
+        if labels.shape != lead:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden states' leading shape {tuple(lead)}")
+        labels_sel = labels.reshape(-1)[positions]
+    elif loss.needs_labels:
+        names = [spec.name for spec, _, _ in loss.objectives if spec.needs_labels]
+        raise ValueError(f"objective {', '.join(map(repr, names))} needs labels")
+
+    hidden_flat = hidden.reshape(-1, hidden.shape[-1])
+    teacher_rows = None
+    if loss.needs_teacher:
+        if isinstance(teacher, HeadInput):
+            teacher_rows = _LogitRows(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, vocab)
+        else:
+            teacher_rows = _CachedRows(teacher.reshape(-1, teacher.shape[-1]), vocab)
+    n = positions.numel()
+    if n == 0:
+        # Connected to both inputs so that every rank runs the same backward (ZeRO-3 reductions).
+        return LossOutput(hidden_flat.sum() * 0.0 + weight.sum() * 0.0, 0, {"loss": 0.0})
+    chunk = loss.config.chunk_size or max(1, CHUNK_ELEMENT_BUDGET // vocab)
+    student_rows = _LogitRows(hidden_flat, weight, vocab)
+    union_ids, weights = loss._batch_level(student_rows, teacher_rows, positions, chunk)
+    plan = _Plan(loss, teacher_rows, positions, labels_sel, union_ids, weights, chunk, vocab)
+    loss_sum = _FusedHeadLoss.apply(hidden_flat, weight, plan)
+    metrics = dict(plan.metrics)
+    metrics["loss"] = float(plan.per_token.sum())
+    metrics["rank_fallback"] = float(weights.rank_fallback)
+    return LossOutput(loss_sum, n, metrics, plan.per_token)
+
+
+def _check_inputs(loss: DistillLoss, student: HeadInput, teacher, lead, vocab_size: int | None) -> int:
+    widths = {"student head": student.weight.shape[0]}
+    if student.weight.shape[-1] != student.hidden.shape[-1]:
+        raise ValueError(f"student head weight {tuple(student.weight.shape)} does not match hidden size "
+                         f"{student.hidden.shape[-1]}")
+    if loss.needs_teacher:
+        if teacher is None:
+            raise ValueError("this loss needs the teacher (hidden states and head, or logits), got None")
+        if isinstance(teacher, HeadInput):
+            t_lead, widths["teacher head"] = teacher.hidden.shape[:-1], teacher.weight.shape[0]
+            if teacher.weight.shape[-1] != teacher.hidden.shape[-1]:
+                raise ValueError(f"teacher head weight {tuple(teacher.weight.shape)} does not match hidden size "
+                                 f"{teacher.hidden.shape[-1]}")
+        else:
+            t_lead, widths["teacher logits"] = teacher.shape[:-1], teacher.shape[-1]
+        if t_lead != lead:
+            raise ValueError(f"teacher leading shape {tuple(t_lead)} does not match the student's {tuple(lead)}")
+    vocab = vocab_size if vocab_size is not None else min(widths.values())
+    if vocab_size is None and len(set(widths.values())) > 1:
+        raise ValueError(f"vocabulary mismatch: {widths}; pass vocab_size (models.vocab_truncation: shared) "
+                         "to compare on the shared prefix")
+    short = {name: width for name, width in widths.items() if width < vocab}
+    if short:
+        raise ValueError(f"vocab_size={vocab} exceeds {short}")
+    if loss.ranking is not None and loss.ranking.k > vocab:
+        raise ValueError(f"ranking.k={loss.ranking.k} exceeds the vocabulary size {vocab}")
+    return vocab
+
+
+@dataclass
+class _Plan:
+    loss: DistillLoss
+    teacher_rows: object
+    positions: torch.Tensor
+    labels_sel: torch.Tensor | None
+    union_ids: torch.Tensor | None
+    weights: object
+    chunk: int
+    vocab: int
+    per_token: torch.Tensor | None = None
+    metrics: dict | None = None
+
+
+def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights, want_grad, idx):
+    """``(per-token totals, logged terms, gradient w.r.t. the chunk's logits or None)``, all detached.
+
+    Its own function so that the chunk's autograd graph, which holds the chunk's logits (a view
+    of the whole block), is gone when it returns.
+    """
+    s_rows = student_rows.detach()
+    with torch.enable_grad():
+        s_rows.requires_grad_(want_grad)
+        total, terms, sparse = loss._chunk(s_rows, t_rows, labels, union_ids, weights)
+        _check_finite(total, s_rows, t_rows, idx)
+        g = None
+        if want_grad:
+            leaves = [s_rows] + ([sparse[0]] if sparse is not None else [])
+            grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
+            g = grads[0] if grads[0] is not None else torch.zeros_like(s_rows)
+            if sparse is not None and grads[1] is not None:
+                g.scatter_add_(-1, sparse[1], grads[1].to(g.dtype))
+    return total.detach(), {name: value.detach() for name, value in terms.items()}, g
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_flat, weight, plan: _Plan):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, positions, vocab = plan.loss, plan.positions, plan.vocab
+        head = weight.detach().narrow(0, 0, vocab)
+        h_all = hidden_flat.detach()
+        n = positions.numel()
+        per_token = torch.empty(n, dtype=compute_dtype(h_all), device=h_all.device)
+        grad_h = torch.zeros_like(h_all) if want_h else None
+        # fp32 accumulation over chunks: a bf16 running sum would round away small chunks' terms.
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_w else None
+        sums: dict[str, torch.Tensor] = {}
+        chunk = plan.chunk
+        block = max(chunk, HEAD_BLOCK_ELEMENTS // vocab // chunk * chunk)
+        for block_start in range(0, n, block):
+            block_idx = positions[block_start : block_start + block]
+            h_block = _rows(h_all, block_idx)
+            logits = h_block @ head.t()  # overwritten by its own gradient, chunk by chunk
+            t_block = _rows(plan.teacher_rows, block_idx)
+            for offset in range(0, block_idx.numel(), chunk):
+                start = block_start + offset
+                rows = slice(offset, offset + chunk)
+                t_rows = t_block[rows] if t_block is not None else None
+                lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
+                ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
+                total, terms, g = _chunk_loss_and_grad(loss, logits[rows], t_rows, lab, ids, plan.weights,
+                                                       want_h or want_w, block_idx[rows])
+                if g is not None:
+                    logits[rows] = g
+                per_token[start : start + chunk] = total
+                for name, value in terms.items():
+                    if name == "rank":
+                        value = torch.where(value.isnan(), torch.zeros_like(value), value)
+                    sums[name] = sums.get(name, 0.0) + value.sum()
+            if want_h:
+                grad_h.index_copy_(0, block_idx, logits @ head)
+            if want_w:
+                grad_w.narrow(0, 0, vocab).addmm_(logits.t().to(acc_dtype), h_block.to(acc_dtype))
+            del logits, t_block, t_rows  # free this block before the next one is allocated
+        plan.per_token = per_token
+        plan.metrics = {name: float(value) for name, value in sums.items()}
+        ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        return per_token.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError("fused_distill_loss: a second backward through the same loss")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_out.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_out.to(grad_w.dtype))
+        return grad_h, grad_w, None

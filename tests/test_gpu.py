@@ -1,0 +1,61 @@
+"""CUDA checks (run by scripts/gpu_check.sh with DS_ACCELERATOR=cuda): fused vs logits path on the
+GPU, and a ZeRO-3 bf16 training run over NCCL. Skipped where there is no CUDA device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlkd.objectives import DistillLoss, list_objectives
+from test_fused import RANKINGS, _assert_same, _both_paths, _inputs
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _cuda(tensors):
+    return [t.cuda() for t in tensors]
+
+
+@pytest.mark.parametrize("ranking", list(RANKINGS))
+@pytest.mark.parametrize("objective", list_objectives())
+def test_fused_equals_logits_path_on_cuda_fp32(objective, ranking):
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 matmuls
+    loss_fn = DistillLoss(objective=objective, ranking=RANKINGS[ranking], chunk_size=5)
+    _assert_same(*_both_paths(loss_fn, *_cuda(_inputs(b=4, l=33, h=64, v=512, t_h=96))))
+
+
+@pytest.mark.parametrize("objective", list_objectives())
+def test_fused_close_to_logits_path_on_cuda_bf16(objective):
+    """bf16 logits on both paths, fp32 loss maths; tolerance: a few bf16 ulps of the largest gradient."""
+    loss_fn = DistillLoss(objective=objective, ranking=RANKINGS["R"], chunk_size=16)
+    inputs = _cuda(_inputs(b=4, l=33, h=64, v=512, t_h=96, dtype=torch.bfloat16))
+    (out, grads), (ref, ref_grads) = _both_paths(loss_fn, *inputs)
+    torch.testing.assert_close(out.loss_sum.float(), ref.loss_sum.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads, ref_grads):
+        assert (a.float() - b.float()).abs().max() <= 3e-2 * b.float().abs().max()
+
+
+def test_zero3_bf16_training_over_nccl_fused_matches_logits(run_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from rlkd.engine.train import run_training
+
+    run_config["models"] = dict(run_config["models"], dtype="bfloat16")
+    run_config["loss"] = {"objective": "kl", "ranking": {"enabled": True, "k": 5}}
+    runs = {}
+    for fused in (False, True):
+        cfg = dict(run_config, output_dir=str(tmp_path / f"fused_{fused}"),
+                   loss=dict(run_config["loss"], fused_lm_head=fused))
+        runs[fused] = run_training(cfg)
+        manifest = json.loads(runs[fused].manifest_path.read_text())
+        assert manifest["deepspeed_configs"]["student"]["bf16"]["enabled"] is True
+    a, b = (load_file(str(runs[f].export_dir / "model.safetensors")) for f in (False, True))
+    start = load_file(str(run_config["models"]["student"]) + "/model.safetensors")
+    # bf16 weights round each update, so single entries may differ by an ulp; in aggregate the two
+    # paths must differ far less than training moved the weights.
+    moved = sum(float((a[key].float() - start[key].float()).abs().sum()) for key in a)
+    gap = sum(float((a[key].float() - b[key].float()).abs().sum()) for key in a)
+    assert moved > 0 and gap <= 0.1 * moved, (gap, moved)
