@@ -107,6 +107,8 @@ def prepare_models(root: Path, quick: bool, train_path: Path) -> None:
     done = teacher_dir / "done.json"
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         return
+    if done.is_file():  # a teacher for other settings: keep it aside rather than resume it
+        os.replace(teacher_dir, teacher_dir.with_name(f"teacher.replaced-{json.loads(done.read_text()).get('key')}"))
     init = save_tiny_llama(shared / f"teacher_init-{key}", hidden=teacher["hidden"], layers=teacher["layers"],
                            heads=teacher["heads"], vocab_size=SOURCE.vocab_size, seed=teacher["seed"],
                            max_positions=128, pad_token_id=0)

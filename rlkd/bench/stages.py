@@ -50,6 +50,7 @@ def train(tree: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]:
     finished = finished_training(tree)
     if finished is not None:
         return finished
+    set_aside_other_run(Path(tree["output_dir"]), tree)
     result = run_training(tree, resume=True)
     if result.export_dir is None:
         raise RuntimeError("training finished without an exported checkpoint")
@@ -71,9 +72,28 @@ def finished_training(tree: dict[str, Any]) -> tuple[Path, list[dict[str, Any]]]
     if manifest.get("status") != "finished":
         return None
     if canonical_run(manifest.get("config") or {}) != canonical_run(tree):
-        print(f"{out}: a finished training with another config is there; training again", flush=True)
         return None
     return export, _read_log(metrics)
+
+
+def set_aside_other_run(out: Path, tree: dict[str, Any]) -> None:
+    """A folder holding a run with another config (finished or not) is moved aside, saying so: the
+    engine would refuse to resume it, and it must not be mixed with this one."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    try:
+        recorded = json.loads(manifest_path.read_text()).get("config") or {}
+        same = canonical_run(recorded) == canonical_run(tree)
+    except Exception:  # noqa: BLE001 - an unreadable manifest is not this run's
+        same = False
+    if not same:
+        import os
+        import time
+
+        target = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        os.replace(out, target)
+        print(f"{out}: held a run with another config; moved it to {target.name} and training afresh", flush=True)
 
 
 def stage_dir(cell: dict[str, Any], role: str, shared_dir: Path) -> Path:
