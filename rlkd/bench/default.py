@@ -185,7 +185,8 @@ def run_default(args) -> int:
     minutes = (time.time() - started) / 60
     print(f"[rlkd bench] embedded benchmark finished in {minutes:.1f} min; "
           f"tables and plots in {root}/ (table.md, table.csv, table.tex, *.png)")
-    write_json_atomic(root / "timing.json", {"wall_minutes": round(minutes, 2), "cells_run_now": None})
+    write_json_atomic(root / "timing.json", {"wall_minutes": round(minutes, 2), "cells": len(cells),
+                                             "jobs": jobs})
     return code
 
 
