@@ -186,3 +186,28 @@ def test_long_lived_workers_give_exactly_the_fresh_process_results_and_survive_a
         assert len(pool._workers) == 2
     finally:
         pool.close()
+
+
+@pytest.mark.slow
+def test_two_runners_on_one_folder_prepare_once_and_both_finish(tmp_path, monkeypatch, capsys):
+    """The shared preparation (corpus, teacher) is built once under a lock; the second runner waits
+    and reuses it, the teacher's log is not interleaved, every cell is done once and both exit 0."""
+    import threading
+
+    _small_default(tmp_path, monkeypatch)
+    results = tmp_path / "results"
+    codes = []
+    runners = [threading.Thread(target=lambda: codes.append(default.run_default(_args(results, only="Teacher,KL"))))
+               for _ in range(2)]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join(timeout=600)
+    assert codes == [0, 0]
+    steps = [json.loads(line)["step"] for line in
+             (results / ".shared" / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # trained once, in order
+    done = [p for p in results.iterdir() if (p / "status.json").is_file()]
+    assert len(done) == 2 and all(json.loads((p / "status.json").read_text())["status"] == "done" for p in done)
+    out = capsys.readouterr().out
+    assert out.count("training the teacher") == 1
