@@ -99,19 +99,7 @@ def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput
     hidden, weight = student.hidden, student.weight
     lead = hidden.shape[:-1]
     vocab = _check_inputs(loss, student, teacher, lead, vocab_size)
-    if mask is None:
-        mask = torch.ones(lead, dtype=torch.bool, device=hidden.device)
-    if mask.shape != lead:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match hidden states' leading shape {tuple(lead)}")
-    positions = mask.reshape(-1).nonzero().squeeze(-1)
-    labels_sel = None
-    if labels is not None:
-        if labels.shape != lead:
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden states' leading shape {tuple(lead)}")
-        labels_sel = labels.reshape(-1)[positions]
-    elif loss.needs_labels:
-        names = [spec.name for spec, _, _ in loss.objectives if spec.needs_labels]
-        raise ValueError(f"objective {', '.join(map(repr, names))} needs labels")
+    positions, labels_sel = loss.select_positions(lead, hidden.device, mask, labels, "hidden states'")
 
     hidden_flat = hidden.reshape(-1, hidden.shape[-1])
     teacher_rows = None

@@ -163,23 +163,29 @@ class DistillLoss:
                 )
         if self.ranking is not None and self.ranking.k > vocab:
             raise ValueError(f"ranking.k={self.ranking.k} exceeds the vocabulary size {vocab}")
-        lead = student_logits.shape[:-1]
+        positions, labels_sel = self.select_positions(student_logits.shape[:-1], student_logits.device, mask,
+                                                      labels, "logits'")
+        student_flat = student_logits.reshape(-1, vocab)
+        teacher_flat = teacher_logits.reshape(-1, vocab) if teacher_logits is not None and needs_teacher else None
+        return student_flat, teacher_flat, positions, labels_sel
+
+    def select_positions(self, lead, device, mask, labels, what: str):
+        """The flattened supervised positions (all when ``mask`` is None) and their labels, with the
+        shapes checked against the inputs' leading shape ``lead`` (``what`` names those inputs)."""
         if mask is None:
-            mask = torch.ones(lead, dtype=torch.bool, device=student_logits.device)
+            mask = torch.ones(lead, dtype=torch.bool, device=device)
         if mask.shape != lead:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits' leading shape {tuple(lead)}")
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match {what} leading shape {tuple(lead)}")
         positions = mask.reshape(-1).nonzero().squeeze(-1)
         labels_sel = None
         if labels is not None:
             if labels.shape != lead:
-                raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits' leading shape {tuple(lead)}")
+                raise ValueError(f"labels shape {tuple(labels.shape)} does not match {what} leading shape {tuple(lead)}")
             labels_sel = labels.reshape(-1)[positions]
         elif self.needs_labels:
             names = [spec.name for spec, _, _ in self.objectives if spec.needs_labels]
             raise ValueError(f"objective {', '.join(map(repr, names))} needs labels")
-        student_flat = student_logits.reshape(-1, vocab)
-        teacher_flat = teacher_logits.reshape(-1, vocab) if teacher_logits is not None and needs_teacher else None
-        return student_flat, teacher_flat, positions, labels_sel
+        return positions, labels_sel
 
     def _batch_level(self, student_flat, teacher_flat, positions, chunk):
         """Weights, and for the official mode the batch-level union and its NaN fallback."""
