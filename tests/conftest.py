@@ -94,3 +94,18 @@ def llama_tokenizer(data_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+def run_with_free_port(make_command, attempts: int = 3, **run_kwargs):
+    """``subprocess.run(make_command(port))`` with a port found free; if the launcher still finds it
+    taken (another process or an outgoing connection got it first: EADDRINUSE), again with a new one."""
+    import socket
+    import subprocess
+
+    for attempt in range(attempts):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        done = subprocess.run(make_command(port), **run_kwargs)
+        if done.returncode == 0 or "EADDRINUSE" not in (done.stderr or "") or attempt == attempts - 1:
+            return done

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_with_free_port
 import yaml
 
 from rlkd.engine.train import run_training
@@ -35,15 +36,16 @@ def _child_env() -> dict[str, str]:
 def _launch(launcher: str, config: dict, tmp_path: Path, nproc: int = 2) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    else:  # the deepspeed launcher; --no_local_rank keeps its --local_rank flag out of our argv
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--no_local_rank",
-                   "--master_port", str(_free_port()), "--module"]
-    command += ["-m", "rlkd.cli", "train", "--config", str(path)] if launcher == "torchrun" else \
-        ["rlkd.cli", "train", "--config", str(path)]
-    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=400)
+    def command(port: int) -> list[str]:
+        if launcher == "torchrun":
+            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_addr", "127.0.0.1", "--master_port", str(port),
+                    "-m", "rlkd.cli", "train", "--config", str(path)]
+        # the deepspeed launcher; --no_local_rank keeps its --local_rank flag out of our argv
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--no_local_rank",
+                "--master_port", str(port), "--module", "rlkd.cli", "train", "--config", str(path)]
+
+    done = run_with_free_port(command, env=_child_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -104,8 +106,8 @@ def test_two_rank_run_killed_after_a_checkpoint_resumes_bit_exact(run_config, tm
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
 
-    resumed = subprocess.run(command[:8] + [str(_free_port())] + command[9:] + ["--resume"], env=_child_env(),
-                             capture_output=True, text=True, timeout=400)
+    resumed = run_with_free_port(lambda port: command[:8] + [str(port)] + command[9:] + ["--resume"],
+                                 env=_child_env(), capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     manifest = json.loads((Path(killed["output_dir"]) / "manifest.json").read_text())
     assert 0 < manifest["resumed_from"] < 40

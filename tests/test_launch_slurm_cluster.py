@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_with_free_port
 import torch
 import yaml
 
@@ -101,9 +102,10 @@ def _write_config(config: dict, folder: Path) -> Path:
 def _torchrun(config: dict, folder: Path) -> Path:
     """The same run under `torchrun --nproc_per_node 2` on one node: its exported weights."""
     path = _write_config(config, folder)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "rlkd.cli", "train", "--config", str(path)]
-    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=600)
+    done = run_with_free_port(lambda port: [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), "-m", "rlkd.cli", "train", "--config", str(path)],
+        env=_child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return path.parent / "run" / "export" / "model.safetensors"
 

@@ -25,14 +25,24 @@ def ensure_distributed() -> tuple[int, int, int]:
     # DeepSpeed still calls the collectives torch renamed; the notice repeats every step.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                               "MASTER_PORT": str(_free_port())})
         import deepspeed
 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        if "RANK" in os.environ:  # a launcher set up the rendezvous
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            # A port found free can be taken by another process (or an outgoing connection's
+            # ephemeral port) before the store listens on it: pick another and try again.
+            for attempt in range(5):
+                os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                   "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                   "MASTER_PORT": str(_free_port())})
+                try:
+                    deepspeed.init_distributed(dist_backend=backend)
+                    break
+                except dist.DistNetworkError as exc:
+                    if "EADDRINUSE" not in str(exc) or attempt == 4:
+                        raise
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
