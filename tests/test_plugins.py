@@ -6,6 +6,7 @@ rlkd.objectives entry-point group; its source recorded, so an edited plug-in fla
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,13 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-def _rlkd(*args, cwd=None, env=None, timeout=600):
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _rlkd(*args, cwd=None, timeout=600):
+    # An in-process test earlier in the session leaves its one-process group's RANK/MASTER_PORT in
+    # os.environ (its store still listens there); a child must start its own group instead.
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     return subprocess.run([sys.executable, "-m", "rlkd.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
 
