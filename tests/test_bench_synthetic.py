@@ -90,6 +90,7 @@ def test_corpus_is_pretokenized_jsonl_the_engine_reads(source, tmp_path):
     assert read_corpus(path) == [r["input_ids"] for r in rows]
     again = write_corpus(source, tmp_path / "again.jsonl", n_sequences=5, length=12, seed=4)
     assert again.read_text() == path.read_text()  # deterministic given the seed
-    tasks = pytest.importorskip("rlkd.data.tasks")
-    loaded = tasks.load_rows("tokenized", "train", path=path)
+    from rlkd.data.tasks import load_rows
+
+    loaded = load_rows("tokenized", "train", path=path)
     assert [list(r.input_ids) for r in loaded] == [r["input_ids"] for r in rows]

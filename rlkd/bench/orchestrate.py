@@ -40,7 +40,7 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
               retry_failed: bool = True, tables: bool = True, executor=None, threads: int | None = None,
               rerun_stale: bool = False, reuse_processes: bool = False) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "spec.json", {"source": spec_source, "layout": layout,
+    write_json_atomic(out_dir / "spec.json", {"source": _repo_relative(spec_source), "layout": layout,
                                               "cells": [c["id"] for c in cells]})
     if rerun_stale:
         stale = set(stale_cells(cells, out_dir))
@@ -71,6 +71,16 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
             for kind, path in paths.items():
                 print(f"  {kind:>14}: {path}")
     return 0 if summary.ok else 1
+
+
+def _repo_relative(source: str) -> str:
+    """A spec path inside the repository as a repository-relative path: no machine path in results/."""
+    from rlkd.paths import REPO_ROOT
+
+    try:
+        return str(Path(source).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return source
 
 
 def _retire(out_dir: Path, cell_id: str) -> None:
