@@ -6,6 +6,7 @@ Model references in configs and specs:
     ``@smollm2/teacher``                   SmolLM2-135M-Instruct, prepared offline by
                                            ../shared/tools/prepare_smollm2.sh
     ``@smollm2/pruned-N``                  a copy of it keeping N of its 30 layers, evenly spaced
+    ``@smollm2/layers-0.1.2.20.29``        a copy keeping exactly these layers (0-based, in order)
 Anything else (a Hub id or a path) is returned unchanged by :func:`resolve_model`.
 """
 
@@ -96,8 +97,11 @@ def _smollm2(ref: str, cache_dir: Path, create: bool) -> str:
         target = teacher
     elif name.startswith("pruned-") and name.removeprefix("pruned-").isdigit():
         target = cache_dir / f"smollm2-{name}"
+    elif name.startswith("layers-") and _layer_list(name) is not None:
+        target = cache_dir / f"smollm2-{name}"
     else:
-        raise ModelRefError(f"unknown SmolLM2 model {ref!r}; use @smollm2/teacher or @smollm2/pruned-N")
+        raise ModelRefError(f"unknown SmolLM2 model {ref!r}; use @smollm2/teacher, @smollm2/pruned-N or "
+                            "@smollm2/layers-I.J.K (layer indices, increasing)")
     if not create:
         return str(target)
     if not (teacher / "model.safetensors").is_file():
@@ -108,21 +112,36 @@ def _smollm2(ref: str, cache_dir: Path, create: bool) -> str:
             raise ModelRefError(f"{ref}: {script} not found; prepare the checkpoint and place it at {teacher}")
         subprocess.run(["bash", str(script), str(teacher)], check=True)
     if target != teacher and not (target / "config.json").is_file():
-        prune_layers(teacher, target, int(name.removeprefix("pruned-")))
+        keep = _layer_list(name) if name.startswith("layers-") else int(name.removeprefix("pruned-"))
+        prune_layers(teacher, target, keep)
     return str(target)
 
 
-def prune_layers(source: Path, target: Path, keep: int) -> Path:
-    """Save a copy of a Llama-style model with ``keep`` of its decoder layers, evenly spaced
-    (first and last kept)."""
+def _layer_list(name: str) -> list[int] | None:
+    """``layers-0.1.5`` -> [0, 1, 5]; None unless the indices are distinct and increasing."""
+    parts = name.removeprefix("layers-").split(".")
+    if not all(p.isdigit() for p in parts):
+        return None
+    indices = [int(p) for p in parts]
+    return indices if all(a < b for a, b in zip(indices, indices[1:])) else None
+
+
+def prune_layers(source: Path, target: Path, keep: int | list[int]) -> Path:
+    """Save a copy of a Llama-style model with ``keep`` of its decoder layers, evenly spaced (first
+    and last kept), or exactly the layers listed in ``keep``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     layers = model.model.layers
-    if not 1 <= keep <= len(layers):
+    if isinstance(keep, list):
+        if not keep or keep[-1] >= len(layers):
+            raise ModelRefError(f"cannot keep layers {keep} of a {len(layers)}-layer model")
+        chosen = keep
+    elif not 1 <= keep <= len(layers):
         raise ModelRefError(f"cannot keep {keep} of {len(layers)} layers")
-    chosen = sorted({round(i * (len(layers) - 1) / max(keep - 1, 1)) for i in range(keep)})
+    else:
+        chosen = sorted({round(i * (len(layers) - 1) / max(keep - 1, 1)) for i in range(keep)})
     model.model.layers = torch.nn.ModuleList(layers[i] for i in chosen)
     for new_index, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_index

@@ -195,6 +195,15 @@ def get_layout(name: str | None) -> Layout:
                  _alignment_columns("pretrain", "heldout_", label=" (held-out)"))],
         paper_table="table1", row_order=("Start", "Teacher"),
         headlines=_alignment_headlines("pretrain") + _alignment_headlines("pretrain", "heldout_", " (held-out)")[2:])
+    builders["mini_table2"] = lambda: Layout(
+        "mini_table2", "Mini reproduction of Table 2, Dolly (SmolLM2-135M teacher, healed 16-layer student)",
+        [Section("Dolly test rows, rouge-score (paper: Llama-2-7B -> TinyLlama, all 800 rows)",
+                 [c for c in _DOWNSTREAM if c.key.startswith("dolly/")]),
+         Section("Same generations scored by the `rouge` package (the library the paper names)",
+                 [Column("dolly/rouge_pkg_rouge1", "R-1 (rouge)"), Column("dolly/rouge_pkg_rouge2", "R-2 (rouge)"),
+                  Column("dolly/rouge_pkg_rougeL", "R-L (rouge)")])],
+        paper_table="table2", row_order=("Teacher", "Start", "SFT", "SeqKD"),
+        headlines=(Headline("Dolly R-L", ("dolly/rougeL",)), Headline("Dolly R-L (rouge)", ("dolly/rouge_pkg_rougeL",))))
     if name not in builders:
         raise KeyError(f"unknown table layout {name!r}; known: generic, {', '.join(builders)}")
     return builders[name]()

@@ -9,7 +9,7 @@ from typing import Any
 
 from rlkd.bench.executor import LocalExecutor, cell_engine_tree
 from rlkd.bench.runner import code_provenance, run_grid
-from rlkd.bench.stages import finished_stage
+from rlkd.bench.stages import finished_stage_models
 from rlkd.bench.store import STAGING, cell_status, is_done, read_json, write_json_atomic, write_text_atomic
 
 
@@ -127,15 +127,10 @@ def print_slurm(cells, out_dir: Path, *, nodes: int, gpus_per_node: int) -> None
             print(f"# {cell['id']}: trains on teacher generations; run it locally (rlkd bench SPEC --only ...)")
             continue
         run = dict(cell["run"])
-        missing = []
-        for role in cell.get("stages") or {}:
-            stage_export = finished_stage(cell, role, out_dir / ".shared")
-            if stage_export is None:
-                missing.append(role)
-            else:
-                run["models"] = {**run.get("models", {}), role: stage_export}
+        exports, missing = finished_stage_models(cell, out_dir / ".shared")
+        run["models"] = {**run.get("models", {}), **exports}
         if missing:
-            print(f"# {cell['id']}: its {' and '.join(r + '_sft' for r in missing)} stage has not run yet; "
+            print(f"# {cell['id']}: its {' and '.join(missing)} stage has not run yet; "
                   "run one cell locally first (rlkd bench SPEC --only ...), which runs the stage once")
             continue
         config_path = out_dir / ".slurm" / f"{cell['id']}.yaml"

@@ -10,7 +10,8 @@ before any work, naming the spec file and the dotted field.
 
 What is not a training setting is the benchmark's own: cached stages run once per task
 (``stages: {teacher_sft: RUN, student_sft: RUN}``: cross-entropy fine-tuning of the teacher, or of the
-student, overlaid on the task's run), ``teacher_cache``, teacher generations for SeqKD/FD rows,
+student, overlaid on the task's run; ``student_heal: RUN``: a distillation of the student of its own,
+run before those and shared across specs), ``teacher_cache``, teacher generations for SeqKD/FD rows,
 ``eval:`` and the reference/candidate rows.
 
 Every cell is a plain dict; its id is readable (task, method, sweep values, seed) and ends with a
@@ -81,6 +82,7 @@ class EvalSpec(AlignmentSet):
     max_new_tokens: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     protocol: str | None = None
+    rouge_pkg: bool = False          # task: also score ROUGE with the `rouge` package (rouge_pkg_* keys)
     extra_sets: dict[str, AlignmentSet] = Field(default_factory=dict)
     heldout: str | None = None       # synthetic: held-out sequences
     downstream: str | None = None    # synthetic: prompt/answer rows
@@ -99,6 +101,10 @@ class Stages(_Strict):
 
     teacher_sft: dict[str, Any] | None = None
     student_sft: dict[str, Any] | None = None
+    # A complete run config of its own (teacher, data, loss) that distils the task's student before
+    # anything else, e.g. healing a layer-pruned copy on general text. Keyed by its config alone, it
+    # runs once for every spec that names the same healing (kept in <results>/../.stages).
+    student_heal: dict[str, Any] | None = None
 
 
 class ObjectiveRef(_Strict):
@@ -421,6 +427,15 @@ def stage_run(task_run: dict[str, Any], role: str, overrides: dict[str, Any]) ->
     return tree
 
 
+def heal_run(task_run: dict[str, Any], heal: dict[str, Any]) -> dict[str, Any]:
+    """The run tree of a ``student_heal`` stage: its own complete run (data, teacher, loss), training
+    the task's student, seed 72 unless given. Nothing of the task's run but the student enters it."""
+    tree = copy.deepcopy(heal)
+    tree.setdefault("models", {})["student"] = (task_run.get("models") or {}).get("student")
+    tree.setdefault("seed", 72)
+    return tree
+
+
 def _make_cell(spec: GridSpec, task: TaskSpec, body: dict[str, Any], method: str, sweep: dict[str, Any]) -> dict[str, Any]:
     digest = config_hash(body["_semantic"])
     parts = [task.name, _slug(method)]
@@ -456,7 +471,10 @@ def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
         stages = {role: stage_run(task_run, role, overrides)
                   for role, overrides in (("teacher", stage_settings.teacher_sft), ("student", stage_settings.student_sft))
                   if overrides is not None}
-        stage_hashes = {role: _validated_run(tree, source, f"{where}: stages.{role}_sft") for role, tree in stages.items()}
+        if stage_settings.student_heal is not None:
+            stages["student_heal"] = heal_run(task_run, stage_settings.student_heal)
+        stage_hashes = {role: _validated_run(tree, source, f"{where}: stages.{role}" + ("" if role == "student_heal" else "_sft"))
+                        for role, tree in stages.items()}
         common = {"task": task.name, "stages": stages, "teacher_cache": spec.teacher_cache,
                   "keep_checkpoints": spec.keep_checkpoints, "eval": evaluation}
 

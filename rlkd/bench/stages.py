@@ -5,7 +5,8 @@ into the complete tree ``rlkd.engine.train.run_training`` takes: output folder, 
 resolved to local paths (``@tiny/...``, ``@smollm2/...``), the teacher cache folder.
 
 Stages (``teacher_sft`` / ``student_sft``) fine-tune a model with cross-entropy once per task;
-every cell, and every runner, reuses the result. Each is built under a file lock, so a second
+every cell, and every runner, reuses the result. ``student_heal`` distils the student from a teacher
+of its own before that (e.g. healing a layer-pruned copy) and is shared across specs. Each is built under a file lock, so a second
 runner waits for the first instead of training the same model into the same folder.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,43 +98,95 @@ def set_aside_other_run(out: Path, tree: dict[str, Any]) -> None:
         print(f"{out}: held a run with another config; moved it to {target.name} and training afresh", flush=True)
 
 
+HEAL = "student_heal"
+
+
+def heal_dir(cell: dict[str, Any], shared_dir: Path) -> Path:
+    """Where the cell's healing stage lives: keyed by its config alone and kept beside the results
+    folder (``<results>/../.stages``), so every spec that names the same healing shares one run."""
+    key = config_hash(canonical_run(cell["stages"][HEAL]))[:12]
+    return shared_dir.parent.parent / ".stages" / f"{HEAL}-{key}"
+
+
 def stage_dir(cell: dict[str, Any], role: str, shared_dir: Path) -> Path:
-    key = config_hash(canonical_run(cell["stages"][role]))[:12]
-    return shared_dir / f"{role}_sft-{cell['task']}-{key}"
+    if role == HEAL:
+        return heal_dir(cell, shared_dir)
+    stage = canonical_run(cell["stages"][role])
+    if role == "student" and HEAL in cell["stages"]:  # it fine-tunes the healed student
+        stage = {"stage": stage, "after": canonical_run(cell["stages"][HEAL])}
+    return shared_dir / f"{role}_sft-{cell['task']}-{config_hash(stage)[:12]}"
 
 
 def finished_stage(cell: dict[str, Any], role: str, shared_dir: Path) -> str | None:
-    """The export of the cell's ``<role>_sft`` stage if it has run, else None."""
+    """The export of the cell's ``role`` stage (``teacher``/``student`` SFT or ``student_heal``) if it
+    has run, else None."""
     out = stage_dir(cell, role, shared_dir)
     return str(out / "export") if (out / "done.json").is_file() and (out / "export").is_dir() else None
 
 
-def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: Path) -> str:
-    """Fine-tune ``role``'s model with the cell's ``<role>_sft`` stage once; return its export."""
+def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: Path, *,
+                 student: str | None = None) -> str:
+    """Run the cell's ``role`` stage once (``student``: the model it starts from instead of the
+    configured one); return its export."""
     out = stage_dir(cell, role, shared_dir)
-    with file_lock(out.with_name(out.name + ".lock")):  # parallel cells and runners wait for one fine-tuning
+    with file_lock(out.with_name(out.name + ".lock")):  # parallel cells and runners wait for one run
         done = finished_stage(cell, role, shared_dir)
         if done is not None:
             return done
-        tree = engine_tree(cell["stages"][role], out, cache_dir=cache_dir)
+        tree = engine_tree(cell["stages"][role], out, cache_dir=cache_dir, student=student)
+        started = time.perf_counter()
         export_dir, log = train(tree)
         atomic_write_jsonl(out / "train_log.jsonl", log)
-        atomic_write_json(out / "done.json", {"config": canonical_run(tree)}, sort_keys=True)
+        atomic_write_json(out / "done.json", {"config": canonical_run(tree), "seconds": time.perf_counter() - started},
+                          sort_keys=True)
         return str(export_dir)
 
 
+def stage_seconds(cell: dict[str, Any], shared_dir: Path) -> dict[str, float]:
+    """Measured wall time of each of the cell's finished stages (``{"student_heal": 1234.5, ...}``)."""
+    seconds = {}
+    for role in cell.get("stages") or {}:
+        done = stage_dir(cell, role, shared_dir) / "done.json"
+        if done.is_file():
+            recorded = json.loads(done.read_text()).get("seconds")
+            if recorded is not None:
+                seconds[role if role == HEAL else f"{role}_sft"] = float(recorded)
+    return seconds
+
+
 def stage_models(cell: dict[str, Any], shared_dir: Path, cache_dir: Path) -> tuple[str | None, str | None]:
-    """(teacher, student) paths, after their stages when the cell has them."""
+    """(teacher, student) paths, after their stages when the cell has them: the student is healed
+    first (``student_heal``), then fine-tuned (``student_sft``)."""
     models = cell["run"].get("models") or {}
+    stages = cell.get("stages") or {}
+    healed = ensure_stage(cell, HEAL, shared_dir, cache_dir) if HEAL in stages else None
     found = []
     for role in ("teacher", "student"):
-        if role in (cell.get("stages") or {}):
-            found.append(ensure_stage(cell, role, shared_dir, cache_dir))
+        if role in stages:
+            found.append(ensure_stage(cell, role, shared_dir, cache_dir, student=healed if role == "student" else None))
+        elif role == "student" and healed is not None:
+            found.append(healed)
         elif role in models:
             found.append(resolve_model(models[role], cache_dir))
         else:
             found.append(None)
     return found[0], found[1]
+
+
+def finished_stage_models(cell: dict[str, Any], shared_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """Without running anything: ``({role: export}, [stages not run yet])`` for the models the cell's
+    finished stages make (a Slurm job is written only once they exist)."""
+    stages = cell.get("stages") or {}
+    exports, missing = {}, []
+    for role in ("teacher", HEAL, "student"):
+        if role not in stages:
+            continue
+        export = finished_stage(cell, role, shared_dir)
+        if export is None:
+            missing.append(role if role == HEAL else f"{role}_sft")
+        else:
+            exports["student" if role == HEAL else role] = export
+    return exports, missing
 
 
 def generation_data(cell: dict[str, Any], teacher: str, shared_dir: Path) -> dict[str, Any]:
