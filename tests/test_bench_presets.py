@@ -5,6 +5,7 @@ written out here independently of the preset files."""
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from pathlib import Path
@@ -130,23 +131,52 @@ def test_slurm_dry_run_renders_one_launch_per_cell(tmp_path, capsys):
     assert "--nnodes=2 --nproc_per_node=8" in capsys.readouterr().out
 
 
-def test_mini_table1_spec_dry_runs_with_three_seeds_for_kl(tmp_path, capsys):
-    path = PRESETS.parent / "mini" / "table1_smollm2.yaml"
-    cells = expand(load_spec(path))
+def _seeds_by_method(cells):
     seeds = {}
     for cell in cells:
         seeds.setdefault(cell["method"], set()).add(cell["seed"])
+    return seeds
+
+
+def test_mini_table1_spec_runs_every_objective_with_three_seeds_from_the_healed_student(tmp_path, capsys):
+    path = PRESETS.parent / "mini" / "table1_smollm2.yaml"
+    cells = expand(load_spec(path))
+    for cell in cells:
         if cell["kind"] == "distill" and cell["run"]["loss"]["ranking"]["enabled"]:
             ranking = cell["run"]["loss"]["ranking"]
             assert (ranking["k"], ranking["rank_weight"], ranking["base_weight"]) == (15, 2.0, 1.0)
-    assert seeds["KL"] == seeds["KL+R"] == {1, 2, 3}
-    assert all(seeds[f"{o}{r}"] == {1} for o in ("RKL", "JSD", "TVD", "AKL") for r in ("", "+R"))
+    seeds = _seeds_by_method(cells)
+    assert all(seeds[f"{o}{r}"] == {1, 2, 3} for o in ("KL", "RKL", "JSD", "TVD", "AKL") for r in ("", "+R"))
     assert {"Teacher", "Start"} <= set(seeds)
-    start = cells[0]  # the Start row is the pre-trained pruned student, scored like the others
-    assert start["stages"]["student"]["data"]["skip"] == start["run"]["data"]["limit"]  # no training document reused
+    start = cells[0]  # the Start row is the healed student, scored like the others
+    heal = start["stages"]["student_heal"]
+    assert heal["loss"]["objective"] == "kl" and heal["models"]["student"] == start["run"]["models"]["student"]
+    assert heal["data"]["skip"] >= start["run"]["data"]["limit"]  # no training document healed on
+    assert heal["data"]["skip"] + heal["data"]["limit"] <= start["eval"]["extra_sets"]["heldout"]["skip_rows"]
     assert start["teacher_cache"] and start["eval"]["source"] == "train"
     assert bench_main([str(path), "--dry-run", "--results-dir", str(tmp_path)]) == 0
     assert "engine config of" not in capsys.readouterr().out
+
+
+def test_mini_table2_spec_has_every_row_and_shares_its_healing_with_mini_table1():
+    from rlkd.bench.spec import canonical_run
+
+    cells = expand(load_spec(PRESETS.parent / "mini" / "table2_dolly.yaml"))
+    seeds = _seeds_by_method(cells)
+    words = ["KL", "RKL", "JSD", "TVD", "AKL", "FD"]
+    assert set(seeds) == {"Teacher", "Start", "SFT", "SeqKD", "Rank-5"} | set(words) | {w + "+R" for w in words}
+    assert seeds["KL"] == seeds["KL+R"] == {1, 2, 3}
+    for cell in cells:
+        run = cell["run"]
+        assert cell["eval"]["limit"] >= 300 and cell["eval"]["protocol"] == "greedy" and cell["eval"]["rouge_pkg"]
+        assert cell["eval"].get("task", "dolly") == "dolly" and run["data"]["exclude_eval_overlap"]
+        if cell["kind"] == "distill" and run["loss"]["ranking"]["enabled"]:
+            ranking = run["loss"]["ranking"]
+            assert (ranking["k"], ranking["rank_weight"], ranking["base_weight"]) == (5, 2.0, 1.0)
+        assert cell["stages"]["teacher"]["data"] == run["data"]  # the teacher is fine-tuned on the students' rows
+    table1 = expand(load_spec(PRESETS.parent / "mini" / "table1_smollm2.yaml"))
+    heals = {json.dumps(canonical_run(c["stages"]["student_heal"]), sort_keys=True) for c in cells + table1}
+    assert len(heals) == 1
 
 
 @pytest.mark.slow
@@ -160,6 +190,9 @@ def test_mini_table1_spec_dry_runs_with_three_seeds_for_kl(tmp_path, capsys):
     ("paper/table7", "JSD+R", {"JSD+R"}),
     ("paper/table3", "13B (Llama-2),7B (Llama-2)", {"13B (Llama-2)", "7B (Llama-2)"}),  # evaluation only
     ("paper/table8", r"re:^gsm8k-TVD\+R_Pearson-", {"TVD+R (Pearson)"}),  # Pearson instead of Spearman
+    # The mini specs: healing stage, teacher SFT, teacher cache, teacher generations, both ROUGE libraries.
+    ("mini/table2_dolly", r"re:^dolly-(Start-ref|KL-s1|KL\+R-s1|FD-s1)-", {"Start", "KL", "KL+R", "FD"}),
+    ("mini/table1_smollm2", "Start,Teacher,TVD,TVD+R", {"Start", "Teacher", "TVD", "TVD+R"}),
 ])
 def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypatch, capsys):
     from rlkd.factory import shared_tokenizer
@@ -187,6 +220,8 @@ def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypat
             assert 0 <= metrics["correct"] <= 2 and "train_seconds" in metrics
         elif cell["config"]["task"] == "dolly":
             assert 0 <= metrics["rougeL"] <= 100
+            if cell["config"]["eval"].get("rouge_pkg"):
+                assert 0 <= metrics["rouge_pkg_rougeL"] <= 100
         else:
             assert 0 <= metrics["cr@1"] <= 100 and metrics["ppl"] > 1
 

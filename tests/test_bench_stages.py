@@ -206,3 +206,66 @@ def test_a_cell_trained_by_its_slurm_job_is_evaluated_without_retraining(tmp_pat
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     metrics, _ = run_cell_inprocess(kl, results / ".staging" / kl["id"], cache_dir=cache, shared_dir=shared)
     assert {"cr@1", "mor@20", "ppl", "heldout_cr@1", "final_train_loss"} <= set(metrics)
+
+
+def _heal(lr: float = 1e-3):
+    return {"models": {"teacher": "@tiny/teacher", "dtype": "float32"},
+            "data": {"task": "pretrain", "path": None, "skip": 6, "max_length": 32},
+            "train": {"micro_batch_size": 2, "max_steps": 3, "lr": lr},
+            "loss": {"objective": "kl", "ranking": {"enabled": False}}}
+
+
+def _healed_spec(docs: Path, name: str, heal: dict, **stages):
+    raw = _staged_spec(docs)
+    heal = json.loads(json.dumps(heal))
+    heal["data"]["path"] = str(docs)
+    return {**raw, "name": name, "stages": {"student_heal": heal, **stages}}
+
+
+def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(tmp_path, monkeypatch):
+    import torch
+
+    from rlkd.bench import stages as stages_module
+    from rlkd.bench.executor import run_cell_inprocess
+    from rlkd.bench.spec import SpecError
+    from rlkd.eval.generate import load_checkpoint
+
+    if shared_tokenizer() is None:
+        pytest.skip("needs the local Llama-2 tokenizer")
+    words = "a b c d e f g h i j k l m n o p".split()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": " ".join(words[(i * j + j) % 16] for j in range(60))}) + "\n"
+                            for i in range(12)))
+    sft = {"student_sft": {"data": {"skip": 3, "limit": None, "max_samples": None}, "train": {"max_steps": 2}}}
+    a = {c["method"]: c for c in expand(parse_spec(_healed_spec(docs, "a", _heal(), **sft)))}
+    b = {c["method"]: c for c in expand(parse_spec(_healed_spec(docs, "b", _heal())))}
+    assert a["Start"]["stages"]["student_heal"]["loss"]["objective"] == "kl"
+    assert a["Start"]["stages"]["student_heal"]["models"]["student"] == "@tiny/student"
+    other = expand(parse_spec(_healed_spec(docs, "b", _heal(lr=2e-3))))
+    assert {c["config_hash"] for c in other}.isdisjoint(c["config_hash"] for c in b.values())  # healing enters every cell
+
+    results = tmp_path / "results"
+    for spec_name, cells in (("a", a), ("b", b)):
+        res = results / spec_name
+        run_cell_inprocess(cells["Start"], tmp_path / f"start-{spec_name}", cache_dir=res / ".cache",
+                           shared_dir=res / ".shared")
+        if spec_name == "a":  # spec b must find a's healing and not train again
+            monkeypatch.setattr(stages_module, "train", lambda *x, **y: (_ for _ in ()).throw(AssertionError("retrained")))
+    heals = [p for p in (results / ".stages").iterdir() if p.is_dir()]
+    assert len(heals) == 1 and heals[0].name.startswith("student_heal-")
+    log = [json.loads(line) for line in (heals[0] / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(row["base"] > 0 for row in log)  # a KL from the teacher, not cross-entropy
+    sft_done = next((results / "a" / ".shared").glob("student_sft-*/done.json"))
+    assert json.loads(sft_done.read_text())["config"]["models"]["student"] == str(heals[0] / "export")
+    assert set(stages_module.stage_seconds(a["Start"], results / "a" / ".shared")) == {"student_heal", "student_sft"}
+
+    # The healed student differs from the configured one, and spec b's Start row scores it.
+    healed, _ = load_checkpoint(str(heals[0] / "export"), dtype="float32", device="cpu")
+    raw, _ = load_checkpoint(str(results / "a" / ".cache" / "tiny-student"), dtype="float32", device="cpu")
+    assert not torch.equal(healed.lm_head.weight, raw.lm_head.weight)
+    teacher, student = stages_module.stage_models(b["Start"], results / "b" / ".shared", results / "b" / ".cache")
+    assert student == str(heals[0] / "export")
+
+    bad = _healed_spec(docs, "c", {**_heal(), "train": {"max_stepz": 3}})
+    with pytest.raises(SpecError, match=r"(?s)stages\.student_heal.*train\.max_stepz: unknown key"):
+        expand(parse_spec(bad))
