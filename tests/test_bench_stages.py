@@ -258,6 +258,13 @@ def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(
     sft_done = next((results / "a" / ".shared").glob("student_sft-*/done.json"))
     assert json.loads(sft_done.read_text())["config"]["models"]["student"] == str(heals[0] / "export")
     assert set(stages_module.stage_seconds(a["Start"], results / "a" / ".shared")) == {"student_heal", "student_sft"}
+    from rlkd.bench.orchestrate import RUN_TIMES, record_run_times
+
+    record_run_times(list(a.values()), results / "a", wall_s=90.0, jobs=1, ran=1)
+    record_run_times(list(a.values()), results / "a", wall_s=30.0, jobs=2, ran=1)  # a resumed run adds its wall time
+    times = json.loads((results / "a" / RUN_TIMES).read_text())
+    assert set(times["stage_minutes"]) == {"student_heal", "student_sft"} and times["wall_minutes_total"] == 2.0
+    assert [r["jobs"] for r in times["runs"]] == [1, 2]
 
     # The healed student differs from the configured one, and spec b's Start row scores it.
     healed, _ = load_checkpoint(str(heals[0] / "export"), dtype="float32", device="cpu")

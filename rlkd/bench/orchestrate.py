@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,13 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
                 _retire(out_dir, cell["id"])
     executor = executor or LocalExecutor(out_dir, threads=threads if threads else (None if jobs <= 1 else 1),
                                          reuse_processes=reuse_processes)
+    started = time.time()
     try:
         summary = run_grid(cells, out_dir, executor, jobs=jobs, retry_failed=retry_failed)
     finally:
         if hasattr(executor, "close"):
             executor.close()
+    record_run_times(cells, out_dir, wall_s=time.time() - started, jobs=jobs, ran=len(summary.done))
     print(f"rlkd bench: {len(summary.done)} run, {len(summary.skipped)} already done, "
           f"{len(summary.elsewhere)} done by another runner, {len(summary.failed)} failed of {summary.total} cells")
     for cell_id, error in summary.failed.items():
@@ -71,6 +74,36 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
             for kind, path in paths.items():
                 print(f"  {kind:>14}: {path}")
     return 0 if summary.ok else 1
+
+
+RUN_TIMES = "run_times.json"
+
+
+def record_run_times(cells, out_dir: Path, *, wall_s: float, jobs: int, ran: int) -> None:
+    """``run_times.json``: the measured minutes of each finished cell and cached stage, and the wall
+    time of every invocation that ran cells (a resumed grid has several). A cell's minutes include
+    the stages, teacher generations and teacher-logit cache it happened to build first."""
+    from rlkd.bench.stages import stage_seconds
+    from rlkd.provenance import utc_now
+
+    path = out_dir / RUN_TIMES
+    previous = read_json(path) if path.is_file() else {}
+    runs = list(previous.get("runs") or [])
+    if ran:
+        runs.append({"finished": utc_now(), "wall_minutes": round(wall_s / 60, 2), "jobs": jobs, "cells_run": ran})
+    stages: dict[str, float] = {}
+    minutes: dict[str, float] = {}
+    for cell in cells:
+        for name, seconds in stage_seconds(cell, out_dir / ".shared").items():
+            stages[name] = round(seconds / 60, 2)
+        status = cell_status(out_dir / cell["id"]) or {}
+        if status.get("status") == "done" and status.get("duration_s") is not None:
+            minutes[cell["id"]] = round(float(status["duration_s"]) / 60, 2)
+    if not (runs or minutes):
+        return
+    write_json_atomic(path, {"stage_minutes": stages, "cell_minutes": minutes,
+                             "cell_minutes_total": round(sum(minutes.values()), 1),
+                             "wall_minutes_total": round(sum(r["wall_minutes"] for r in runs), 1), "runs": runs})
 
 
 def _repo_relative(source: str) -> str:
