@@ -132,7 +132,10 @@ class Layout:
         return table.value(row, column_key)
 
     def paper_rows(self) -> list[str]:
-        return list(paper_table(self.paper_table).rows) if self.paper_table else list(self.row_order)
+        if not self.paper_table:
+            return list(self.row_order)
+        # The layout's own order first (e.g. Teacher, Start), then the paper's rows in its order.
+        return list(self.row_order) + [r for r in paper_table(self.paper_table).rows if r not in self.row_order]
 
 
 def _alignment_columns(task: str, prefix: str = "", with_ppl: bool = True, label: str = "") -> list[Column]:
