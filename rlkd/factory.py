@@ -93,12 +93,13 @@ def resolve_model(ref: str, cache_dir: Path, *, create: bool = True) -> str:
 def _smollm2(ref: str, cache_dir: Path, create: bool) -> str:
     name = ref.removeprefix("@smollm2/")
     teacher = cache_dir / "smollm2-135m-instruct"
+    keep: int | list[int] | None = None  # the layers a pruned copy keeps
     if name == "teacher":
         target = teacher
     elif name.startswith("pruned-") and name.removeprefix("pruned-").isdigit():
-        target = cache_dir / f"smollm2-{name}"
-    elif name.startswith("layers-") and _layer_list(name) is not None:
-        target = cache_dir / f"smollm2-{name}"
+        target, keep = cache_dir / f"smollm2-{name}", int(name.removeprefix("pruned-"))
+    elif name.startswith("layers-") and (layer_list := _layer_list(name)) is not None:
+        target, keep = cache_dir / f"smollm2-{name}", layer_list
     else:
         raise ModelRefError(f"unknown SmolLM2 model {ref!r}; use @smollm2/teacher, @smollm2/pruned-N or "
                             "@smollm2/layers-I.J.K (layer indices, increasing)")
@@ -111,8 +112,7 @@ def _smollm2(ref: str, cache_dir: Path, create: bool) -> str:
         if not script.is_file():
             raise ModelRefError(f"{ref}: {script} not found; prepare the checkpoint and place it at {teacher}")
         subprocess.run(["bash", str(script), str(teacher)], check=True)
-    if target != teacher and not (target / "config.json").is_file():
-        keep = _layer_list(name) if name.startswith("layers-") else int(name.removeprefix("pruned-"))
+    if keep is not None and not (target / "config.json").is_file():
         prune_layers(teacher, target, keep)
     return str(target)
 

@@ -427,6 +427,14 @@ def stage_run(task_run: dict[str, Any], role: str, overrides: dict[str, Any]) ->
     return tree
 
 
+HEAL = "student_heal"  # the key of a cell's healing stage in ``cell["stages"]`` (the others: "teacher", "student")
+
+
+def stage_key(role: str) -> str:
+    """The spec key of a cell's stage: ``student_heal``, ``teacher_sft`` or ``student_sft``."""
+    return role if role == HEAL else f"{role}_sft"
+
+
 def heal_run(task_run: dict[str, Any], heal: dict[str, Any]) -> dict[str, Any]:
     """The run tree of a ``student_heal`` stage: its own complete run (data, teacher, loss), training
     the task's student, seed 72 unless given. Nothing of the task's run but the student enters it."""
@@ -472,8 +480,8 @@ def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
                   for role, overrides in (("teacher", stage_settings.teacher_sft), ("student", stage_settings.student_sft))
                   if overrides is not None}
         if stage_settings.student_heal is not None:
-            stages["student_heal"] = heal_run(task_run, stage_settings.student_heal)
-        stage_hashes = {role: _validated_run(tree, source, f"{where}: stages.{role}" + ("" if role == "student_heal" else "_sft"))
+            stages[HEAL] = heal_run(task_run, stage_settings.student_heal)
+        stage_hashes = {role: _validated_run(tree, source, f"{where}: stages.{stage_key(role)}")
                         for role, tree in stages.items()}
         common = {"task": task.name, "stages": stages, "teacher_cache": spec.teacher_cache,
                   "keep_checkpoints": spec.keep_checkpoints, "eval": evaluation}

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlkd.bench.spec import canonical_run, config_hash
+from rlkd.bench.spec import HEAL, canonical_run, config_hash, stage_key
 from rlkd.factory import resolve_model
 from rlkd.provenance import atomic_write_json, atomic_write_jsonl, file_lock
 
@@ -98,9 +98,6 @@ def set_aside_other_run(out: Path, tree: dict[str, Any]) -> None:
         print(f"{out}: held a run with another config; moved it to {target.name} and training afresh", flush=True)
 
 
-HEAL = "student_heal"
-
-
 def heal_dir(cell: dict[str, Any], shared_dir: Path) -> Path:
     """Where the cell's healing stage lives: keyed by its config alone and kept beside the results
     folder (``<results>/../.stages``), so every spec that names the same healing shares one run."""
@@ -150,7 +147,7 @@ def stage_seconds(cell: dict[str, Any], shared_dir: Path) -> dict[str, float]:
         if done.is_file():
             recorded = json.loads(done.read_text()).get("seconds")
             if recorded is not None:
-                seconds[role if role == HEAL else f"{role}_sft"] = float(recorded)
+                seconds[stage_key(role)] = float(recorded)
     return seconds
 
 
@@ -183,7 +180,7 @@ def finished_stage_models(cell: dict[str, Any], shared_dir: Path) -> tuple[dict[
             continue
         export = finished_stage(cell, role, shared_dir)
         if export is None:
-            missing.append(role if role == HEAL else f"{role}_sft")
+            missing.append(stage_key(role))
         else:
             exports["student" if role == HEAL else role] = export
     return exports, missing
