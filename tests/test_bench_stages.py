@@ -276,3 +276,42 @@ def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(
     bad = _healed_spec(docs, "c", {**_heal(), "train": {"max_stepz": 3}})
     with pytest.raises(SpecError, match=r"(?s)stages\.student_heal.*train\.max_stepz: unknown key"):
         expand(parse_spec(bad))
+
+
+def test_a_parallel_run_trains_each_missing_stage_first_in_one_cell_with_every_core(tmp_path, monkeypatch):
+    """With --jobs 2 a cell gets one thread; the stage it waits for must not run at that one thread
+    while the other slot idles. The first cell needing each missing stage runs alone, with no
+    thread limit, then the rest in parallel at one thread each."""
+    from rlkd.bench import orchestrate
+    from rlkd.bench.stages import finished_stage, stage_dir
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("")
+    cells = expand(parse_spec(_healed_spec(docs, "a", _heal())))
+    out = tmp_path / "results" / "a"
+    runs: list[tuple[str, int | None, bool]] = []
+
+    class FakeExecutor:
+        def __init__(self, results_dir, *, threads=None, reuse_processes=False):
+            self.threads = threads
+
+        def run(self, cell, workdir):
+            heal = stage_dir(cell, "student_heal", out / ".shared")
+            runs.append((cell["id"], self.threads, finished_stage(cell, "student_heal", out / ".shared") is None))
+            (heal / "export").mkdir(parents=True, exist_ok=True)  # what the stage leaves behind
+            (heal / "done.json").write_text("{}")
+            return {"cr@1": 1.0}, {}
+
+    monkeypatch.setattr(orchestrate, "LocalExecutor", FakeExecutor)
+    assert orchestrate.run_cells(cells, out, spec_source="a.yaml", layout=None, jobs=2, tables=False) == 0
+    assert len(runs) == len(cells) > 2
+    first, rest = runs[0], runs[1:]
+    assert first[1] is None and first[2]  # the stage ran in the first cell, with no thread limit
+    assert all(threads == 1 and not missing for _, threads, missing in rest)
+    assert sorted(r[0] for r in runs) == sorted(c["id"] for c in cells)  # each cell exactly once
+    times = json.loads((out / orchestrate.RUN_TIMES).read_text())
+    assert times["runs"][-1]["cells_run"] == len(cells)
+
+    # Nothing is missing any more: a second parallel run starts no cell alone.
+    assert orchestrate.stage_leaders(cells, tmp_path / "elsewhere") == cells[:1]
+    assert orchestrate.stage_leaders(cells, out) == []

@@ -10,7 +10,7 @@ from typing import Any
 
 from rlkd.bench.executor import LocalExecutor, cell_engine_tree
 from rlkd.bench.runner import code_provenance, run_grid
-from rlkd.bench.stages import finished_stage_models
+from rlkd.bench.stages import finished_stage, finished_stage_models, stage_dir
 from rlkd.bench.store import STAGING, cell_status, is_done, read_json, write_json_atomic, write_text_atomic
 
 
@@ -50,14 +50,25 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
         for cell in cells:
             if cell["id"] in stale:
                 _retire(out_dir, cell["id"])
+    started = time.time()
+    leaders = stage_leaders(cells, out_dir) if executor is None and jobs > 1 and not threads else []
+    first_done: list[str] = []
+    if leaders:
+        # A stage runs inside the first cell that needs it, with that cell's threads; in a parallel
+        # run that is one core while the other cells wait for it. Run those cells first, alone,
+        # with every core.
+        print(f"rlkd bench: {len(leaders)} cell(s) first, one at a time with every core, for the stages "
+              "the others wait for")
+        first_done = run_grid(leaders, out_dir, LocalExecutor(out_dir), jobs=1, retry_failed=retry_failed).done
     executor = executor or LocalExecutor(out_dir, threads=threads if threads else (None if jobs <= 1 else 1),
                                          reuse_processes=reuse_processes)
-    started = time.time()
     try:
         summary = run_grid(cells, out_dir, executor, jobs=jobs, retry_failed=retry_failed)
     finally:
         if hasattr(executor, "close"):
             executor.close()
+    summary.done[:0] = first_done
+    summary.skipped = [c for c in summary.skipped if c not in first_done]
     record_run_times(cells, out_dir, wall_s=time.time() - started, jobs=jobs, ran=len(summary.done))
     print(f"rlkd bench: {len(summary.done)} run, {len(summary.skipped)} already done, "
           f"{len(summary.elsewhere)} done by another runner, {len(summary.failed)} failed of {summary.total} cells")
@@ -74,6 +85,20 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
             for kind, path in paths.items():
                 print(f"  {kind:>14}: {path}")
     return 0 if summary.ok else 1
+
+
+def stage_leaders(cells, out_dir: Path) -> list[dict[str, Any]]:
+    """Pending cells that together need every stage not run yet, the first such cell for each."""
+    shared, covered, leaders = out_dir / ".shared", set(), []
+    for cell in cells:
+        if is_done(out_dir / cell["id"], cell["config_hash"]):
+            continue
+        missing = {str(stage_dir(cell, role, shared)) for role in cell.get("stages") or {}
+                   if finished_stage(cell, role, shared) is None}
+        if missing - covered:
+            leaders.append(cell)
+            covered |= missing
+    return leaders
 
 
 RUN_TIMES = "run_times.json"
