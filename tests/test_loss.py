@@ -191,6 +191,12 @@ def test_nan_logits_name_the_position():
     t[b, l, 0] = float("nan")
     with pytest.raises(ValueError, match="teacher logits contain NaN"):
         DistillLoss(objective="tvd", ranking=RankingConfig(k=3))(s.requires_grad_(True), t, mask)
+    # A rank-only loss reads <= 2k logits per row, computed after the chunks: a NaN is still named.
+    for who in ("student", "teacher"):
+        s, t, mask = _batch(v=20)
+        (s if who == "student" else t)[b, l, 5] = float("nan")
+        with pytest.raises(ValueError, match=f"{who} logits contain NaN/Inf at flattened position {b * 9 + l}"):
+            DistillLoss(ranking=RankingConfig(k=3, mode="rank_only"), chunk_size=2)(s.requires_grad_(True), t, mask)
 
 
 def test_ce_objective_through_the_loss_uses_shifted_labels():

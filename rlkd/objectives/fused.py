@@ -4,7 +4,8 @@
 ``loss(student_hidden @ W_s.T, teacher_hidden @ W_t.T, mask, labels)`` without any N x V tensor:
 for each block of supervised positions (HEAD_BLOCK_ELEMENTS logits) it computes both models'
 logits, runs the unchanged per-chunk maths (``DistillLoss._chunk``: every objective, the ranking
-term in every mode, temperature) on the logits path's chunks inside the block, overwrites the
+term in every mode, temperature) on the logits path's chunks inside the block (and the ranking
+term of logit scores once for the whole block, ``DistillLoss.rank_rows``), overwrites the
 block's student logits with their gradient, and folds that into the gradients of the student's
 hidden states (block x H rows) and head weight (V x H, accumulated in fp32). Working memory is
 O(block x V) plus those two gradients.
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from rlkd.objectives.common import compute_dtype
-from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET, DistillLoss, LossOutput, _check_finite
+from rlkd.objectives.loss import (CHUNK_ELEMENT_BUDGET, DistillLoss, LossOutput, RankRows, _check_finite, add_terms,
+                                  check_rank_finite)
 
 # Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
 # blocks of about this many elements (128 MiB in fp32); the loss maths then runs on the logits
@@ -167,7 +169,8 @@ class _Plan:
 
 
 def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights, want_grad, idx):
-    """``(per-token totals, logged terms, gradient w.r.t. the chunk's logits or None)``, all detached.
+    """``(per-token totals, logged terms, gradient w.r.t. the chunk's logits or None, rank rows)``,
+    all detached.
 
     Its own function so that the chunk's autograd graph, which holds the chunk's logits (a view
     of the whole block), is gone when it returns.
@@ -175,16 +178,13 @@ def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights,
     s_rows = student_rows.detach()
     with torch.enable_grad():
         s_rows.requires_grad_(want_grad)
-        total, terms, sparse = loss._chunk(s_rows, t_rows, labels, union_ids, weights)
+        total, terms, rank_rows = loss._chunk(s_rows, t_rows, labels, union_ids, weights)
         _check_finite(total, s_rows, t_rows, idx)
         g = None
         if want_grad:
-            leaves = [s_rows] + ([sparse[0]] if sparse is not None else [])
-            grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
-            g = grads[0] if grads[0] is not None else torch.zeros_like(s_rows)
-            if sparse is not None and grads[1] is not None:
-                g.scatter_add_(-1, sparse[1], grads[1].to(g.dtype))
-    return total.detach(), {name: value.detach() for name, value in terms.items()}, g
+            g = torch.autograd.grad(total.sum(), s_rows, allow_unused=True)[0] if total.requires_grad else None
+            g = g if g is not None else torch.zeros_like(s_rows)
+    return total.detach(), {name: value.detach() for name, value in terms.items()}, g, rank_rows
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -208,21 +208,31 @@ class _FusedHeadLoss(torch.autograd.Function):
             h_block = _rows(h_all, block_idx)
             logits = h_block @ head.t()  # overwritten by its own gradient, chunk by chunk
             t_block = _rows(plan.teacher_rows, block_idx)
+            rank_parts = []
             for offset in range(0, block_idx.numel(), chunk):
                 start = block_start + offset
                 rows = slice(offset, offset + chunk)
                 t_rows = t_block[rows] if t_block is not None else None
                 lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
                 ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
-                total, terms, g = _chunk_loss_and_grad(loss, logits[rows], t_rows, lab, ids, plan.weights,
-                                                       want_h or want_w, block_idx[rows])
+                total, terms, g, rank_rows = _chunk_loss_and_grad(loss, logits[rows], t_rows, lab, ids, plan.weights,
+                                                                  want_h or want_w, block_idx[rows])
                 if g is not None:
                     logits[rows] = g
                 per_token[start : start + chunk] = total
-                for name, value in terms.items():
-                    if name == "rank":
-                        value = torch.where(value.isnan(), torch.zeros_like(value), value)
-                    sums[name] = sums.get(name, 0.0) + value.sum()
+                if rank_rows is not None:
+                    rank_parts.append(rank_rows)
+                add_terms(sums, terms)
+            if rank_parts:  # the ranking term of the whole block at once (logit scores)
+                ranked = RankRows.cat(rank_parts)
+                total, terms, g = loss.rank_rows(ranked, plan.weights, want_h or want_w)
+                block_tokens = per_token[block_start : block_start + block_idx.numel()]
+                block_tokens += total
+                check_rank_finite(block_tokens, ranked, block_idx)
+                if g is not None:
+                    rows = torch.arange(block_idx.numel(), device=logits.device).unsqueeze(-1).expand_as(ranked.ids)
+                    logits.index_put_((rows, ranked.ids), g.to(logits.dtype), accumulate=True)
+                add_terms(sums, terms)
             if want_h:
                 grad_h.index_copy_(0, block_idx, logits @ head)
             if want_w:

@@ -9,6 +9,12 @@ gradient itself, instead of the several N x V fp32 softmaxes a plain autograd gr
 Because the buffer is handed over, backward runs once per forward; ``retain_gradient=True``
 keeps an unscaled copy (one more logits-sized tensor) for repeated backward, as gradcheck does.
 
+Ranking term: with logit scores (the default) it depends on each row only through <= 2k logits.
+A chunk therefore only finds the top-k ids and gathers those logits (while the chunk is in cache);
+the soft ranks, the correlation and its sparse gradient are then computed once for all rows
+(``rank_rows``), which removes their fixed per-chunk cost. With probability scores the gradient
+is dense (through each row's logsumexp) and the term is computed inside the chunk.
+
 Reduction: the result is a *sum* over positions; the caller divides by the global number of
 supervised tokens (all micro-batches, all ranks), so gradient accumulation and data parallelism
 leave the loss scale unchanged.
@@ -37,6 +43,26 @@ class LossOutput:
 
 
 @dataclass
+class RankRows:
+    """What the ranking term needs from some rows when its scores are logits: the union's ids and
+    validity, the exact top-k overlap, the student's *raw* logits there (the gradient's leaf) and
+    the teacher's scores (after the temperature). All [rows, u] but ``overlap`` [rows]; detached."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+    overlap: torch.Tensor
+    student: torch.Tensor
+    teacher: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list["RankRows"]) -> "RankRows":
+        if len(parts) == 1:
+            return parts[0]
+        return RankRows(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                          ("ids", "valid", "overlap", "student", "teacher")))
+
+
+@dataclass
 class _Weights:
     rank: float
     base: float
@@ -62,10 +88,9 @@ class DistillLoss:
     def _chunk(self, student, teacher, labels, union_ids, weights: _Weights):
         """Per-token totals and logged terms for one chunk of rows.
 
-        Returns ``(total, terms, sparse)``. With logit scores the ranking term depends on the
-        student only through <= 2k gathered logits per row; they enter as their own leaf
-        ``sparse = (leaf, ids)`` so that its gradient is scattered into the dense one instead of
-        autograd building (and adding) another chunk x V tensor.
+        Returns ``(total, terms, rank_rows)``. With logit scores the ranking term is left out of
+        ``total`` and ``terms``: ``rank_rows`` carries what it needs, for :meth:`rank_rows` to compute
+        it over many chunks at once. With probability scores it is computed here (``rank_rows`` None).
         """
         cfg = self.config
         s = student.to(compute_dtype(student))
@@ -75,27 +100,22 @@ class DistillLoss:
         terms: dict[str, torch.Tensor] = {}
         total = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
         base_weight = torch.full_like(total, weights.base)
-        sparse = None
+        rank_rows = None
         if self.ranking is not None:
             r = self.ranking
             ids, valid, overlap = union_ids_for(s, t, r.k, union_ids)
             if r.scores == "logits":
-                # A leaf on the raw logits, so its gradient is the raw logits' gradient.
-                leaf = student.detach().gather(-1, ids).to(s.dtype).requires_grad_(student.requires_grad)
-                q = leaf / cfg.temperature if cfg.temperature != 1.0 else leaf
-                sparse = (leaf, ids)
+                rank_rows = RankRows(ids, valid, overlap, student.detach().gather(-1, ids).to(s.dtype),
+                                     t.gather(-1, ids))
             else:
-                q = gather_scores(s, ids, r.scores)
-            rank, degenerate = rank_loss_from_scores(
-                gather_scores(t, ids, r.scores), q, valid, correlation=r.correlation,
-                regularization_strength=r.regularization_strength, backend=r.backend,
-                official=r.fidelity == "official",
-            )
-            terms["rank"] = rank
-            terms["rank_degenerate_rows"] = degenerate.to(s.dtype)
-            terms["topk_overlap"] = overlap.to(s.dtype) / r.k
-            if weights.rank:
-                total = total + weights.rank * rank
+                rank, degenerate = rank_loss_from_scores(
+                    gather_scores(t, ids, r.scores), gather_scores(s, ids, r.scores), valid,
+                    correlation=r.correlation, regularization_strength=r.regularization_strength,
+                    backend=r.backend, official=r.fidelity == "official",
+                )
+                terms.update(self._rank_terms(rank, degenerate, overlap, s.dtype))
+                if weights.rank:
+                    total = total + weights.rank * rank
             if r.mode == "dynamic":
                 base_weight = base_weight * overlap.to(s.dtype) / r.k
         if self.objectives and weights.base:
@@ -107,7 +127,31 @@ class DistillLoss:
                 base = weight * value if base is None else base + weight * value
             terms["base"] = base
             total = total + base_weight * base
-        return total, terms, sparse
+        return total, terms, rank_rows
+
+    def rank_rows(self, rows: RankRows, weights: _Weights, want_grad: bool):
+        """The ranking term of logit scores over many rows at once.
+
+        Returns ``(total, terms, grad)``: ``weights.rank`` x the per-row loss, the logged terms, and
+        the gradient of ``total.sum()`` with respect to ``rows.student`` (None without ``want_grad``
+        or weight), to be scattered into the logits' gradient at ``rows.ids``.
+        """
+        r, temperature = self.ranking, self.config.temperature
+        with torch.enable_grad():
+            leaf = rows.student.detach().requires_grad_(want_grad and bool(weights.rank))
+            q = leaf / temperature if temperature != 1.0 else leaf
+            rank, degenerate = rank_loss_from_scores(
+                rows.teacher, q, rows.valid, correlation=r.correlation,
+                regularization_strength=r.regularization_strength, backend=r.backend,
+                official=r.fidelity == "official",
+            )
+            total = weights.rank * rank if weights.rank else torch.zeros_like(rank)
+            grad = torch.autograd.grad(total.sum(), leaf)[0] if leaf.requires_grad else None
+        return total.detach(), self._rank_terms(rank.detach(), degenerate, rows.overlap, rank.dtype), grad
+
+    def _rank_terms(self, rank, degenerate, overlap, dtype) -> dict[str, torch.Tensor]:
+        return {"rank": rank, "rank_degenerate_rows": degenerate.to(dtype),
+                "topk_overlap": overlap.to(dtype) / self.ranking.k}
 
     # ---- entry point ------------------------------------------------------------------------------
     def __call__(self, student_logits, teacher_logits, mask=None, labels=None) -> LossOutput:
@@ -199,11 +243,14 @@ class DistillLoss:
             t_ids = torch.cat([topk_ids(_rows(teacher_flat, idx), r.k) for idx in spans])
             s_ids = torch.cat([topk_ids(_rows(student_flat, idx), r.k) for idx in spans])
             union_ids = official_batch_union(t_ids, s_ids)
-            nan = any(
-                torch.isnan(self._chunk(_rows(student_flat, idx), _rows(teacher_flat, idx), None,
-                                        union_ids[i * chunk : (i + 1) * chunk], _Weights(1.0, 0.0))[0]).any()
-                for i, idx in enumerate(spans)
-            )
+            parts = [self._chunk(_rows(student_flat, idx), _rows(teacher_flat, idx), None,
+                                 union_ids[i * chunk : (i + 1) * chunk], _Weights(1.0, 0.0))
+                     for i, idx in enumerate(spans)]
+            if r.scores == "logits":
+                nan = bool(torch.isnan(self.rank_rows(RankRows.cat([p[2] for p in parts]), _Weights(1.0, 0.0),
+                                                      False)[0]).any())
+            else:
+                nan = any(bool(torch.isnan(p[0]).any()) for p in parts)
         # Released code: loss = rank + base / magnification, or base alone if rank is NaN.
         weights = _Weights(rank=0.0, base=1.0, rank_fallback=True) if nan else _Weights(rank=1.0, base=1.0 / 2.0)
         return union_ids, weights
@@ -220,6 +267,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
             alloc = torch.empty_like if n == student_flat.shape[0] else torch.zeros_like
             grad_flat = alloc(student_flat, memory_format=torch.contiguous_format)
         sums: dict[str, torch.Tensor] = {}
+        rank_parts: list[RankRows] = []
         for start in range(0, n, chunk):
             idx = positions[start : start + chunk]
             s_rows, t_rows = _rows(student_flat, idx), _rows(teacher_flat, idx)
@@ -227,21 +275,25 @@ class _FusedChunkedLoss(torch.autograd.Function):
             ids = union_ids[start : start + chunk] if union_ids is not None else None
             with torch.enable_grad():
                 s_rows.requires_grad_(needs_grad)
-                total, terms, sparse = loss._chunk(s_rows, t_rows, lab, ids, weights)
+                total, terms, rank_rows = loss._chunk(s_rows, t_rows, lab, ids, weights)
                 _check_finite(total, s_rows, t_rows, idx)
                 if needs_grad:
-                    leaves = [s_rows] + ([sparse[0]] if sparse is not None else [])
-                    grads = torch.autograd.grad(total.sum(), leaves, allow_unused=True)
-                    grad = grads[0] if grads[0] is not None else torch.zeros_like(s_rows)
-                    if sparse is not None and grads[1] is not None:
-                        grad.scatter_add_(-1, sparse[1], grads[1].to(grad.dtype))
-                    grad_flat.index_copy_(0, idx, grad)
+                    # (a rank-only total with logit scores does not depend on the chunk at all)
+                    grad = torch.autograd.grad(total.sum(), s_rows, allow_unused=True)[0] if total.requires_grad else None
+                    grad_flat.index_copy_(0, idx, grad if grad is not None else torch.zeros_like(s_rows))
             per_token[start : start + chunk] = total.detach()
-            for name, value in terms.items():
-                value = value.detach()
-                if name == "rank":
-                    value = torch.where(value.isnan(), torch.zeros_like(value), value)
-                sums[name] = sums.get(name, 0.0) + value.sum()
+            if rank_rows is not None:
+                rank_parts.append(rank_rows)
+            add_terms(sums, terms)
+        if rank_parts:
+            rows = RankRows.cat(rank_parts)
+            total, terms, grad = loss.rank_rows(rows, weights, needs_grad)
+            per_token += total
+            check_rank_finite(per_token, rows, positions)
+            if grad is not None:
+                grad_flat.index_put_((positions.unsqueeze(-1).expand_as(rows.ids), rows.ids),
+                                     grad.to(grad_flat.dtype), accumulate=True)
+            add_terms(sums, terms)
         ctx.save_for_backward(positions)
         ctx.grad_flat, ctx.retain = grad_flat, loss.retain_gradient
         metrics.update({name: float(value) for name, value in sums.items()})
@@ -272,6 +324,28 @@ def _rows(flat, idx):
     if int(idx[-1]) - first + 1 == idx.numel():
         return flat.detach().narrow(0, first, idx.numel())
     return flat.detach().index_select(0, idx)
+
+
+def add_terms(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> None:
+    """Add a chunk's logged per-token terms to the running sums (a NaN rank of the official mode's
+    fallback counts as 0)."""
+    for name, value in terms.items():
+        value = value.detach()
+        if name == "rank":
+            value = torch.where(value.isnan(), torch.zeros_like(value), value)
+        sums[name] = sums.get(name, 0.0) + value.sum()
+
+
+def check_rank_finite(total, rows: RankRows, positions):
+    """The totals after the ranking term; a rank-only loss sees non-finite logits only here."""
+    if torch.isfinite(total).all():
+        return
+    bad = int((~torch.isfinite(total)).nonzero()[0, 0])
+    where = f"flattened position {int(positions[bad])}"
+    for name, values in (("student", rows.student), ("teacher", rows.teacher)):
+        if not torch.isfinite(values[bad]).all():
+            raise ValueError(f"{name} logits contain NaN/Inf at {where}")
+    raise FloatingPointError(f"the loss is not finite at {where} although the logits are")
 
 
 def _check_finite(total, s_rows, t_rows, idx):
