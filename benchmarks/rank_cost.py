@@ -1,0 +1,137 @@
+"""What the ranking term adds to the loss's time: (KL+R)/KL, forward + backward, on both paths.
+
+The two losses alternate in one process, round after round, and each keeps its fastest round, so
+slow drifts of the machine's load cancel out of the ratio. Run it on a quiet machine (the load
+average before and after is recorded in the report):
+
+    python benchmarks/rank_cost.py            # -> results/perf/rank_cost.{json,md}
+
+Logits path: random N x V logits (N(0, 4)), at the default chunk size and at smaller chunks.
+Fused path (``fused_distill_loss``): hidden states N x H and head weights V x H for both models;
+its time includes the head matmuls, so the term's share is smaller there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _alternate(calls: dict[str, callable], rounds: int) -> dict[str, list[float]]:
+    times = {name: [] for name in calls}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: values[1:] for name, values in times.items()}
+
+
+def logits_case(tokens: int, vocab: int, k: int, chunk: int | None, rounds: int) -> dict:
+    from rlkd.objectives import DistillLoss, RankingConfig
+
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(tokens, vocab, generator=g) * 2).requires_grad_(True)
+    t = torch.randn(tokens, vocab, generator=g) * 2
+    losses = {"kl": DistillLoss(objective="kl", chunk_size=chunk),
+              "kl+r": DistillLoss(objective="kl", ranking=RankingConfig(k=k), chunk_size=chunk)}
+
+    def call(loss):
+        def run():
+            loss(s, t).loss_sum.backward()
+            s.grad = None
+        return run
+
+    return _summary(_alternate({name: call(loss) for name, loss in losses.items()}, rounds))
+
+
+def fused_case(tokens: int, vocab: int, hidden: int, k: int, rounds: int) -> dict:
+    from rlkd.objectives import DistillLoss, RankingConfig
+    from rlkd.objectives.fused import HeadInput, fused_distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(tokens, hidden, generator=g).requires_grad_(True)
+    w_s = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).requires_grad_(True)
+    h_t, w_t = torch.randn(tokens, hidden, generator=g), torch.randn(vocab, hidden, generator=g) / hidden**0.5
+    losses = {"kl": DistillLoss(objective="kl"), "kl+r": DistillLoss(objective="kl", ranking=RankingConfig(k=k))}
+
+    def call(loss):
+        def run():
+            fused_distill_loss(loss, HeadInput(h_s, w_s), HeadInput(h_t, w_t)).loss_sum.backward()
+            h_s.grad = w_s.grad = None
+        return run
+
+    return _summary(_alternate({name: call(loss) for name, loss in losses.items()}, rounds))
+
+
+def _summary(times: dict[str, list[float]]) -> dict:
+    best = {name: min(values) for name, values in times.items()}
+    return {"kl_s": best["kl"], "kl_r_s": best["kl+r"], "ratio": best["kl+r"] / best["kl"], "times_s": times}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--chunks", default="default,32", help="logits-path chunk sizes (rows); 'default' = the loss's own")
+    parser.add_argument("--fused-tokens", type=int, default=1024)
+    parser.add_argument("--fused-hidden", type=int, default=576)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "results" / "perf" / "rank_cost"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = _load()
+    rows = []
+    for chunk in args.chunks.split(","):
+        size = None if chunk == "default" else int(chunk)
+        row = {"path": "logits", "tokens": args.tokens, "vocab": args.vocab, "chunk": chunk,
+               **logits_case(args.tokens, args.vocab, args.k, size, args.rounds)}
+        print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
+        rows.append(row)
+    if args.fused_tokens:
+        row = {"path": "fused", "tokens": args.fused_tokens, "vocab": args.vocab, "hidden": args.fused_hidden,
+               "chunk": "default", **fused_case(args.fused_tokens, args.vocab, args.fused_hidden, args.k, args.rounds)}
+        print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
+        rows.append(row)
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+            "threads": args.threads, "k": args.k, "rounds": args.rounds,
+            "load_average_before": load_before, "load_average_after": _load(),
+            "command": "python benchmarks/rank_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    os.replace(tmp, out.with_suffix(".json"))
+    lines = ["# The ranking term's cost: (KL+R)/KL, forward + backward", "",
+             f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} thread(s); fp32; k={args.k}; "
+             f"the two losses alternate in one process for {args.rounds} rounds after a warm-up, each keeps its "
+             f"fastest. Load average (1, 5, 15 min) before: {load_before}; after: {meta['load_average_after']}.",
+             f"Command: `{meta['command']}`", "", "Target (issue 13): (KL+R)/KL ≤ 1.05 on both paths.", "",
+             "| path | N | V | H | chunk (rows) | KL s | KL+R s | (KL+R)/KL |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['path']} | {r['tokens']} | {r['vocab']} | {r.get('hidden', '—')} | {r['chunk']} | "
+                     f"{r['kl_s']:.3f} | {r['kl_r_s']:.3f} | {r['ratio']:.3f} |")
+    tmp_md = out.with_suffix(".md.tmp")
+    tmp_md.write_text("\n".join(lines) + "\n")
+    os.replace(tmp_md, out.with_suffix(".md"))
+    print(f"wrote {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
