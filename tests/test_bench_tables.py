@@ -190,3 +190,29 @@ def test_curves_leave_out_a_model_scored_against_itself(tmp_path):
     run_grid(expand(parse_spec(_with_base(raw))), tmp_path, Executor(), progress=False)
     series = curve_series(collect(load_cells(tmp_path), get_layout("table1")))
     assert series == {("KL", "cr"): {1: 51.5, 2: 20.0}, ("KL", "mor"): {3: 40.0}}
+
+
+def test_a_revised_spec_in_the_same_folder_tabulates_only_its_own_cells(tmp_path, capsys):
+    """The superseded spec's cells stay on disk (other config hashes) but must not be averaged into
+    the revised spec's rows; cells of the revised spec not run yet (--only) are simply absent."""
+    from rlkd.bench.orchestrate import run_cells
+
+    class Ppl:
+        def __init__(self, value):
+            self.value = value
+
+        def run(self, cell, workdir):
+            return {"ppl": self.value}
+
+    raw = {"name": "v", "layout": "table1", "tasks": [{"name": "pretrain"}], "objectives": ["kl"],
+           "variants": ["none"], "seeds": [1, 2]}
+    old = expand(parse_spec(_with_base(raw)))
+    run_cells(old, tmp_path, spec_source="v.yaml", layout="table1", executor=Ppl(50.0), tables=False)
+    revised = expand(parse_spec(_with_base({**raw, "defaults": {"train": {"lr": 3e-4}}})))
+    assert {c["id"] for c in revised}.isdisjoint(c["id"] for c in old)
+    assert run_cells(revised[:1], tmp_path, spec_source="v.yaml", layout="table1", executor=Ppl(10.0),
+                     spec_cells=revised) == 0  # --only: one of the revised spec's two cells
+    assert "2 cell folder(s)" in capsys.readouterr().err
+    assert len(load_cells(tmp_path)) == 3
+    md = (tmp_path / "table.md").read_text()
+    assert "| KL | **10.00** | 7.85 |" in md and "50.00" not in md and "30.00" not in md

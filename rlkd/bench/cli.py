@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(path, tiny=args.tiny, plugins=args.plugin)
         if args.seeds:
             spec.seeds = parse_seeds(args.seeds)
-        cells = filter_cells(expand(spec, source=str(path)), args.only)
+        spec_cells = expand(spec, source=str(path))
+        cells = filter_cells(spec_cells, args.only)
     except SpecError as exc:
         print(f"rlkd bench: {exc}", file=sys.stderr)
         return 2
@@ -82,4 +83,5 @@ def main(argv: list[str] | None = None) -> int:
         slurm = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node} if args.slurm else None
         return dry_run(cells, out_dir, show_config=args.show_config, slurm=slurm)
     return run_cells(cells, out_dir, spec_source=str(path), layout=spec.layout, jobs=args.jobs or 1,
-                     retry_failed=not args.skip_failed, tables=not args.no_table, rerun_stale=args.rerun_stale)
+                     retry_failed=not args.skip_failed, tables=not args.no_table, rerun_stale=args.rerun_stale,
+                     spec_cells=spec_cells)

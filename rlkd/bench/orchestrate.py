@@ -39,10 +39,12 @@ def stale_cells(cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
 
 def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, jobs: int = 1,
               retry_failed: bool = True, tables: bool = True, executor=None, threads: int | None = None,
-              rerun_stale: bool = False, reuse_processes: bool = False) -> int:
+              rerun_stale: bool = False, reuse_processes: bool = False, spec_cells=None) -> int:
+    """Run ``cells`` (a subset of the spec's ``spec_cells`` under ``--only``; all of them by default)
+    into ``out_dir`` and render its tables from the spec's cells."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "spec.json", {"source": _repo_relative(spec_source), "layout": layout,
-                                              "cells": [c["id"] for c in cells]})
+                                              "cells": [c["id"] for c in (spec_cells or cells)]})
     if rerun_stale:
         stale = set(stale_cells(cells, out_dir))
         if stale:

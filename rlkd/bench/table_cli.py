@@ -19,12 +19,21 @@ from rlkd.bench.tables import row_order, write_tables
 def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path | None = None) -> dict[str, Path]:
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir}: no such results directory")
+    spec_file = results_dir / "spec.json"
+    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
     if layout_name is None:
-        spec_file = results_dir / "spec.json"
-        if spec_file.is_file():
-            layout_name = json.loads(spec_file.read_text()).get("layout")
+        layout_name = spec.get("layout")
     layout = get_layout(layout_name)
     cells = load_cells(results_dir)
+    if spec.get("cells"):
+        # A revised spec writing into the same folder leaves the superseded spec's cells there (their
+        # config hashes differ): the tables show the cells of the spec that ran last, and say so.
+        keep = set(spec["cells"])
+        other = [c for c in cells if c["dir"].name not in keep]
+        if other:
+            print(f"rlkd table: {len(other)} cell folder(s) in {results_dir} belong to no cell of its latest "
+                  f"spec ({spec.get('source')}); left out of the tables", file=sys.stderr)
+            cells = [c for c in cells if c["dir"].name in keep]
     if not cells:
         raise FileNotFoundError(f"{results_dir}: no finished or failed cells (nothing has run yet?)")
     out_dir = out_dir or results_dir
