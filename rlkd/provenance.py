@@ -121,14 +121,16 @@ def file_lock(path: str | Path) -> Iterator[None]:
 
 
 def git_state() -> dict[str, Any]:
-    """The code that is running: HEAD's sha and whether tracked files differ from it (``dirty``).
-    ``{"sha": None, "dirty": None}`` outside a git checkout (an installed wheel)."""
+    """The code that is running: HEAD's sha and whether tracked files outside ``results/`` differ
+    from it (``dirty``): a benchmark re-renders the committed tables under ``results/`` while it
+    runs, which changes no code. ``{"sha": None, "dirty": None}`` outside a git checkout (an
+    installed wheel)."""
     sha = git_sha()
     if sha is None:
         return {"sha": None, "dirty": None}
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return {"sha": sha, "dirty": None}
     return {"sha": sha, "dirty": bool(out.stdout.strip()) if out.returncode == 0 else None}

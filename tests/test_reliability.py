@@ -330,3 +330,27 @@ def test_overrides_after_resume_are_applied(run_config, tmp_path, capsys, no_wei
     code = main(["--config", str(path), f"output_dir={tmp_path / 'x'}", "--resume", "loss.ranking.enabled=true",
                  "loss.ranking.k=400"])
     assert code == 2 and "loss.ranking.k=400 is larger than" in capsys.readouterr().err
+
+
+def test_re_rendered_result_tables_do_not_make_the_code_dirty(tmp_path, monkeypatch):
+    """A benchmark rewrites committed tables under results/ while its cells run; the cells' provenance
+    must still say the code was clean, and a changed source file must still say dirty."""
+    import subprocess
+
+    from rlkd import provenance
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "init")
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    (tmp_path / "results" / "table.md").write_text("re-rendered\n")
+    state = provenance.git_state()
+    assert state["sha"] and state["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert provenance.git_state()["dirty"] is True
