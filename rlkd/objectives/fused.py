@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from rlkd.objectives.common import compute_dtype
-from rlkd.objectives.loss import (CHUNK_ELEMENT_BUDGET, DistillLoss, LossOutput, RankRows, _check_finite, add_terms,
-                                  check_rank_finite)
+from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET, DistillLoss, LossOutput, _check_finite, add_terms
 
 # Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
 # blocks of about this many elements (128 MiB in fp32); the loss maths then runs on the logits
@@ -224,15 +223,11 @@ class _FusedHeadLoss(torch.autograd.Function):
                     rank_parts.append(rank_rows)
                 add_terms(sums, terms)
             if rank_parts:  # the ranking term of the whole block at once (logit scores)
-                ranked = RankRows.cat(rank_parts)
-                total, terms, g = loss.rank_rows(ranked, plan.weights, want_h or want_w)
-                block_tokens = per_token[block_start : block_start + block_idx.numel()]
-                block_tokens += total
-                check_rank_finite(block_tokens, ranked, block_idx)
+                ids, g = loss.finish_rank_rows(rank_parts, plan.weights, want_h or want_w,
+                                               per_token[block_start : block_start + block_idx.numel()], block_idx, sums)
                 if g is not None:
-                    rows = torch.arange(block_idx.numel(), device=logits.device).unsqueeze(-1).expand_as(ranked.ids)
-                    logits.index_put_((rows, ranked.ids), g.to(logits.dtype), accumulate=True)
-                add_terms(sums, terms)
+                    rows = torch.arange(block_idx.numel(), device=logits.device).unsqueeze(-1).expand_as(ids)
+                    logits.index_put_((rows, ids), g.to(logits.dtype), accumulate=True)
             if want_h:
                 grad_h.index_copy_(0, block_idx, logits @ head)
             if want_w:

@@ -108,11 +108,8 @@ class DistillLoss:
                 rank_rows = RankRows(ids, valid, overlap, student.detach().gather(-1, ids).to(s.dtype),
                                      t.gather(-1, ids))
             else:
-                rank, degenerate = rank_loss_from_scores(
-                    gather_scores(t, ids, r.scores), gather_scores(s, ids, r.scores), valid,
-                    correlation=r.correlation, regularization_strength=r.regularization_strength,
-                    backend=r.backend, official=r.fidelity == "official",
-                )
+                rank, degenerate = self._rank_loss(gather_scores(t, ids, r.scores), gather_scores(s, ids, r.scores),
+                                                   valid)
                 terms.update(self._rank_terms(rank, degenerate, overlap, s.dtype))
                 if weights.rank:
                     total = total + weights.rank * rank
@@ -136,18 +133,33 @@ class DistillLoss:
         the gradient of ``total.sum()`` with respect to ``rows.student`` (None without ``want_grad``
         or weight), to be scattered into the logits' gradient at ``rows.ids``.
         """
-        r, temperature = self.ranking, self.config.temperature
+        temperature = self.config.temperature
         with torch.enable_grad():
             leaf = rows.student.detach().requires_grad_(want_grad and bool(weights.rank))
             q = leaf / temperature if temperature != 1.0 else leaf
-            rank, degenerate = rank_loss_from_scores(
-                rows.teacher, q, rows.valid, correlation=r.correlation,
-                regularization_strength=r.regularization_strength, backend=r.backend,
-                official=r.fidelity == "official",
-            )
+            rank, degenerate = self._rank_loss(rows.teacher, q, rows.valid)
             total = weights.rank * rank if weights.rank else torch.zeros_like(rank)
             grad = torch.autograd.grad(total.sum(), leaf)[0] if leaf.requires_grad else None
         return total.detach(), self._rank_terms(rank.detach(), degenerate, rows.overlap, rank.dtype), grad
+
+    def _rank_loss(self, p, q, valid):
+        r = self.ranking
+        return rank_loss_from_scores(p, q, valid, correlation=r.correlation,
+                                     regularization_strength=r.regularization_strength, backend=r.backend,
+                                     official=r.fidelity == "official")
+
+    def finish_rank_rows(self, parts: list[RankRows], weights: _Weights, want_grad: bool, per_token, positions,
+                         sums) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ranking term of the rows whose chunks gathered ``parts``: added to ``per_token`` (their
+        slice of it, in place) and to the logged ``sums``, checked; returns ``(ids, grad)`` for the
+        caller to scatter into its logits' gradient (``grad`` None without gradient or weight)."""
+        rows = RankRows.cat(parts)
+        total, terms, grad = self.rank_rows(rows, weights, want_grad)
+        per_token += total
+        # A rank-only loss sees non-finite logits only here.
+        _check_finite(per_token, rows.student, rows.teacher, positions)
+        add_terms(sums, terms)
+        return rows.ids, grad
 
     def _rank_terms(self, rank, degenerate, overlap, dtype) -> dict[str, torch.Tensor]:
         return {"rank": rank, "rank_degenerate_rows": degenerate.to(dtype),
@@ -286,14 +298,10 @@ class _FusedChunkedLoss(torch.autograd.Function):
                 rank_parts.append(rank_rows)
             add_terms(sums, terms)
         if rank_parts:
-            rows = RankRows.cat(rank_parts)
-            total, terms, grad = loss.rank_rows(rows, weights, needs_grad)
-            per_token += total
-            check_rank_finite(per_token, rows, positions)
+            ids, grad = loss.finish_rank_rows(rank_parts, weights, needs_grad, per_token, positions, sums)
             if grad is not None:
-                grad_flat.index_put_((positions.unsqueeze(-1).expand_as(rows.ids), rows.ids),
-                                     grad.to(grad_flat.dtype), accumulate=True)
-            add_terms(sums, terms)
+                grad_flat.index_put_((positions.unsqueeze(-1).expand_as(ids), ids), grad.to(grad_flat.dtype),
+                                     accumulate=True)
         ctx.save_for_backward(positions)
         ctx.grad_flat, ctx.retain = grad_flat, loss.retain_gradient
         metrics.update({name: float(value) for name, value in sums.items()})
@@ -334,18 +342,6 @@ def add_terms(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> 
         if name == "rank":
             value = torch.where(value.isnan(), torch.zeros_like(value), value)
         sums[name] = sums.get(name, 0.0) + value.sum()
-
-
-def check_rank_finite(total, rows: RankRows, positions):
-    """The totals after the ranking term; a rank-only loss sees non-finite logits only here."""
-    if torch.isfinite(total).all():
-        return
-    bad = int((~torch.isfinite(total)).nonzero()[0, 0])
-    where = f"flattened position {int(positions[bad])}"
-    for name, values in (("student", rows.student), ("teacher", rows.teacher)):
-        if not torch.isfinite(values[bad]).all():
-            raise ValueError(f"{name} logits contain NaN/Inf at {where}")
-    raise FloatingPointError(f"the loss is not finite at {where} although the logits are")
 
 
 def _check_finite(total, s_rows, t_rows, idx):
