@@ -108,7 +108,9 @@ def main(argv=None) -> int:
                "chunk": "default", **fused_case(args.fused_tokens, args.vocab, args.fused_hidden, args.k, args.rounds)}
         print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
         rows.append(row)
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+    from rlkd.provenance import git_state
+
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__, "git": git_state(),
             "threads": args.threads, "k": args.k, "rounds": args.rounds,
             "load_average_before": load_before, "load_average_after": _load(),
             "command": "python benchmarks/rank_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])}
