@@ -315,3 +315,58 @@ def test_a_parallel_run_trains_each_missing_stage_first_in_one_cell_with_every_c
     # Nothing is missing any more: a second parallel run starts no cell alone.
     assert orchestrate.stage_leaders(cells, tmp_path / "elsewhere") == cells[:1]
     assert orchestrate.stage_leaders(cells, out) == []
+
+
+def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cells_differ(tmp_path, monkeypatch):
+    """A stage is keyed by its config, and a re-run of it (a fresh machine: the stage lives outside
+    git) is not bit-identical on CPU. Each cell's provenance records the content hash of the exports
+    it started from, and the table notes cells that started from different ones."""
+    import hashlib
+
+    from rlkd.bench import orchestrate
+    from rlkd.bench.stages import stage_dir
+    from rlkd.bench.store import load_cells
+    from rlkd.bench.tables import stage_version_notes
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("")
+    cells = expand(parse_spec(_healed_spec(docs, "a", _heal())))[:3]
+    out = tmp_path / "results" / "a"
+    weights = {"first": b"healed once", "second": b"healed again, slightly differently"}
+    current = {"run": "first"}
+
+    class FakeExecutor:
+        def __init__(self, results_dir, *, threads=None, reuse_processes=False):
+            pass
+
+        def run(self, cell, workdir):
+            heal = stage_dir(cell, "student_heal", out / ".shared")
+            if not (heal / "done.json").is_file():  # what a finished stage leaves behind
+                (heal / "export").mkdir(parents=True, exist_ok=True)
+                (heal / "export" / "model.safetensors").write_bytes(weights[current["run"]])
+                (heal / "done.json").write_text("{}")  # as a stage finished before hashes were recorded
+            return {"cr@1": 1.0}, {}
+
+    monkeypatch.setattr(orchestrate, "LocalExecutor", FakeExecutor)
+    assert orchestrate.run_cells(cells[:2], out, spec_source="a.yaml", layout=None, jobs=1, tables=False) == 0
+    assert stage_version_notes(load_cells(out)) == []  # both started from the same export
+
+    # A fresh machine: the stage is gone, runs again and gives other weights.
+    heal = stage_dir(cells[0], "student_heal", out / ".shared")
+    import shutil
+
+    shutil.rmtree(heal)
+    current["run"] = "second"
+    assert orchestrate.run_cells(cells, out, spec_source="a.yaml", layout=None, jobs=1, tables=False) == 0
+
+    def expected(content: bytes) -> str:  # the checkpoint hash: sha256 over "name\0sha256(file)\n"
+        return hashlib.sha256(f"model.safetensors\0{hashlib.sha256(content).hexdigest()}\n".encode()).hexdigest()
+
+    recorded = {c["id"]: json.loads((out / c["id"] / "provenance.json").read_text())["stages"] for c in cells}
+    assert recorded[cells[0]["id"]] == recorded[cells[1]["id"]] == {"student_heal": expected(weights["first"])}
+    assert recorded[cells[2]["id"]] == {"student_heal": expected(weights["second"])}
+    assert json.loads((heal / "done.json").read_text())["export_sha256"] == expected(weights["second"])
+    notes = stage_version_notes(load_cells(out))
+    assert notes[0].startswith("These cells started from 2 different exports")
+    assert f"student_heal@{expected(weights['first'])[:10]}: 2 cell(s)" in notes[1]
+    assert f"student_heal@{expected(weights['second'])[:10]}: 1 cell(s): `{cells[2]['id']}`" in notes[2]

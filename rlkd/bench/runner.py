@@ -17,6 +17,7 @@ from typing import Any, Iterator, Protocol
 
 from tqdm import tqdm
 
+from rlkd.bench.stages import stage_fingerprints
 from rlkd.bench.store import STAGING, is_done, publish, write_json_atomic
 from rlkd.plugins import current_hashes
 from rlkd.provenance import git_state, package_versions
@@ -102,6 +103,8 @@ def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static
             return f"failed: {error.splitlines()[0] if error else type(exc).__name__}"
         provenance["finished"] = datetime.now(timezone.utc).isoformat()
         provenance["duration_s"] = time.time() - started
+        if cell.get("stages"):  # which exports of the cached stages this cell started from
+            provenance["stages"] = stage_fingerprints(cell, out_dir / ".shared")
         write_json_atomic(staging_dir / "metrics.json", {k: float(v) for k, v in metrics.items()})
         if per_example:
             write_json_atomic(staging_dir / "per_example.json", per_example)

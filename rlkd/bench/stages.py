@@ -20,7 +20,7 @@ from typing import Any
 
 from rlkd.bench.spec import HEAL, canonical_run, config_hash, stage_key
 from rlkd.factory import resolve_model
-from rlkd.provenance import atomic_write_json, atomic_write_jsonl, file_lock
+from rlkd.provenance import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, file_lock
 
 
 def teacher_cache_dir(cache_dir: Path) -> Path:
@@ -134,9 +134,31 @@ def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: P
         started = time.perf_counter()
         export_dir, log = train(tree)
         atomic_write_jsonl(out / "train_log.jsonl", log)
-        atomic_write_json(out / "done.json", {"config": canonical_run(tree), "seconds": time.perf_counter() - started},
+        atomic_write_json(out / "done.json", {"config": canonical_run(tree), "seconds": time.perf_counter() - started,
+                                              "export_sha256": checkpoint_fingerprint(export_dir)["sha256"]},
                           sort_keys=True)
         return str(export_dir)
+
+
+def stage_fingerprints(cell: dict[str, Any], shared_dir: Path) -> dict[str, str]:
+    """Content hash (sha256 of the export's files) of each of the cell's finished stages.
+
+    A stage is keyed by its config alone, and training on CPU is not bit-reproducible across runs
+    (a re-run on a fresh machine gives a slightly different export), so the hash, recorded in each
+    cell's provenance, is what tells whether two cells started from the same stage. Computed once
+    and kept in the stage's ``done.json`` (stages finished before it was recorded get it here)."""
+    found = {}
+    for role in cell.get("stages") or {}:
+        out = stage_dir(cell, role, shared_dir)
+        if finished_stage(cell, role, shared_dir) is None:
+            continue
+        with file_lock(out.with_name(out.name + ".lock")):
+            done = json.loads((out / "done.json").read_text())
+            if not done.get("export_sha256"):
+                done["export_sha256"] = checkpoint_fingerprint(out / "export")["sha256"]
+                atomic_write_json(out / "done.json", done, sort_keys=True)
+        found[stage_key(role)] = done["export_sha256"]
+    return found
 
 
 def stage_seconds(cell: dict[str, Any], shared_dir: Path) -> dict[str, float]:

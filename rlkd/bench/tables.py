@@ -335,6 +335,7 @@ def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]],
     out_dir = out_dir or results_dir
     grid = collect(cells, layout)
     grid.notes.extend(code_version_notes(cells))
+    grid.notes.extend(stage_version_notes(cells))
     tables = build_tables(layout, grid)
     order = row_order(layout, grid)
     effects = ranking_effects(layout, grid, order)
@@ -371,6 +372,34 @@ def code_version_notes(cells: list[dict[str, Any]]) -> list[str]:
     notes = [f"These cells ran on {len(versions)} different code versions (`rlkd bench SPEC --rerun-stale` "
              "re-runs the ones that differ from the current code):"]
     for label, ids in sorted(versions.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(f"`{i}`" for i in ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+        notes.append(f"{label}: {len(ids)} cell(s): {shown}")
+    return notes
+
+
+
+def stage_version_notes(cells: list[dict[str, Any]]) -> list[str]:
+    """A note when the finished cells did not all start from the same exports of their cached stages
+    (healing, SFT): a stage is keyed by its config, but a re-run of it on another machine is not
+    bit-identical, so each cell's provenance records the content hash of the exports it used."""
+    import json
+
+    groups: dict[str, list[str]] = {}
+    for entry in cells:
+        if entry["status"].get("status") != "done" or entry.get("dir") is None or not entry["config"].get("stages"):
+            continue
+        try:
+            recorded = json.loads((Path(entry["dir"]) / "provenance.json").read_text()).get("stages")
+        except (OSError, ValueError):
+            recorded = None
+        label = ("; ".join(f"{role}@{(sha or '?')[:10]}" for role, sha in sorted(recorded.items()))
+                 if recorded else "stage exports not recorded (finished before rlkd recorded their hashes)")
+        groups.setdefault(label, []).append(entry["config"]["id"])
+    if len(groups) <= 1:
+        return []
+    notes = [f"These cells started from {len(groups)} different exports of their cached stages (same stage "
+             "config, a separate run of it):"]
+    for label, ids in sorted(groups.items(), key=lambda item: -len(item[1])):
         shown = ", ".join(f"`{i}`" for i in ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
         notes.append(f"{label}: {len(ids)} cell(s): {shown}")
     return notes
