@@ -9,6 +9,11 @@ average before and after is recorded in the report):
 Logits path: random N x V logits (N(0, 4)), at the default chunk size and at smaller chunks.
 Fused path (``fused_distill_loss``): hidden states N x H and head weights V x H for both models;
 its time includes the head matmuls, so the term's share is smaller there.
+
+Host memory: each setting of glibc's malloc runs in its own process (the setting is process-wide):
+``kept`` is what the engine uses on CPU (``rlkd.engine.host_memory``: freed memory stays in the
+process), ``default`` is glibc's own rule (large buffers mmap'd and unmapped, so every call faults
+its fresh pages in again). The report gives the page faults of each call beside its time.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,14 +37,20 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _alternate(calls: dict[str, callable], rounds: int) -> dict[str, list[float]]:
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _alternate(calls: dict[str, callable], rounds: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     times = {name: [] for name in calls}
+    faults = {name: [] for name in calls}
     for _ in range(rounds + 1):  # the first round warms up
         for name, call in calls.items():
-            start = time.perf_counter()
+            before, start = _faults(), time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
-    return {name: values[1:] for name, values in times.items()}
+            faults[name].append(_faults() - before)
+    return {name: values[1:] for name, values in times.items()}, {name: v[1:] for name, v in faults.items()}
 
 
 def logits_case(tokens: int, vocab: int, k: int, chunk: int | None, rounds: int) -> dict:
@@ -77,9 +90,14 @@ def fused_case(tokens: int, vocab: int, hidden: int, k: int, rounds: int) -> dic
     return _summary(_alternate({name: call(loss) for name, loss in losses.items()}, rounds))
 
 
-def _summary(times: dict[str, list[float]]) -> dict:
+def _summary(measured: tuple[dict[str, list[float]], dict[str, list[int]]]) -> dict:
+    times, faults = measured
     best = {name: min(values) for name, values in times.items()}
-    return {"kl_s": best["kl"], "kl_r_s": best["kl+r"], "ratio": best["kl+r"] / best["kl"], "times_s": times}
+    median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    return {"kl_s": best["kl"], "kl_r_s": best["kl+r"], "ratio": best["kl+r"] / best["kl"],
+            "median_ratio": median["kl+r"] / median["kl"],
+            "faults_per_call": {name: sorted(v)[len(v) // 2] for name, v in faults.items()},
+            "times_s": times}
 
 
 def main(argv=None) -> int:
@@ -92,22 +110,22 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--host-malloc", default="kept,default",
+                        help="glibc malloc settings to measure, each in its own process: kept (the engine's), default")
     parser.add_argument("--out", default=str(ROOT / "results" / "perf" / "rank_cost"))
+    parser.add_argument("--one-setting", choices=("kept", "default"), help=argparse.SUPPRESS)  # a worker process
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.one_setting:
+        return _worker(args)
     load_before = _load()
     rows = []
-    for chunk in args.chunks.split(","):
-        size = None if chunk == "default" else int(chunk)
-        row = {"path": "logits", "tokens": args.tokens, "vocab": args.vocab, "chunk": chunk,
-               **logits_case(args.tokens, args.vocab, args.k, size, args.rounds)}
-        print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
-        rows.append(row)
-    if args.fused_tokens:
-        row = {"path": "fused", "tokens": args.fused_tokens, "vocab": args.vocab, "hidden": args.fused_hidden,
-               "chunk": "default", **fused_case(args.fused_tokens, args.vocab, args.fused_hidden, args.k, args.rounds)}
-        print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
-        rows.append(row)
+    for setting in args.host_malloc.split(","):
+        worker = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--one-setting", setting]
+        env = {**os.environ, "RLKD_HOST_MALLOC": setting, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        out = subprocess.run([sys.executable, __file__, *worker], env=env, check=True, text=True,
+                             stdout=subprocess.PIPE).stdout
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     from rlkd.provenance import git_state
 
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__, "git": git_state(),
@@ -124,14 +142,40 @@ def main(argv=None) -> int:
              f"the two losses alternate in one process for {args.rounds} rounds after a warm-up, each keeps its "
              f"fastest. Load average (1, 5, 15 min) before: {load_before}; after: {meta['load_average_after']}.",
              f"Command: `{meta['command']}`", "", "Target (issue 13): (KL+R)/KL ≤ 1.05 on both paths.", "",
-             "| path | N | V | H | chunk (rows) | KL s | KL+R s | (KL+R)/KL |", "|---|---|---|---|---|---|---|---|"]
+             "host malloc: `kept` = the engine's setting on CPU (freed memory stays in the process), `default` = "
+             "glibc's own; page faults = median minor faults of one call.", "",
+             "| host malloc | path | N | V | H | chunk (rows) | KL s | KL+R s | (KL+R)/KL | median ratio | "
+             "KL faults | KL+R faults |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['path']} | {r['tokens']} | {r['vocab']} | {r.get('hidden', '—')} | {r['chunk']} | "
-                     f"{r['kl_s']:.3f} | {r['kl_r_s']:.3f} | {r['ratio']:.3f} |")
+        f = r["faults_per_call"]
+        lines.append(f"| {r['host_malloc']} | {r['path']} | {r['tokens']} | {r['vocab']} | {r.get('hidden', '—')} | "
+                     f"{r['chunk']} | {r['kl_s']:.3f} | {r['kl_r_s']:.3f} | {r['ratio']:.3f} | "
+                     f"{r['median_ratio']:.3f} | {f['kl']} | {f['kl+r']} |")
     tmp_md = out.with_suffix(".md.tmp")
     tmp_md.write_text("\n".join(lines) + "\n")
     os.replace(tmp_md, out.with_suffix(".md"))
     print(f"wrote {out.with_suffix('.md')}")
+    return 0
+
+
+def _worker(args) -> int:
+    """One host-malloc setting: print one JSON line per case."""
+    from rlkd.engine.host_memory import keep_freed_host_memory
+
+    torch.set_num_threads(args.threads)
+    took = keep_freed_host_memory()  # RLKD_HOST_MALLOC=default (set by main) leaves glibc alone
+    if took != (args.one_setting == "kept"):
+        raise SystemExit(f"host malloc setting {args.one_setting!r} did not take effect")
+    for chunk in args.chunks.split(","):
+        size = None if chunk == "default" else int(chunk)
+        row = {"host_malloc": args.one_setting, "path": "logits", "tokens": args.tokens, "vocab": args.vocab,
+               "chunk": chunk, **logits_case(args.tokens, args.vocab, args.k, size, args.rounds)}
+        print(json.dumps(row), flush=True)
+    if args.fused_tokens:
+        row = {"host_malloc": args.one_setting, "path": "fused", "tokens": args.fused_tokens, "vocab": args.vocab,
+               "hidden": args.fused_hidden, "chunk": "default",
+               **fused_case(args.fused_tokens, args.vocab, args.fused_hidden, args.k, args.rounds)}
+        print(json.dumps(row), flush=True)
     return 0
 
 

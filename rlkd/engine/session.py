@@ -21,6 +21,7 @@ from rlkd.data.jsonl import DataError
 from rlkd.data.onpolicy import OnPolicyBatches
 from rlkd.engine.distributed import device_for, ensure_distributed
 from rlkd.engine.ds_config import student_ds_config, teacher_ds_config
+from rlkd.engine.host_memory import keep_freed_host_memory
 from rlkd.engine.schedule import lr_multiplier
 from rlkd.lora import wrap_student
 from rlkd.models import VocabPlan, config_vocab_size, load_causal_lm, load_tokenizer, plan_vocab, resolve_dtype
@@ -118,6 +119,7 @@ def build_session(cfg: RunConfig) -> Session:
         # moments; x86 CPUs compute on those many times slower (measured: the whole KL+R step
         # 1.14x KL with them, 1.04x without). Flushing them to zero changes no value above 1e-38.
         torch.set_flush_denormal(True)
+        keep_freed_host_memory()  # no page faults on every step's fresh N x V tensors (see the module)
     torch.manual_seed(cfg.seed)
 
     # Everything that can be wrong with vocabularies or data is checked before weights load.
