@@ -348,12 +348,12 @@ def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]],
     return paths
 
 
-def code_version_notes(cells: list[dict[str, Any]]) -> list[str]:
-    """A note per code version when the finished cells did not all run on the same code (git sha,
-    dirty checkout, plug-in sources), naming the cells of each; nothing when they all agree."""
+def _provenance_groups(cells: list[dict[str, Any]], label, heading: str) -> list[str]:
+    """Finished cells grouped by ``label(recorded provenance, cell config)`` (None: not counted):
+    nothing when they all agree, else ``heading`` and a line per group naming its cells."""
     import json
 
-    versions: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}
     for entry in cells:
         if entry["status"].get("status") != "done" or entry.get("dir") is None:
             continue
@@ -361,45 +361,44 @@ def code_version_notes(cells: list[dict[str, Any]]) -> list[str]:
             recorded = json.loads((Path(entry["dir"]) / "provenance.json").read_text())
         except (OSError, ValueError):
             recorded = {}
-        sha = recorded.get("git_sha")
-        label = (sha[:10] if sha else "unknown code") + (" (uncommitted changes)" if recorded.get("git_dirty") else "")
-        plugins = recorded.get("plugins") or {}
-        if plugins:
-            label += "; plug-ins " + ", ".join(f"{Path(n).name}@{(h or '?')[:8]}" for n, h in sorted(plugins.items()))
-        versions.setdefault(label, []).append(entry["config"]["id"])
-    if len(versions) <= 1:
+        name = label(recorded, entry["config"])
+        if name is not None:
+            groups.setdefault(name, []).append(entry["config"]["id"])
+    if len(groups) <= 1:
         return []
-    notes = [f"These cells ran on {len(versions)} different code versions (`rlkd bench SPEC --rerun-stale` "
-             "re-runs the ones that differ from the current code):"]
-    for label, ids in sorted(versions.items(), key=lambda item: -len(item[1])):
+    notes = [heading.format(n=len(groups))]
+    for name, ids in sorted(groups.items(), key=lambda item: -len(item[1])):
         shown = ", ".join(f"`{i}`" for i in ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
-        notes.append(f"{label}: {len(ids)} cell(s): {shown}")
+        notes.append(f"{name}: {len(ids)} cell(s): {shown}")
     return notes
 
+
+def code_version_notes(cells: list[dict[str, Any]]) -> list[str]:
+    """A note per code version when the finished cells did not all run on the same code (git sha,
+    dirty checkout, plug-in sources), naming the cells of each; nothing when they all agree."""
+    def label(recorded, config):
+        sha = recorded.get("git_sha")
+        name = (sha[:10] if sha else "unknown code") + (" (uncommitted changes)" if recorded.get("git_dirty") else "")
+        plugins = recorded.get("plugins") or {}
+        if plugins:
+            name += "; plug-ins " + ", ".join(f"{Path(n).name}@{(h or '?')[:8]}" for n, h in sorted(plugins.items()))
+        return name
+
+    return _provenance_groups(cells, label, "These cells ran on {n} different code versions (`rlkd bench SPEC "
+                                            "--rerun-stale` re-runs the ones that differ from the current code):")
 
 
 def stage_version_notes(cells: list[dict[str, Any]]) -> list[str]:
     """A note when the finished cells did not all start from the same exports of their cached stages
     (healing, SFT): a stage is keyed by its config, but a re-run of it on another machine is not
     bit-identical, so each cell's provenance records the content hash of the exports it used."""
-    import json
+    def label(recorded, config):
+        if not config.get("stages"):
+            return None
+        stages = recorded.get("stages")
+        if not stages:
+            return "stage exports not recorded (finished before rlkd recorded their hashes)"
+        return "; ".join(f"{role}@{(sha or '?')[:10]}" for role, sha in sorted(stages.items()))
 
-    groups: dict[str, list[str]] = {}
-    for entry in cells:
-        if entry["status"].get("status") != "done" or entry.get("dir") is None or not entry["config"].get("stages"):
-            continue
-        try:
-            recorded = json.loads((Path(entry["dir"]) / "provenance.json").read_text()).get("stages")
-        except (OSError, ValueError):
-            recorded = None
-        label = ("; ".join(f"{role}@{(sha or '?')[:10]}" for role, sha in sorted(recorded.items()))
-                 if recorded else "stage exports not recorded (finished before rlkd recorded their hashes)")
-        groups.setdefault(label, []).append(entry["config"]["id"])
-    if len(groups) <= 1:
-        return []
-    notes = [f"These cells started from {len(groups)} different exports of their cached stages (same stage "
-             "config, a separate run of it):"]
-    for label, ids in sorted(groups.items(), key=lambda item: -len(item[1])):
-        shown = ", ".join(f"`{i}`" for i in ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
-        notes.append(f"{label}: {len(ids)} cell(s): {shown}")
-    return notes
+    return _provenance_groups(cells, label, "These cells started from {n} different exports of their cached "
+                                            "stages (same stage config, a separate run of it):")
