@@ -370,3 +370,13 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
     assert notes[0].startswith("These cells started from 2 different exports")
     assert f"student_heal@{expected(weights['first'])[:10]}: 2 cell(s)" in notes[1]
     assert f"student_heal@{expected(weights['second'])[:10]}: 1 cell(s): `{cells[2]['id']}`" in notes[2]
+
+    # The same grouping tells cells that ran on other code (a sha and a dirty flag recorded apart).
+    from rlkd.bench.tables import code_version_notes
+
+    assert code_version_notes(load_cells(out)) == []
+    moved = out / cells[1]["id"] / "provenance.json"
+    moved.write_text(json.dumps({**json.loads(moved.read_text()), "git_sha": "f" * 40, "git_dirty": True}))
+    notes = code_version_notes(load_cells(out))
+    assert notes[0].startswith("These cells ran on 2 different code versions")
+    assert notes[2] == f"ffffffffff (uncommitted changes): 1 cell(s): `{cells[1]['id']}`"
