@@ -159,6 +159,42 @@ def test_one_seed_with_per_example_scores_gets_a_bootstrap_interval(tmp_path):
     assert "bootstrap over the 8 evaluation examples" in md
 
 
+def test_three_seeds_with_per_example_scores_also_get_the_bootstrap_over_evaluation_rows(tmp_path):
+    """The t-interval over seeds is the verdict's test; the bootstrap over evaluation rows is given
+    beside it (how much the difference moves with the test rows), Holm-adjusted as its own family."""
+    rng = np.random.default_rng(3)
+    scores = {(v, s): rng.integers(0, 2, 40).astype(float) * 100 + (15.0 if v == "R" else 0.0) * s
+              for v in ("none", "R") for s in (1, 2, 3)}
+
+    class Executor:
+        def run(self, cell, workdir):
+            values = scores[(cell["variant"], cell["seed"])].tolist()
+            (workdir / "per_example.json").write_text(json.dumps({"score": values}))
+            return {"score": sum(values) / len(values)}
+
+    raw = {"name": "rows", "layout": "generic", "tasks": [{"name": "gsm8k"}], "objectives": ["kl", "rkl"],
+           "variants": ["none", "R"], "seeds": [1, 2, 3]}
+    layout, grid = _grid(tmp_path, raw, Executor())
+    result = verdict(layout, grid)
+    cells = {p.ranked_row: c for (p, _), c in result.cells.items()}
+    differences = np.mean([scores[("R", s)] - scores[("none", s)] for s in (1, 2, 3)], axis=0)
+    reference = stats.bootstrap((differences,), np.mean, n_resamples=2000, confidence_level=0.95,
+                                method="percentile", rng=np.random.default_rng(20240913), vectorized=True)
+    for row in ("KL+R", "RKL+R"):  # both objectives got the same scores here
+        cell = cells[row]
+        assert cell.interval == SEEDS  # the verdict's own test stays the one over seeds
+        assert cell.rows.n_examples == 40 and cell.rows.mean == pytest.approx(differences.mean())
+        low, high = reference.confidence_interval
+        assert (cell.rows.low, cell.rows.high) == (pytest.approx(low), pytest.approx(high))
+    assert [cells["KL+R"].rows_p_holm, cells["RKL+R"].rows_p_holm] == pytest.approx(
+        holm([cells["KL+R"].rows.p, cells["RKL+R"].rows.p]))
+    assert [cells["KL+R"].p_holm, cells["RKL+R"].p_holm] == pytest.approx(holm([cells["KL+R"].p, cells["RKL+R"].p]))
+    assert table_main([str(tmp_path), "--layout", "generic"]) == 0
+    md = (tmp_path / "table.md").read_text()
+    assert f"rows [{cells['KL+R'].rows.low:+.2f}, {cells['KL+R'].rows.high:+.2f}]" in md
+    assert "bootstrap over the 40 evaluation examples" in md
+
+
 def _table1_results(tmp_path, seeds=(1, 2, 3)):
     cr = {"none": [60.0, 61.0, 65.0], "R": [70.0, 69.0, 74.0]}
 

@@ -13,7 +13,11 @@ cell's interval is, by rule:
   difference averaged over those seeds, p from the same resamples;
 * otherwise no interval: the per-seed differences are listed ("too few seeds for an interval").
 
-The p-values of one table are Holm-adjusted together.
+With >= 3 seeds and per-example values, the bootstrap over evaluation examples is given as well
+(``rows``): the t-interval says how much the difference moves with the training seed, the
+bootstrap how much it moves with the choice of evaluation rows (a downstream test set of a few
+hundred rows). The p-values of one table's primary tests are Holm-adjusted together; the rows'
+bootstrap p-values form a second family, adjusted on their own.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 from rlkd.bench.grid import Arm, Grid
 from rlkd.bench.layouts import Column, Headline, Layout
 from rlkd.bench.spec import RANKED_VARIANTS
-from rlkd.bench.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairedTest, holm, paired_bootstrap, paired_t
+from rlkd.bench.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, BootstrapTest, PairedTest, holm, paired_bootstrap,
+                              paired_t)
 
 UNRANKED = "none"
 MIN_SEEDS_FOR_INTERVAL = 3
@@ -125,6 +130,8 @@ class VerdictCell:
     p: float | None = None
     p_holm: float | None = None
     n_examples: int | None = None
+    rows: BootstrapTest | None = None  # with >= 3 seeds: the bootstrap over evaluation examples too
+    rows_p_holm: float | None = None
 
     @property
     def n_seeds(self) -> int:
@@ -155,6 +162,9 @@ class Verdict:
 
     def n_examples(self) -> set[int]:
         return {c.n_examples for c in self.cells.values() if c.n_examples is not None}
+
+    def row_bootstraps(self) -> list[VerdictCell]:
+        return [c for c in self.cells.values() if c.rows is not None]
 
 
 def _composite(grid: Grid, arm: Arm, headline: Headline) -> dict[Any, float]:
@@ -196,21 +206,26 @@ def verdict(layout: Layout, grid: Grid, row_order: list[str] | None = None) -> V
     tested = [c for c in result.cells.values() if c.p is not None]
     for cell, adjusted in zip(tested, holm([c.p for c in tested])):
         cell.p_holm = adjusted
+    rows = result.row_bootstraps()
+    for cell, adjusted in zip(rows, holm([c.rows.p for c in rows])):
+        cell.rows_p_holm = adjusted
     return result
 
 
 def _cell(grid: Grid, pair: Pair, headline: Headline, seeds: list[Any], with_r: dict[Any, float],
           without: dict[Any, float]) -> VerdictCell:
     per_seed = {s: with_r[s] - without[s] for s in seeds}
-    if len(seeds) >= MIN_SEEDS_FOR_INTERVAL:
-        test = paired_t([with_r[s] for s in seeds], [without[s] for s in seeds])
-        return VerdictCell(headline, per_seed, SEEDS, test.diff.mean, test.diff.low, test.diff.high, test.p)
     ranked_examples = _composite_examples(grid, pair.ranked, headline, seeds)
     base_examples = _composite_examples(grid, pair.base, headline, seeds)
+    boot = None
     if ranked_examples is not None and base_examples is not None and ranked_examples.shape == base_examples.shape \
             and ranked_examples.shape[1] >= 2:
-        differences = (ranked_examples - base_examples).mean(axis=0)  # per example, averaged over seeds
-        boot = paired_bootstrap(differences)
+        boot = paired_bootstrap((ranked_examples - base_examples).mean(axis=0))  # per example, mean over seeds
+    if len(seeds) >= MIN_SEEDS_FOR_INTERVAL:
+        test = paired_t([with_r[s] for s in seeds], [without[s] for s in seeds])
+        return VerdictCell(headline, per_seed, SEEDS, test.diff.mean, test.diff.low, test.diff.high, test.p,
+                           rows=boot)
+    if boot is not None:
         return VerdictCell(headline, per_seed, EXAMPLES, boot.mean, boot.low, boot.high, boot.p,
                            n_examples=boot.n_examples)
     return VerdictCell(headline, per_seed, NONE, math.fsum(per_seed.values()) / len(per_seed))
@@ -230,6 +245,12 @@ def method_sentence(result: Verdict) -> str:
                      f"paired bootstrap over the {n} evaluation examples ({BOOTSTRAP_RESAMPLES} resamples, seed "
                      f"{BOOTSTRAP_SEED}) of the per-example difference averaged over seeds, p from the same "
                      "resamples")
+    if result.row_bootstraps():
+        n = ", ".join(str(n) for n in sorted({c.rows.n_examples for c in result.row_bootstraps()}))
+        parts.append(f"rows [a, b] = with ≥ {MIN_SEEDS_FOR_INTERVAL} seeds, also the 95% percentile interval of a "
+                     f"paired bootstrap over the {n} evaluation examples ({BOOTSTRAP_RESAMPLES} resamples, seed "
+                     f"{BOOTSTRAP_SEED}) of the per-example difference averaged over seeds: how much Δ moves with "
+                     "the evaluation rows; its p is Holm-adjusted over the table's row bootstraps alone")
     if NONE in used:
         parts.append(f"\"(per seed)\" = fewer than {MIN_SEEDS_FOR_INTERVAL} paired seeds and no per-example "
                      "scores: too few seeds for an interval, so the per-seed differences are listed")

@@ -140,7 +140,11 @@ def verdict_cell_text(cell: VerdictCell | None) -> str:
     text = f"{_signed(cell.mean)} [{_signed(cell.low)}, {_signed(cell.high)}]{mark}"
     if cell.p_holm is not None:
         text += f", {_p_text(cell.p_holm)}"
-    return f"**{text}**" if cell.p_holm is not None and cell.p_holm < 0.05 else text
+    text = f"**{text}**" if cell.p_holm is not None and cell.p_holm < 0.05 else text
+    if cell.rows is not None:  # with >= 3 seeds: how much Δ moves with the evaluation rows
+        rows = f"rows [{_signed(cell.rows.low)}, {_signed(cell.rows.high)}], {_p_text(cell.rows_p_holm)}"
+        text += f"; {'**' + rows + '**' if cell.rows_p_holm < 0.05 else rows}"
+    return text
 
 
 def _seed_span(result: Verdict, pair) -> str:
