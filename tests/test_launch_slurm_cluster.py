@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -204,22 +203,17 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_we
     requeued = path.parent / "run"
     started = time.monotonic()
     job_id = _submit(cluster, path, "--time", "20", "--requeue-warning", "45")
-    # The uninterrupted reference runs meanwhile: the signal below does not depend on timing, and
-    # the reference fills the cores while Slurm starts, requeues and restarts the job.
-    with ThreadPoolExecutor(1) as pool:
-        reference = pool.submit(_torchrun, config, tmp_path / "torchrun")
-        deadline = time.monotonic() + 300
-        while _metric_rows(requeued) < 20 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _metric_rows(requeued) >= 20, _job_log(requeued)[-4000:]
-        signal = subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], capture_output=True, text=True,
-                                env=_child_env(SLURM_CONF=str(cluster)), timeout=30)
-        assert signal.returncode == 0, signal.stdout + signal.stderr
-        fields = _wait(cluster, job_id, timeout_s=600)
-        reference_weights = reference.result()
+    deadline = time.monotonic() + 300
+    while _metric_rows(requeued) < 20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _metric_rows(requeued) >= 20, _job_log(requeued)[-4000:]
+    signal = subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], capture_output=True, text=True,
+                            env=_child_env(SLURM_CONF=str(cluster)), timeout=30)
+    assert signal.returncode == 0, signal.stdout + signal.stderr
+    fields = _wait(cluster, job_id, timeout_s=600)
     log = _job_log(requeued)
-    print(f"\nsignalled job {job_id}: {steps} steps, {time.monotonic() - started:.0f} s from sbatch to completion "
-          f"(the reference beside it), {fields.get('Restarts')} restart(s)\n{log}")
+    print(f"\nsignalled job {job_id}: {steps} steps, {time.monotonic() - started:.0f} s from sbatch to completion, "
+          f"{fields.get('Restarts')} restart(s)\n{log}")
     assert fields["JobState"] == "COMPLETED", log[-4000:]
     assert fields["Restarts"] == "1", log
     assert log.count("checkpoint written; requeueing") == 1 and log.count("run stopped on request after step") == 1
@@ -228,7 +222,9 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_we
     assert 20 <= manifest["resumed_from"] < steps
     logged = [json.loads(line)["step"] for line in (requeued / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, steps + 1))
-    _assert_weights_match(requeued / "export" / "model.safetensors", reference_weights)
+    # The reference runs afterwards, not beside the job: two 2-process DeepSpeed CPU runs at once on
+    # one machine once ended the reference with "terminate called without an active exception".
+    _assert_weights_match(requeued / "export" / "model.safetensors", _torchrun(config, tmp_path / "torchrun"))
 
 
 # The warning comes 45 s before the end of each start's time limit. Slurm looks at time limits every
