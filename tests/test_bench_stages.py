@@ -261,10 +261,12 @@ def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(
     from rlkd.bench.orchestrate import RUN_TIMES, record_run_times
 
     record_run_times(list(a.values()), results / "a", wall_s=90.0, jobs=1, ran=1)
+    times = json.loads((results / "a" / RUN_TIMES).read_text())
+    (results / "a" / RUN_TIMES).write_text(json.dumps({**times, "note": "quiet machine"}))
     record_run_times(list(a.values()), results / "a", wall_s=30.0, jobs=2, ran=1)  # a resumed run adds its wall time
     times = json.loads((results / "a" / RUN_TIMES).read_text())
     assert set(times["stage_minutes"]) == {"student_heal", "student_sft"} and times["wall_minutes_total"] == 2.0
-    assert [r["jobs"] for r in times["runs"]] == [1, 2]
+    assert [r["jobs"] for r in times["runs"]] == [1, 2] and times["note"] == "quiet machine"
 
     # The healed student differs from the configured one, and spec b's Start row scores it.
     healed, _ = load_checkpoint(str(heals[0] / "export"), dtype="float32", device="cpu")

@@ -71,7 +71,8 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
             executor.close()
     summary.done[:0] = first_done
     summary.skipped = [c for c in summary.skipped if c not in first_done]
-    record_run_times(cells, out_dir, wall_s=time.time() - started, jobs=jobs, ran=len(summary.done))
+    # Every spec cell's minutes, not only this invocation's: a grid resumed with --only keeps the others'.
+    record_run_times(spec_cells or cells, out_dir, wall_s=time.time() - started, jobs=jobs, ran=len(summary.done))
     print(f"rlkd bench: {len(summary.done)} run, {len(summary.skipped)} already done, "
           f"{len(summary.elsewhere)} done by another runner, {len(summary.failed)} failed of {summary.total} cells")
     for cell_id, error in summary.failed.items():
@@ -109,7 +110,8 @@ RUN_TIMES = "run_times.json"
 def record_run_times(cells, out_dir: Path, *, wall_s: float, jobs: int, ran: int) -> None:
     """``run_times.json``: the measured minutes of each finished cell and cached stage, and the wall
     time of every invocation that ran cells (a resumed grid has several). A cell's minutes include
-    the stages, teacher generations and teacher-logit cache it happened to build first."""
+    the stages, teacher generations and teacher-logit cache it happened to build first. A ``note``
+    written by hand (contention, machine) is kept."""
     from rlkd.bench.stages import stage_seconds
     from rlkd.provenance import utc_now
 
@@ -128,9 +130,11 @@ def record_run_times(cells, out_dir: Path, *, wall_s: float, jobs: int, ran: int
             minutes[cell["id"]] = round(float(status["duration_s"]) / 60, 2)
     if not (runs or minutes):
         return
+    note = {"note": previous["note"]} if previous.get("note") else {}
     write_json_atomic(path, {"stage_minutes": stages, "cell_minutes": minutes,
                              "cell_minutes_total": round(sum(minutes.values()), 1),
-                             "wall_minutes_total": round(sum(r["wall_minutes"] for r in runs), 1), "runs": runs})
+                             "wall_minutes_total": round(sum(r["wall_minutes"] for r in runs), 1), "runs": runs,
+                             **note})
 
 
 def _repo_relative(source: str) -> str:
