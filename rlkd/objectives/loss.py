@@ -10,7 +10,8 @@ Because the buffer is handed over, backward runs once per forward; ``retain_grad
 keeps an unscaled copy (one more logits-sized tensor) for repeated backward, as gradcheck does.
 
 Ranking term: with logit scores (the default) it depends on each row only through <= 2k logits.
-A chunk therefore only finds the top-k ids and gathers those logits (while the chunk is in cache);
+A chunk therefore only finds the top-k ids and gathers those logits - on CPU in fp32 in one
+compiled pass over each row (``native.topk_pair``), elsewhere with tensor ops (``union_ids_for``);
 the soft ranks, the correlation and its sparse gradient are then computed once for all rows
 (``rank_rows``), which removes their fixed per-chunk cost. With probability scores the gradient
 is dense (through each row's logsumexp) and the term is computed inside the chunk.
@@ -28,6 +29,7 @@ import torch
 
 from rlkd.objectives.common import compute_dtype
 from rlkd.objectives.config import LossConfig
+from rlkd.objectives.native import topk_pair
 from rlkd.objectives.ranking import gather_scores, official_batch_union, rank_loss_from_scores, topk_ids, union_ids_for
 from rlkd.objectives.registry import get_objective
 
@@ -93,8 +95,8 @@ class DistillLoss:
         it over many chunks at once. With probability scores it is computed here (``rank_rows`` None).
         """
         cfg = self.config
-        s = student.to(compute_dtype(student))
-        t = teacher.to(s.dtype) if teacher is not None else None
+        s = s_raw = student.to(compute_dtype(student))
+        t = t_raw = teacher.to(s.dtype) if teacher is not None else None
         if cfg.temperature != 1.0:
             s, t = s / cfg.temperature, (t / cfg.temperature if t is not None else None)
         terms: dict[str, torch.Tensor] = {}
@@ -103,11 +105,11 @@ class DistillLoss:
         rank_rows = None
         if self.ranking is not None:
             r = self.ranking
-            ids, valid, overlap = union_ids_for(s, t, r.k, union_ids)
             if r.scores == "logits":
-                rank_rows = RankRows(ids, valid, overlap, student.detach().gather(-1, ids).to(s.dtype),
-                                     t.gather(-1, ids))
+                rank_rows = self._logit_rank_rows(s_raw.detach(), t_raw, s, t, union_ids)
+                overlap = rank_rows.overlap
             else:
+                ids, valid, overlap = union_ids_for(s, t, r.k, union_ids)
                 rank, degenerate = self._rank_loss(gather_scores(t, ids, r.scores), gather_scores(s, ids, r.scores),
                                                    valid)
                 terms.update(self._rank_terms(rank, degenerate, overlap, s.dtype))
@@ -125,6 +127,20 @@ class DistillLoss:
             terms["base"] = base
             total = total + base_weight * base
         return total, terms, rank_rows
+
+    def _logit_rank_rows(self, s_raw, t_raw, s, t, union_ids) -> RankRows:
+        """What the ranking term of logit scores needs from one chunk (``s``/``t`` are the logits
+        after the temperature, ``*_raw`` before it). One compiled pass per row where it applies
+        (fp32 on CPU, the per-token union), else tensor ops; the two agree up to ties. The
+        temperature does not move a top-k, and the teacher's scaled logits at the union are its
+        raw ones divided by the temperature, bit for bit."""
+        k, temperature = self.ranking.k, self.config.temperature
+        found = topk_pair(s_raw, t_raw, k) if union_ids is None else None
+        if found is not None:
+            ids, valid, overlap, s_at, t_at = found
+            return RankRows(ids, valid, overlap, s_at, t_at / temperature if temperature != 1.0 else t_at)
+        ids, valid, overlap = union_ids_for(s, t, k, union_ids)
+        return RankRows(ids, valid, overlap, s_raw.gather(-1, ids), t.gather(-1, ids))
 
     def rank_rows(self, rows: RankRows, weights: _Weights, want_grad: bool):
         """The ranking term of logit scores over many rows at once.
