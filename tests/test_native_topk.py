@@ -65,6 +65,12 @@ def test_what_the_kernel_does_not_take_falls_back():
     with native.disabled():
         assert native.topk_pair(x, x, 3) is None
     assert native.topk_pair(x, x, 3) is not None
+    buffers = [torch.empty(4, 6, dtype=torch.int64), torch.empty(4, 6, dtype=torch.bool),
+               torch.empty(4, dtype=torch.int64), torch.empty(4, 6), torch.empty(4, 6)]
+    assert native.topk_pair(x, x, 3, out=buffers)[3].data_ptr() == buffers[3].data_ptr()  # written in place
+    buffers[4] = torch.empty(4, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="expected \\(4, 6\\) torch.float32"):
+        native.topk_pair(x, x, 3, out=buffers)
 
 
 @pytest.mark.parametrize("settings", [

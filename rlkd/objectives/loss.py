@@ -57,6 +57,20 @@ class RankRows:
     teacher: torch.Tensor
 
     @staticmethod
+    def empty(rows: int, width: int, dtype: torch.dtype, device) -> "RankRows":
+        """Buffers for ``rows`` rows, filled chunk by chunk through :meth:`narrow` views: one
+        allocation per call instead of small per-chunk tensors that outlive the chunk's large
+        temporaries (with glibc's default malloc those scatter the heap, and every later chunk
+        then faults fresh pages in)."""
+        full = lambda dt: torch.empty(rows, width, dtype=dt, device=device)  # noqa: E731
+        return RankRows(full(torch.int64), full(torch.bool), torch.empty(rows, dtype=torch.int64, device=device),
+                        full(dtype), full(dtype))
+
+    def narrow(self, start: int, length: int) -> "RankRows":
+        return RankRows(*(getattr(self, f).narrow(0, start, length) for f in
+                          ("ids", "valid", "overlap", "student", "teacher")))
+
+    @staticmethod
     def cat(parts: list["RankRows"]) -> "RankRows":
         if len(parts) == 1:
             return parts[0]
@@ -87,12 +101,14 @@ class DistillLoss:
                            for t in config.objective_terms()] if config.uses_base else []
 
     # ---- the per-chunk computation -----------------------------------------------------------
-    def _chunk(self, student, teacher, labels, union_ids, weights: _Weights):
+    def _chunk(self, student, teacher, labels, union_ids, weights: _Weights, rank_out: RankRows | None = None):
         """Per-token totals and logged terms for one chunk of rows.
 
         Returns ``(total, terms, rank_rows)``. With logit scores the ranking term is left out of
         ``total`` and ``terms``: ``rank_rows`` carries what it needs, for :meth:`rank_rows` to compute
-        it over many chunks at once. With probability scores it is computed here (``rank_rows`` None).
+        it over many chunks at once (written into ``rank_out``, views of :meth:`rank_buffers`, where
+        given and the compiled top-k applies). With probability scores it is computed here
+        (``rank_rows`` None).
         """
         cfg = self.config
         s = s_raw = student.to(compute_dtype(student))
@@ -106,7 +122,7 @@ class DistillLoss:
         if self.ranking is not None:
             r = self.ranking
             if r.scores == "logits":
-                rank_rows = self._logit_rank_rows(s_raw.detach(), t_raw, s, t, union_ids)
+                rank_rows = self._logit_rank_rows(s_raw.detach(), t_raw, s, t, union_ids, rank_out)
                 overlap = rank_rows.overlap
             else:
                 ids, valid, overlap = union_ids_for(s, t, r.k, union_ids)
@@ -128,17 +144,26 @@ class DistillLoss:
             total = total + base_weight * base
         return total, terms, rank_rows
 
-    def _logit_rank_rows(self, s_raw, t_raw, s, t, union_ids) -> RankRows:
+    def rank_buffers(self, rows: int, dtype: torch.dtype, device) -> RankRows | None:
+        """Buffers for the ranking term's rows of a whole pass (None where no chunk writes them:
+        probability scores, or the official batch-level union)."""
+        r = self.ranking
+        if r is None or r.scores != "logits" or r.fidelity == "official":
+            return None
+        return RankRows.empty(rows, 2 * r.k, dtype, device)
+
+    def _logit_rank_rows(self, s_raw, t_raw, s, t, union_ids, out: RankRows | None = None) -> RankRows:
         """What the ranking term of logit scores needs from one chunk (``s``/``t`` are the logits
         after the temperature, ``*_raw`` before it). One compiled pass per row where it applies
         (fp32 on CPU, the per-token union), else tensor ops; the two agree up to ties. The
         temperature does not move a top-k, and the teacher's scaled logits at the union are its
         raw ones divided by the temperature, bit for bit."""
         k, temperature = self.ranking.k, self.config.temperature
-        found = topk_pair(s_raw, t_raw, k) if union_ids is None else None
+        buffers = None if out is None else (out.ids, out.valid, out.overlap, out.student, out.teacher)
+        found = topk_pair(s_raw, t_raw, k, out=buffers) if union_ids is None else None
         if found is not None:
             ids, valid, overlap, s_at, t_at = found
-            return RankRows(ids, valid, overlap, s_at, t_at / temperature if temperature != 1.0 else t_at)
+            return RankRows(ids, valid, overlap, s_at, t_at.div_(temperature) if temperature != 1.0 else t_at)
         ids, valid, overlap = union_ids_for(s, t, k, union_ids)
         return RankRows(ids, valid, overlap, s_raw.gather(-1, ids), t.gather(-1, ids))
 
@@ -296,6 +321,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
             grad_flat = alloc(student_flat, memory_format=torch.contiguous_format)
         sums: dict[str, torch.Tensor] = {}
         rank_parts: list[RankRows] = []
+        rank_out = loss.rank_buffers(n, per_token.dtype, per_token.device)
         for start in range(0, n, chunk):
             idx = positions[start : start + chunk]
             s_rows, t_rows = _rows(student_flat, idx), _rows(teacher_flat, idx)
@@ -303,7 +329,8 @@ class _FusedChunkedLoss(torch.autograd.Function):
             ids = union_ids[start : start + chunk] if union_ids is not None else None
             with torch.enable_grad():
                 s_rows.requires_grad_(needs_grad)
-                total, terms, rank_rows = loss._chunk(s_rows, t_rows, lab, ids, weights)
+                total, terms, rank_rows = loss._chunk(s_rows, t_rows, lab, ids, weights,
+                                                      rank_out.narrow(start, idx.numel()) if rank_out is not None else None)
                 _check_finite(total, s_rows, t_rows, idx)
                 if needs_grad:
                     # (a rank-only total with logit scores does not depend on the chunk at all)

@@ -111,11 +111,12 @@ def disabled():
         _enabled = before
 
 
-def topk_pair(student: torch.Tensor, teacher: torch.Tensor, k: int):
+def topk_pair(student: torch.Tensor, teacher: torch.Tensor, k: int, out: tuple | None = None):
     """``(ids, valid, overlap, student_at, teacher_at)`` for [R, V] rows, or None where the kernel
     does not apply. ids [R, 2k]: the teacher's top-k, then the student's (unordered within each);
     valid [R, 2k] is False where a student id repeats a teacher id; overlap [R] counts those;
-    ``student_at``/``teacher_at`` [R, 2k] are the inputs' values at ids. No gradient."""
+    ``student_at``/``teacher_at`` [R, 2k] are the inputs' values at ids. No gradient. ``out``:
+    contiguous tensors of those shapes and dtypes to write into (returned), else new ones."""
     if not (student.device.type == teacher.device.type == "cpu"
             and student.dtype == teacher.dtype == torch.float32 and student.dim() == teacher.dim() == 2
             and student.shape == teacher.shape and student.stride(-1) == teacher.stride(-1) == 1
@@ -125,10 +126,17 @@ def topk_pair(student: torch.Tensor, teacher: torch.Tensor, k: int):
     if lib is None or k > lib.rlkd_topk_max_k():
         return None
     rows, vocab = student.shape
-    ids = torch.empty(rows, 2 * k, dtype=torch.int64)
-    valid = torch.empty(rows, 2 * k, dtype=torch.bool)
-    s_at, t_at = torch.empty(rows, 2 * k), torch.empty(rows, 2 * k)
-    overlap = torch.empty(rows, dtype=torch.int64)
+    if out is None:
+        out = (torch.empty(rows, 2 * k, dtype=torch.int64), torch.empty(rows, 2 * k, dtype=torch.bool),
+               torch.empty(rows, dtype=torch.int64), torch.empty(rows, 2 * k), torch.empty(rows, 2 * k))
+    ids, valid, overlap, s_at, t_at = out
+    expected = ((rows, 2 * k, torch.int64), (rows, 2 * k, torch.bool), (rows, torch.int64), (rows, 2 * k, torch.float32),
+                (rows, 2 * k, torch.float32))
+    for tensor, (*shape, dtype) in zip(out, expected):
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype or not tensor.is_contiguous() \
+                or tensor.device.type != "cpu":
+            raise ValueError(f"topk_pair: an output is {tuple(tensor.shape)} {tensor.dtype}, expected "
+                             f"{tuple(shape)} {dtype}, contiguous, on the CPU")
     n_groups = (vocab + GROUP - 1) // GROUP
 
     def run(first: int, count: int) -> None:
