@@ -167,7 +167,7 @@ class _Plan:
     metrics: dict | None = None
 
 
-def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights, want_grad, idx, rank_out):
+def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights, want_grad, idx):
     """``(per-token totals, logged terms, gradient w.r.t. the chunk's logits or None, rank rows)``,
     all detached.
 
@@ -177,7 +177,7 @@ def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights,
     s_rows = student_rows.detach()
     with torch.enable_grad():
         s_rows.requires_grad_(want_grad)
-        total, terms, rank_rows = loss._chunk(s_rows, t_rows, labels, union_ids, weights, rank_out)
+        total, terms, rank_rows = loss._chunk(s_rows, t_rows, labels, union_ids, weights)
         _check_finite(total, s_rows, t_rows, idx)
         g = None
         if want_grad:
@@ -202,7 +202,6 @@ class _FusedHeadLoss(torch.autograd.Function):
         sums: dict[str, torch.Tensor] = {}
         chunk = plan.chunk
         block = max(chunk, HEAD_BLOCK_ELEMENTS // vocab // chunk * chunk)
-        rank_out = loss.rank_buffers(n, per_token.dtype, per_token.device)
         for block_start in range(0, n, block):
             block_idx = positions[block_start : block_start + block]
             h_block = _rows(h_all, block_idx)
@@ -215,11 +214,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 t_rows = t_block[rows] if t_block is not None else None
                 lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
                 ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
-                s_rows = logits[rows]
-                out = rank_out.narrow(start, s_rows.shape[0]) if rank_out is not None else None
-                total, terms, g, rank_rows = _chunk_loss_and_grad(loss, s_rows, t_rows, lab, ids, plan.weights,
-                                                                  want_h or want_w, block_idx[rows], out)
-                del s_rows
+                total, terms, g, rank_rows = _chunk_loss_and_grad(loss, logits[rows], t_rows, lab, ids, plan.weights,
+                                                                  want_h or want_w, block_idx[rows])
                 if g is not None:
                     logits[rows] = g
                 per_token[start : start + chunk] = total

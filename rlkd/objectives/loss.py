@@ -10,8 +10,7 @@ Because the buffer is handed over, backward runs once per forward; ``retain_grad
 keeps an unscaled copy (one more logits-sized tensor) for repeated backward, as gradcheck does.
 
 Ranking term: with logit scores (the default) it depends on each row only through <= 2k logits.
-A chunk therefore only finds the top-k ids and gathers those logits - on CPU in fp32 in one
-compiled pass over each row (``native.topk_pair``), elsewhere with tensor ops (``union_ids_for``);
+A chunk therefore only finds the top-k ids and gathers those logits (while the chunk is in cache);
 the soft ranks, the correlation and its sparse gradient are then computed once for all rows
 (``rank_rows``), which removes their fixed per-chunk cost. With probability scores the gradient
 is dense (through each row's logsumexp) and the term is computed inside the chunk.
@@ -29,7 +28,6 @@ import torch
 
 from rlkd.objectives.common import compute_dtype
 from rlkd.objectives.config import LossConfig
-from rlkd.objectives.native import topk_pair
 from rlkd.objectives.ranking import gather_scores, official_batch_union, rank_loss_from_scores, topk_ids, union_ids_for
 from rlkd.objectives.registry import get_objective
 
@@ -55,20 +53,6 @@ class RankRows:
     overlap: torch.Tensor
     student: torch.Tensor
     teacher: torch.Tensor
-
-    @staticmethod
-    def empty(rows: int, width: int, dtype: torch.dtype, device) -> "RankRows":
-        """Buffers for ``rows`` rows, filled chunk by chunk through :meth:`narrow` views: one
-        allocation per call instead of small per-chunk tensors that outlive the chunk's large
-        temporaries (with glibc's default malloc those scatter the heap, and every later chunk
-        then faults fresh pages in)."""
-        full = lambda dt: torch.empty(rows, width, dtype=dt, device=device)  # noqa: E731
-        return RankRows(full(torch.int64), full(torch.bool), torch.empty(rows, dtype=torch.int64, device=device),
-                        full(dtype), full(dtype))
-
-    def narrow(self, start: int, length: int) -> "RankRows":
-        return RankRows(*(getattr(self, f).narrow(0, start, length) for f in
-                          ("ids", "valid", "overlap", "student", "teacher")))
 
     @staticmethod
     def cat(parts: list["RankRows"]) -> "RankRows":
@@ -101,18 +85,16 @@ class DistillLoss:
                            for t in config.objective_terms()] if config.uses_base else []
 
     # ---- the per-chunk computation -----------------------------------------------------------
-    def _chunk(self, student, teacher, labels, union_ids, weights: _Weights, rank_out: RankRows | None = None):
+    def _chunk(self, student, teacher, labels, union_ids, weights: _Weights):
         """Per-token totals and logged terms for one chunk of rows.
 
         Returns ``(total, terms, rank_rows)``. With logit scores the ranking term is left out of
         ``total`` and ``terms``: ``rank_rows`` carries what it needs, for :meth:`rank_rows` to compute
-        it over many chunks at once (written into ``rank_out``, views of :meth:`rank_buffers`, where
-        given and the compiled top-k applies). With probability scores it is computed here
-        (``rank_rows`` None).
+        it over many chunks at once. With probability scores it is computed here (``rank_rows`` None).
         """
         cfg = self.config
-        s = s_raw = student.to(compute_dtype(student))
-        t = t_raw = teacher.to(s.dtype) if teacher is not None else None
+        s = student.to(compute_dtype(student))
+        t = teacher.to(s.dtype) if teacher is not None else None
         if cfg.temperature != 1.0:
             s, t = s / cfg.temperature, (t / cfg.temperature if t is not None else None)
         terms: dict[str, torch.Tensor] = {}
@@ -121,11 +103,11 @@ class DistillLoss:
         rank_rows = None
         if self.ranking is not None:
             r = self.ranking
+            ids, valid, overlap = union_ids_for(s, t, r.k, union_ids)
             if r.scores == "logits":
-                rank_rows = self._logit_rank_rows(s_raw.detach(), t_raw, s, t, union_ids, rank_out)
-                overlap = rank_rows.overlap
+                rank_rows = RankRows(ids, valid, overlap, student.detach().gather(-1, ids).to(s.dtype),
+                                     t.gather(-1, ids))
             else:
-                ids, valid, overlap = union_ids_for(s, t, r.k, union_ids)
                 rank, degenerate = self._rank_loss(gather_scores(t, ids, r.scores), gather_scores(s, ids, r.scores),
                                                    valid)
                 terms.update(self._rank_terms(rank, degenerate, overlap, s.dtype))
@@ -143,29 +125,6 @@ class DistillLoss:
             terms["base"] = base
             total = total + base_weight * base
         return total, terms, rank_rows
-
-    def rank_buffers(self, rows: int, dtype: torch.dtype, device) -> RankRows | None:
-        """Buffers for the ranking term's rows of a whole pass (None where no chunk writes them:
-        probability scores, or the official batch-level union)."""
-        r = self.ranking
-        if r is None or r.scores != "logits" or r.fidelity == "official":
-            return None
-        return RankRows.empty(rows, 2 * r.k, dtype, device)
-
-    def _logit_rank_rows(self, s_raw, t_raw, s, t, union_ids, out: RankRows | None = None) -> RankRows:
-        """What the ranking term of logit scores needs from one chunk (``s``/``t`` are the logits
-        after the temperature, ``*_raw`` before it). One compiled pass per row where it applies
-        (fp32 on CPU, the per-token union), else tensor ops; the two agree up to ties. The
-        temperature does not move a top-k, and the teacher's scaled logits at the union are its
-        raw ones divided by the temperature, bit for bit."""
-        k, temperature = self.ranking.k, self.config.temperature
-        buffers = None if out is None else (out.ids, out.valid, out.overlap, out.student, out.teacher)
-        found = topk_pair(s_raw, t_raw, k, out=buffers) if union_ids is None else None
-        if found is not None:
-            ids, valid, overlap, s_at, t_at = found
-            return RankRows(ids, valid, overlap, s_at, t_at.div_(temperature) if temperature != 1.0 else t_at)
-        ids, valid, overlap = union_ids_for(s, t, k, union_ids)
-        return RankRows(ids, valid, overlap, s_raw.gather(-1, ids), t.gather(-1, ids))
 
     def rank_rows(self, rows: RankRows, weights: _Weights, want_grad: bool):
         """The ranking term of logit scores over many rows at once.
@@ -321,7 +280,6 @@ class _FusedChunkedLoss(torch.autograd.Function):
             grad_flat = alloc(student_flat, memory_format=torch.contiguous_format)
         sums: dict[str, torch.Tensor] = {}
         rank_parts: list[RankRows] = []
-        rank_out = loss.rank_buffers(n, per_token.dtype, per_token.device)
         for start in range(0, n, chunk):
             idx = positions[start : start + chunk]
             s_rows, t_rows = _rows(student_flat, idx), _rows(teacher_flat, idx)
@@ -329,8 +287,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
             ids = union_ids[start : start + chunk] if union_ids is not None else None
             with torch.enable_grad():
                 s_rows.requires_grad_(needs_grad)
-                total, terms, rank_rows = loss._chunk(s_rows, t_rows, lab, ids, weights,
-                                                      rank_out.narrow(start, idx.numel()) if rank_out is not None else None)
+                total, terms, rank_rows = loss._chunk(s_rows, t_rows, lab, ids, weights)
                 _check_finite(total, s_rows, t_rows, idx)
                 if needs_grad:
                     # (a rank-only total with logit scores does not depend on the chunk at all)
