@@ -28,14 +28,18 @@ from dataclasses import dataclass
 import torch
 
 from rlkd.objectives.common import compute_dtype
-from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET, DistillLoss, LossOutput, _check_finite, add_terms
+from rlkd.objectives.loss import DistillLoss, LossOutput, _check_finite, add_terms
 
 # Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
-# blocks of about this many elements (128 MiB in fp32); the loss maths then runs on the logits
-# path's chunks inside a block. One block of a few hundred rows keeps the matmuls efficient: each
-# update of the V x H weight gradient reads and writes all of it, which costs as much as the
-# matmul itself when it is done for a chunk of a few dozen rows (V = 128k).
-HEAD_BLOCK_ELEMENTS = 2**25
+# blocks of about this many elements (64 MiB in fp32, 128 rows at V = 128k); the loss maths then
+# runs on chunks of FUSED_CHUNK_ELEMENTS inside a block. A block of a hundred rows or more keeps
+# the matmuls compute-bound: each one reads a V x H head weight (1 GiB at V = 128k, H = 2048) and
+# the weight-gradient update also writes one, which costs as much as the matmul itself for a
+# block of a few dozen rows. Both sizes are chosen for memory: at V >= 128k the fp32 weight
+# gradient is most of the fused path's peak, and block + chunk temporaries are kept to a small
+# fraction of it (results/perf/fused.md).
+HEAD_BLOCK_ELEMENTS = 2**24
+FUSED_CHUNK_ELEMENTS = 2**20
 
 
 @dataclass
@@ -113,7 +117,7 @@ def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput
     if n == 0:
         # Connected to both inputs so that every rank runs the same backward (ZeRO-3 reductions).
         return LossOutput(hidden_flat.sum() * 0.0 + weight.sum() * 0.0, 0, {"loss": 0.0})
-    chunk = loss.config.chunk_size or max(1, CHUNK_ELEMENT_BUDGET // vocab)
+    chunk = loss.config.chunk_size or max(1, FUSED_CHUNK_ELEMENTS // vocab)
     student_rows = _LogitRows(hidden_flat, weight, vocab)
     union_ids, weights = loss._batch_level(student_rows, teacher_rows, positions, chunk)
     plan = _Plan(loss, teacher_rows, positions, labels_sel, union_ids, weights, chunk, vocab)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlkd.objectives.fused import HEAD_BLOCK_ELEMENTS
+from rlkd.objectives.fused import FUSED_CHUNK_ELEMENTS, HEAD_BLOCK_ELEMENTS
 from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET
 from rlkd.plan.shapes import ModelShape
 
@@ -113,7 +113,7 @@ def loss_working_set(student: ModelShape, teacher: ModelShape | None, setup: Set
         chunk = CHUNK_COPIES * min(tokens * vocab, CHUNK_ELEMENT_BUDGET) * 4
         head_grad = student.vocab * student.hidden * p  # full-shape before DeepSpeed reduce-scatters it
         return logits + chunk + head_grad + grad_hidden
-    chunk = CHUNK_COPIES * min(tokens * vocab, CHUNK_ELEMENT_BUDGET) * 4
+    chunk = CHUNK_COPIES * min(tokens * vocab, FUSED_CHUNK_ELEMENTS) * 4
     # one block of student and teacher logits (the student's overwritten by its gradient), and the
     # block's fp32 copy for the weight-gradient sum in 16-bit training
     chunk += min(tokens * vocab, HEAD_BLOCK_ELEMENTS) * (2 * p + (4 if p != 4 else 0))
