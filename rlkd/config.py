@@ -44,6 +44,8 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, ge=1)   # rows (pretrain: documents) read from the source
     max_samples: int | None = Field(None, ge=1)  # encoded samples kept (pretrain: packed sequences)
     shuffle: bool = True
+    # Micro-batches of samples of similar length (rlkd.data.loader): less padding, same samples per epoch.
+    group_by_length: bool = False
     on_policy: OnPolicyConfig | None = None  # GKD-style student-sampled responses (rlkd.data.onpolicy)
 
     @model_validator(mode="after")

@@ -167,6 +167,69 @@ def test_batches_resume_exactly_and_ranks_are_disjoint():
     assert len(seen[0]) == len(seen[1]) == 10
 
 
+def _mixed_lengths(n, seed=0):
+    """Samples whose first token is their index (to identify them) and lengths 2-61 at random."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 62, (n,), generator=g).tolist()
+    return [from_targets([i] + [7] * (length - 1), [False] + [True] * (length - 1), "shifted")
+            for i, length in enumerate(lengths)]
+
+
+def _epoch(run):
+    return [next(run) for _ in range(run.batches_per_epoch)]
+
+
+def _padded_positions(batches):
+    return sum(int((b.attention_mask == 0).sum()) for b in batches)
+
+
+def test_length_grouped_batches_pad_as_little_as_sorted_chunks_and_cover_the_same_samples():
+    samples = _mixed_lengths(96)
+    lengths = [len(s.input_ids) for s in samples]
+    plain, grouped = ResumableBatches(samples, 8, seed=3), ResumableBatches(samples, 8, seed=3, group_by_length=True)
+    plain_epoch, grouped_epoch = _epoch(plain), _epoch(grouped)
+    ids = lambda batches: sorted(int(i) for b in batches for i in b.input_ids[:, 0])  # noqa: E731
+    assert ids(grouped_epoch) == ids(plain_epoch) == list(range(96))
+    # 96 samples fit one megabatch: the best possible grouping, consecutive chunks of the sorted lengths
+    ordered = sorted(lengths, reverse=True)
+    optimum = sum(8 * max(ordered[i:i + 8]) - sum(ordered[i:i + 8]) for i in range(0, 96, 8))
+    assert _padded_positions(grouped_epoch) == optimum
+    assert _padded_positions(plain_epoch) > 3 * optimum
+    # the batches are shuffled: no length curriculum, and another seed gives another batch order
+    maxima = [int(b.attention_mask.sum(-1).max()) for b in grouped_epoch]
+    assert maxima != sorted(maxima, reverse=True) and maxima != sorted(maxima)
+    other = _epoch(ResumableBatches(samples, 8, seed=4, group_by_length=True))
+    assert [int(b.attention_mask.sum(-1).max()) for b in other] != maxima
+
+
+def test_length_grouped_batches_resume_exactly_and_ranks_share_each_global_batch():
+    samples = _mixed_lengths(150, seed=1)
+    run = ResumableBatches(samples, 4, seed=5, group_by_length=True)
+    for _ in range(30):
+        next(run)
+    saved = run.state()
+    expected = [next(run) for _ in range(12)]  # crosses an epoch boundary (37 batches per epoch)
+    again = ResumableBatches(samples, 4, seed=5, group_by_length=True)
+    again.load_state(saved)
+    for want, got in zip(expected, [next(again) for _ in range(12)]):
+        assert torch.equal(want.input_ids, got.input_ids) and torch.equal(want.labels, got.labels)
+    assert run.epoch == 1
+
+    ranks = [ResumableBatches(samples, 4, rank=r, world_size=2, seed=5, group_by_length=True) for r in range(2)]
+    epochs = [_epoch(r) for r in ranks]
+    seen = [[int(i) for b in e for i in b.input_ids[:, 0]] for e in epochs]
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == 18 * 4
+    # each step's two micro-batches together are one chunk of 8 of the epoch's lengths, sorted
+    # (the 144 samples fit one megabatch)
+    ordered = sorted((len(samples[i].input_ids) for i in seen[0] + seen[1]), reverse=True)
+    chunks = sorted(tuple(ordered[i:i + 8]) for i in range(0, 144, 8))
+    steps = sorted(tuple(sorted((int(x) for b in pair for x in b.attention_mask.sum(-1)), reverse=True))
+                   for pair in zip(*epochs))
+    assert steps == chunks
+    assert _padded_positions([b for e in epochs for b in e]) < _padded_positions(
+        [b for r in range(2) for b in _epoch(ResumableBatches(samples, 4, rank=r, world_size=2, seed=5))]) / 3
+
+
 def test_collate_pads_right_and_masks_padding():
     batch = next(ResumableBatches(_samples(2), 2, shuffle=False, pad_id=0))
     assert batch.input_ids.tolist() == [[1, 3, 0], [1, 4, 4]]

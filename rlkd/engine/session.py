@@ -131,7 +131,8 @@ def build_session(cfg: RunConfig) -> Session:
     _check_data_ids(samples, vocab)
     cfg = with_epoch_steps(cfg, len(samples), world_size)
     batches = ResumableBatches(samples, cfg.train.micro_batch_size, rank=rank, world_size=world_size,
-                               seed=cfg.seed, shuffle=cfg.data.shuffle, pad_id=_pad_id(tokenizer, vocab))
+                               seed=cfg.seed, shuffle=cfg.data.shuffle, pad_id=_pad_id(tokenizer, vocab),
+                               group_by_length=cfg.data.group_by_length)
 
     t_config = teacher_ds_config(cfg, dtype, world_size)
     s_config = student_ds_config(cfg, dtype, world_size)
