@@ -114,6 +114,8 @@ def markdown(report: dict) -> str:
              f"k={meta['k']}; time = min of {meta['repeats']} repeat(s), logits and fused alternating in one process; "
              f"peak = growth of peak RSS over the inputs (h, W, h_t, W_t), gradients of h and W included. "
              f"Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}.", "",
+             f"Command: `{meta.get('command', '')}`; code: {(meta.get('git') or {}).get('sha')} "
+             f"(uncommitted changes: {(meta.get('git') or {}).get('dirty')}).", "",
              "Targets (issue 13): peak ≤ 0.2× the logits path at V ≥ 128256; time ≤ 1.1×.", "",
              "| N | V | loss | logits peak GiB | fused peak GiB | peak ratio | logits s | fused s | time ratio | targets |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -171,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         available = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                              if line.startswith("MemAvailable")).split()[1]) * 1024
         args.max_gib = 0.6 * available / GIB
+    from rlkd.provenance import git_state
+
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "git": git_state(), "command": "python benchmarks/fused_perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "threads": args.threads, "hidden": args.hidden, "k": args.k, "repeats": args.repeats,
             "objectives": args.objectives, "large_vocab_objectives": args.large_vocab_objectives, "load_start": _uptime(), "max_gib": args.max_gib}
     rows = []
