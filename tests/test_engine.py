@@ -110,8 +110,10 @@ def test_cross_entropy_runs_never_load_the_teacher(run_config):
     from rlkd.engine.train import train_step
 
     run_config["loss"] = {"objective": "ce"}
+    run_config["data"]["group_by_length"] = True  # (and the data setting reaches the loader)
     session = build_session(load_config(base=run_config))
     try:
+        assert session.batches.group_by_length is True
         assert session.teacher is None and session.teacher_cache is None
         batch = next(session.batches)
         assert session.teacher_logits(batch) is None
