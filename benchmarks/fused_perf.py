@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from rlkd.objectives.fused import HEAD_BLOCK_ELEMENTS
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [(n, v) for n in (4096, 8192) for v in (32000, 128256, 151936)]
 GIB = 1024**3
@@ -49,6 +51,10 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as rlkd train does on CPU
+    if args.head_block_elements:
+        import rlkd.objectives.fused as fused
+
+        fused.HEAD_BLOCK_ELEMENTS = args.head_block_elements
     g = torch.Generator().manual_seed(0)
     h = torch.randn(args.tokens, args.hidden, generator=g).requires_grad_(True)
     w = (torch.randn(args.vocab, args.hidden, generator=g) * (2.0 / args.hidden**0.5)).requires_grad_(True)
@@ -90,6 +96,7 @@ def worker(args) -> dict:
 
 def measure(n, v, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--tokens", str(n), "--vocab", str(v), "--hidden", str(args.hidden),
+           "--head-block-elements", str(args.head_block_elements or 0),
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--k", str(args.k),
            "--objectives", *(args.large_vocab_objectives if v >= 128256 else args.objectives)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": str(args.threads),
@@ -111,7 +118,8 @@ def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = ["# Fused vs logits path: the KD loss including the head matmuls, forward + backward", "",
              f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} thread(s); fp32; H={meta['hidden']}; "
-             f"k={meta['k']}; time = min of {meta['repeats']} repeat(s), logits and fused alternating in one process; "
+             f"k={meta['k']}; fused blocks of {meta.get('head_block_elements', '?')} logits; "
+             f"time = min of {meta['repeats']} repeat(s), logits and fused alternating in one process; "
              f"peak = growth of peak RSS over the inputs (h, W, h_t, W_t), gradients of h and W included. "
              f"Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}.", "",
              f"Command: `{meta.get('command', '')}`; code: {(meta.get('git') or {}).get('sha')} "
@@ -157,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip a configuration whose logits path needs more (default: 60%% of available RAM)")
     parser.add_argument("--skip", nargs="*", default=[], help="NxV entries of the grid recorded as not measured "
                         "(e.g. for lack of time on a shared CPU), with their analytic size")
+    parser.add_argument("--head-block-elements", type=int, default=0,
+                        help="logits per block of the fused path (default: rlkd.objectives.fused.HEAD_BLOCK_ELEMENTS)")
+    parser.add_argument("--name", default=None, help="report file name (default: fused, or fused_quick)")
     parser.add_argument("--quick", action="store_true", help="N=512, V in {4000, 16000}, H=256")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "perf")
     args = parser.parse_args(argv)
@@ -178,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "git": git_state(), "command": "python benchmarks/fused_perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "threads": args.threads, "hidden": args.hidden, "k": args.k, "repeats": args.repeats,
+            "head_block_elements": args.head_block_elements or HEAD_BLOCK_ELEMENTS,
             "objectives": args.objectives, "large_vocab_objectives": args.large_vocab_objectives, "load_start": _uptime(), "max_gib": args.max_gib}
     rows = []
     for n, v in configs:
@@ -195,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_end"] = _uptime()
     report = {"meta": meta, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "fused_quick" if args.quick else "fused"
+    name = args.name or ("fused_quick" if args.quick else "fused")
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
