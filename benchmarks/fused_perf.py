@@ -3,13 +3,15 @@
     python benchmarks/fused_perf.py                                  # the issue's grid -> results/perf/fused.{json,md}
     python benchmarks/fused_perf.py --configs 4096x32000 4096x128256 --objectives kl
     python benchmarks/fused_perf.py --quick                          # a small smoke run
+    python benchmarks/fused_perf.py --device cuda --dtype bfloat16 --repeats 3 --name fused_gpu   # on a GPU
 
 Per (N, V): one fresh process holds the student's hidden states [N, H] and head [V, H] and the
 teacher's, and runs forward + backward of KL and KL+R on both paths, alternating them, so load on
 the machine hits both alike. Logits path: ``loss(h @ W.T, h_t @ W_t.T)`` and autograd through the
 matmul; fused path: ``fused_distill_loss`` (rlkd.objectives.fused). Peak memory = growth of the
 process' resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the inputs
-(the gradients of h and W included); time = minimum over the repeats. A configuration whose logits
+(the gradients of h and W included; on CUDA the allocator's high-water mark over what is allocated
+before the step); time = minimum over the repeats. A configuration whose logits
 path would not fit in ``--max-gib`` is recorded as not measured, with its analytic size.
 """
 
@@ -55,11 +57,13 @@ def worker(args) -> dict:
         import rlkd.objectives.fused as fused
 
         fused.HEAD_BLOCK_ELEMENTS = args.head_block_elements
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(args.tokens, args.hidden, generator=g).requires_grad_(True)
-    w = (torch.randn(args.vocab, args.hidden, generator=g) * (2.0 / args.hidden**0.5)).requires_grad_(True)
-    th = torch.randn(args.tokens, args.hidden, generator=g)
-    tw = torch.randn(args.vocab, args.hidden, generator=g) * (2.0 / args.hidden**0.5)
+    made = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)  # noqa: E731
+    h = made(args.tokens, args.hidden).requires_grad_(True)
+    w = made(args.vocab, args.hidden, scale=2.0 / args.hidden**0.5).requires_grad_(True)
+    th, tw = made(args.tokens, args.hidden), made(args.vocab, args.hidden, scale=2.0 / args.hidden**0.5)
+    cuda = device.type == "cuda"
     losses = {name: DistillLoss(objective="kl", ranking=RankingConfig(k=args.k, enabled=name == "kl+r"))
               for name in args.objectives}
 
@@ -77,12 +81,19 @@ def worker(args) -> dict:
         for objective, loss_fn in losses.items():
             for path, step in steps.items():
                 key = f"{objective}/{path}"
-                Path("/proc/self/clear_refs").write_text("5")
-                base = _kib("VmRSS")
+                if cuda:  # peak = growth of the allocator's high-water mark over what is allocated now
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                else:
+                    Path("/proc/self/clear_refs").write_text("5")
+                    base = _kib("VmRSS") * 1024
                 start = time.perf_counter()
                 step(loss_fn)
+                if cuda:
+                    torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
-                peak = (_kib("VmHWM") - base) * 1024
+                peak = (torch.cuda.max_memory_allocated() if cuda else _kib("VmHWM") * 1024) - base
                 h.grad = w.grad = None
                 entry = results.setdefault(key, {"times_s": [], "peaks_bytes": []})
                 entry["times_s"].append(elapsed)
@@ -96,7 +107,7 @@ def worker(args) -> dict:
 
 def measure(n, v, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--tokens", str(n), "--vocab", str(v), "--hidden", str(args.hidden),
-           "--head-block-elements", str(args.head_block_elements or 0),
+           "--head-block-elements", str(args.head_block_elements or 0), "--device", args.device, "--dtype", args.dtype,
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--k", str(args.k),
            "--objectives", *(args.large_vocab_objectives if v >= 128256 else args.objectives)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": str(args.threads),
@@ -117,10 +128,12 @@ def _uptime() -> str:
 def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = ["# Fused vs logits path: the KD loss including the head matmuls, forward + backward", "",
-             f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} thread(s); fp32; H={meta['hidden']}; "
+             f"Machine: {meta['machine']}; torch {meta['torch']}; device {meta.get('device', 'cpu')}, "
+             f"{meta['threads']} CPU thread(s); inputs {meta.get('dtype', 'float32')}; H={meta['hidden']}; "
              f"k={meta['k']}; fused blocks of {meta.get('head_block_elements', '?')} logits; "
              f"time = min of {meta['repeats']} repeat(s), logits and fused alternating in one process; "
-             f"peak = growth of peak RSS over the inputs (h, W, h_t, W_t), gradients of h and W included. "
+             f"peak = growth of the {'CUDA allocator high-water mark' if meta.get('device', 'cpu').startswith('cuda') else 'peak RSS'} "
+             "over the inputs (h, W, h_t, W_t), gradients of h and W included. "
              f"Load average (1/5/15 min) at start {meta['load_start']}, at end {meta['load_end']}.", "",
              f"Command: `{meta.get('command', '')}`; code: {(meta.get('git') or {}).get('sha')} "
              f"(uncommitted changes: {(meta.get('git') or {}).get('dirty')}).", "",
@@ -167,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(e.g. for lack of time on a shared CPU), with their analytic size")
     parser.add_argument("--head-block-elements", type=int, default=0,
                         help="logits per block of the fused path (default: rlkd.objectives.fused.HEAD_BLOCK_ELEMENTS)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak from the CUDA allocator)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="hidden states and head weights (the loss maths runs in fp32 either way)")
     parser.add_argument("--name", default=None, help="report file name (default: fused, or fused_quick)")
     parser.add_argument("--quick", action="store_true", help="N=512, V in {4000, 16000}, H=256")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "perf")
@@ -180,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = [tuple(int(x) for x in c.lower().split("x")) for c in args.configs]
     else:
         configs = GRID
+    if args.max_gib is None and args.device.startswith("cuda"):
+        args.max_gib = 0.8 * torch.cuda.get_device_properties(0).total_memory / GIB
     if args.max_gib is None:
         available = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                              if line.startswith("MemAvailable")).split()[1]) * 1024
@@ -188,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "git": git_state(), "command": "python benchmarks/fused_perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "threads": args.threads, "hidden": args.hidden, "k": args.k, "repeats": args.repeats,
+            "device": args.device if not args.device.startswith("cuda") else f"{args.device} ({torch.cuda.get_device_name(0)})",
+            "dtype": args.dtype, "threads": args.threads, "hidden": args.hidden, "k": args.k, "repeats": args.repeats,
             "head_block_elements": args.head_block_elements or HEAD_BLOCK_ELEMENTS,
             "objectives": args.objectives, "large_vocab_objectives": args.large_vocab_objectives, "load_start": _uptime(), "max_gib": args.max_gib}
     rows = []
