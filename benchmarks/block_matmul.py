@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results" / "perf" / "block_matmul"))
     args = parser.parse_args(argv)
-    from rlkd.provenance import git_state
+    from rlkd.provenance import atomic_write_json, atomic_write_text, git_state
 
     torch.set_num_threads(args.threads)
     n, hid, v = args.tokens, args.hidden, args.vocab
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
             "command": "python benchmarks/block_matmul.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
+    atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
     blocks = list(rows[0]["blocked_s"])
     lines = ["# Head matmuls of the fused path: whole vs in blocks of rows", "",
              f"N = {n}, H = {hid}, V = {v}, fp32; {meta['machine']}; torch {meta['torch']}; {args.threads} thread(s); "
@@ -85,9 +83,7 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| `{r['op']}` | {r['whole_s']:.2f} | " +
                      " | ".join(f"{r['blocked_s'][b]:.2f} ({r['ratio'][b]:.2f}×)" for b in blocks) + " |")
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out.with_suffix(".md"))
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

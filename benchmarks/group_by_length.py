@@ -14,7 +14,6 @@ machine's load hits both alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
     from rlkd.data import build_samples
     from rlkd.factory import resolve_model
     from rlkd.models import load_causal_lm, load_tokenizer
-    from rlkd.provenance import git_state
+    from rlkd.provenance import atomic_write_json, atomic_write_text, git_state
 
     torch.set_num_threads(args.threads)
     spec = yaml.safe_load(Path(args.spec).read_text())
@@ -98,9 +97,7 @@ def main(argv=None) -> int:
     report = {"meta": meta, "positions": counts, "timing": timing}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
+    atomic_write_json(out.with_suffix(".json"), report)
     lines = ["# Length-grouped micro-batches (`data.group_by_length`): positions computed and training time", "",
              f"Spec `{meta['spec']}`: {len(samples)} training rows, {real} real tokens, micro-batches of "
              f"{micro_batch_size}, one epoch. Machine: {meta['machine']}; torch {meta['torch']}; "
@@ -116,9 +113,7 @@ def main(argv=None) -> int:
                   f"{timing['batches']} micro-batches, the two orders alternating batch by batch): plain "
                   f"{timing['plain_s']:.1f} s, grouped {timing['grouped_s']:.1f} s, **grouped / plain "
                   f"{timing['ratio']:.3f}**. Load average at the end: {meta['load_average_end']}."]
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out.with_suffix(".md"))
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
