@@ -37,6 +37,10 @@ def _positions(batches) -> int:
     return sum(b.input_ids.numel() for b in batches)
 
 
+def _real_tokens(batches) -> int:
+    return sum(int(b.attention_mask.sum()) for b in batches)
+
+
 def _step(model, batch) -> float:
     start = time.perf_counter()
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -70,17 +74,20 @@ def main(argv=None) -> int:
     real = sum(len(s.input_ids) for s in samples)
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    counts = []
+    counts, epochs = [], {}
     for seed in seeds:
-        plain, grouped = (_epoch(samples, micro_batch_size, seed, g) for g in (False, True))
+        plain, grouped = epochs[seed] = tuple(_epoch(samples, micro_batch_size, seed, g) for g in (False, True))
+        # padding over the samples an epoch uses (whole micro-batches only), the same set in both orders
         counts.append({"seed": seed, "plain_positions": _positions(plain), "grouped_positions": _positions(grouped),
-                       "ratio": _positions(grouped) / _positions(plain)})
+                       "ratio": _positions(grouped) / _positions(plain), "epoch_tokens": _real_tokens(plain),
+                       "padding_plain": 1 - _real_tokens(plain) / _positions(plain),
+                       "padding_grouped": 1 - _real_tokens(grouped) / _positions(grouped)})
 
     timing = None
     if not args.no_time:
         model = load_causal_lm(student, torch.float32)
         model.train()
-        plain, grouped = (_epoch(samples, micro_batch_size, seeds[0], g) for g in (False, True))
+        plain, grouped = epochs[seeds[0]]
         _step(model, plain[0])  # warm-up
         seconds = {"plain": 0.0, "grouped": 0.0}
         for a, b in zip(plain, grouped):
@@ -107,7 +114,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|"]
     for c in counts:
         lines.append(f"| {c['seed']} | {c['plain_positions']} | {c['grouped_positions']} | {c['ratio']:.3f} | "
-                     f"{1 - real / c['plain_positions']:.1%} | {1 - real / c['grouped_positions']:.1%} |")
+                     f"{c['padding_plain']:.1%} | {c['padding_grouped']:.1%} |")
     if timing:
         lines += ["", f"Student `{meta['student']}`, forward + backward of one epoch (seed {timing['seed']}, "
                   f"{timing['batches']} micro-batches, the two orders alternating batch by batch): plain "
