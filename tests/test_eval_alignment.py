@@ -142,6 +142,20 @@ def test_make_token_slices_cuts_the_concatenated_stream():
         make_token_slices(["abc"], _CharTokenizer(), 1)
 
 
+def test_alignment_text_set_reads_only_its_window_of_documents(tmp_path):
+    import json
+
+    from rlkd.eval.dispatch import _slices
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["aa", "bbb", "cc", "dddd", "e"]))
+    window = {"text_path": str(docs), "skip_rows": 1, "max_rows": 2, "slice_len": 3}
+    b, c, eos = ord("b"), ord("c"), 0
+    assert _slices(window, _CharTokenizer(), None) == [[b, b, b], [eos, c, c]]  # docs 1-2; the tail is cut
+    to_the_end = _slices({**window, "max_rows": None}, _CharTokenizer(), None)
+    assert len(to_the_end) == (4 + 3 + 5 + 2) // 3
+
+
 def _alignment_worker(rank, world, init_file, token_slices, out_dir):
     import json
 

@@ -65,6 +65,7 @@ class AlignmentSet(_Strict):
     text_field: str = "text"
     data_dir: str | None = None
     skip_rows: int = Field(0, ge=0)
+    max_rows: int | None = Field(None, ge=1)   # documents read after skip_rows (None: to the end)
     slice_len: int = Field(128, ge=2)
     max_slices: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)

@@ -72,6 +72,8 @@ def _alignment(settings, model_path, teacher_path, train_sequences, teacher_cach
 
 
 def _slices(settings: dict[str, Any], tokenizer, train_sequences):
+    from itertools import islice
+
     from rlkd.data.jsonl import iter_jsonl
     from rlkd.eval.alignment import make_token_slices
 
@@ -87,8 +89,8 @@ def _slices(settings: dict[str, Any], tokenizer, train_sequences):
         data_dir = settings.get("data_dir") or default_data_dir()
         text_path = Path(data_dir) / text_path if data_dir else text_path
     skip = int(settings.get("skip_rows", 0))  # held-out documents after the training ones
-    texts = (row[settings.get("text_field", "text")] for i, (_, row) in enumerate(iter_jsonl(text_path))
-             if i >= skip)
+    stop = skip + settings["max_rows"] if settings.get("max_rows") else None  # ...and before others
+    texts = (row[settings.get("text_field", "text")] for _, row in islice(iter_jsonl(text_path), skip, stop))
     return make_token_slices(texts, tokenizer, int(settings.get("slice_len", 128)),
                              max_slices=settings.get("max_slices"))
 
