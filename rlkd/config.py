@@ -43,10 +43,19 @@ class DataConfig(_Strict):
     skip: int = Field(0, ge=0)              # rows of the source passed over first
     limit: int | None = Field(None, ge=1)   # rows (pretrain: documents) read from the source
     max_samples: int | None = Field(None, ge=1)  # encoded samples kept (pretrain: packed sequences)
+    # pretrain: each document's first N tokens only, so that no long document (a 34k-token arXiv
+    # paper in the SlimPajama demo) makes up most of a small packed training set
+    max_document_tokens: int | None = Field(None, ge=1)
     shuffle: bool = True
     # Micro-batches of samples of similar length (rlkd.data.loader): less padding, same samples per epoch.
     group_by_length: bool = False
     on_policy: OnPolicyConfig | None = None  # GKD-style student-sampled responses (rlkd.data.onpolicy)
+
+    @model_validator(mode="after")
+    def _document_cap_is_for_packing(self) -> "DataConfig":
+        if self.max_document_tokens is not None and self.task != "pretrain":
+            raise ValueError("max_document_tokens applies to task 'pretrain' (packed documents) only")
+        return self
 
     @model_validator(mode="after")
     def _on_policy_is_shifted(self) -> "DataConfig":

@@ -119,6 +119,26 @@ def test_skip_and_limit_select_a_window_of_documents_and_samples(data_dir, llama
                                                                                   64, "shifted")[:3]]
 
 
+def test_max_document_tokens_keeps_each_documents_head_framed_by_bos_and_eos(data_dir, llama_tokenizer):
+    from rlkd.config import DataConfig
+    from rlkd.data import build_samples
+
+    texts = load_rows("pretrain", "train", data_dir=data_dir, limit=6)
+    lengths = [len(llama_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    cap = sorted(lengths)[2]  # some documents are cut, some are shorter than the cap
+    assert min(lengths) < cap < max(lengths)
+    stream = []
+    for text in texts:
+        ids = llama_tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream += [llama_tokenizer.bos_token_id] + ids[:cap] + [llama_tokenizer.eos_token_id]
+    config = DataConfig(task="pretrain", data_dir=str(data_dir), limit=6, max_length=32, max_document_tokens=cap)
+    samples = build_samples(config, llama_tokenizer)
+    assert len(samples) == len(stream) // 32
+    assert sum((s.input_ids for s in samples), []) == stream[: 32 * len(samples)]
+    with pytest.raises(ValueError, match="max_document_tokens"):
+        DataConfig(task="dolly", max_document_tokens=64)
+
+
 def test_malformed_jsonl_and_missing_fields_name_file_and_line(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"question": "q", "answer": "a"}\n{"question": "q",\n')

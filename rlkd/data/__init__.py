@@ -25,7 +25,7 @@ def build_samples(data_cfg, tokenizer) -> list[Encoded]:
         if tokenizer is None:
             raise DataError(f"task {data_cfg.task!r} needs a tokenizer (models.tokenizer)")
         if data_cfg.task == "pretrain":
-            blocks = pack_documents(rows, tokenizer, data_cfg.max_length, convention)
+            blocks = pack_documents(rows, tokenizer, data_cfg.max_length, convention, data_cfg.max_document_tokens)
             if not blocks:
                 raise DataError(f"{counts['source']}: the {len(rows)} documents read hold fewer tokens than one "
                                 f"packed sequence of data.max_length={data_cfg.max_length}")

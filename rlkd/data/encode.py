@@ -71,17 +71,19 @@ def encode_token_row(row: TokenRow, max_length: int, convention: MaskConvention)
     return from_targets(ids, mask, convention)
 
 
-def pack_documents(texts: Sequence[str], tokenizer, seq_len: int, convention: MaskConvention) -> list[Encoded]:
+def pack_documents(texts: Sequence[str], tokenizer, seq_len: int, convention: MaskConvention,
+                   max_document_tokens: int | None = None) -> list[Encoded]:
     """Tokenise each document with BOS, append EOS, concatenate and cut into `seq_len` blocks.
 
-    The incomplete tail block is dropped. Every token but a block's first is a target.
+    ``max_document_tokens`` keeps only a document's first N text tokens (BOS and EOS still frame
+    it). The incomplete tail block is dropped. Every token but a block's first is a target.
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; packing separates documents with EOS")
     stream: list[int] = []
     bos = tokenizer.bos_token_id
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_document_tokens]
         stream.extend(([bos] if bos is not None else []) + ids + [tokenizer.eos_token_id])
     blocks = []
     for start in range(0, len(stream) - seq_len + 1, seq_len):
