@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results" / "perf" / "block_matmul"))
     args = parser.parse_args(argv)
-    from rlkd.provenance import atomic_write_json, atomic_write_text, git_state
+    from rlkd.provenance import atomic_write_json, atomic_write_text, benchmark_meta, load_average
 
     torch.set_num_threads(args.threads)
     n, hid, v = args.tokens, args.hidden, args.vocab
@@ -65,11 +63,9 @@ def main(argv=None) -> int:
             row["blocked_s"][block], row["ratio"][block] = blocked, blocked / whole
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+    meta = {**benchmark_meta("benchmarks/block_matmul.py", argv if argv is not None else sys.argv[1:]),
             "mkl": torch.backends.mkl.is_available(), "threads": args.threads,
-            "tokens": n, "hidden": hid, "vocab": v, "repeats": args.repeats, "git": git_state(),
-            "load_average_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "command": "python benchmarks/block_matmul.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "tokens": n, "hidden": hid, "vocab": v, "repeats": args.repeats, "load_average_end": load_average()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -118,13 +117,6 @@ def measure(n, v, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _uptime() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
-    except OSError:
-        return "unknown"
-
-
 def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = ["# Fused vs logits path: the KD loss including the head matmuls, forward + backward", "",
@@ -202,14 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         available = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                              if line.startswith("MemAvailable")).split()[1]) * 1024
         args.max_gib = 0.6 * available / GIB
-    from rlkd.provenance import git_state
+    from rlkd.provenance import atomic_write_json, atomic_write_text, benchmark_meta, load_average
 
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-            "git": git_state(), "command": "python benchmarks/fused_perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {**benchmark_meta("benchmarks/fused_perf.py", argv if argv is not None else sys.argv[1:]),
             "device": args.device if not args.device.startswith("cuda") else f"{args.device} ({torch.cuda.get_device_name(0)})",
             "dtype": args.dtype, "threads": args.threads, "hidden": args.hidden, "k": args.k, "repeats": args.repeats,
             "head_block_elements": args.head_block_elements or HEAD_BLOCK_ELEMENTS,
-            "objectives": args.objectives, "large_vocab_objectives": args.large_vocab_objectives, "load_start": _uptime(), "max_gib": args.max_gib}
+            "objectives": args.objectives, "large_vocab_objectives": args.large_vocab_objectives, "load_start": load_average(), "max_gib": args.max_gib}
     rows = []
     for n, v in configs:
         need = logits_path_bytes(n, v, args.hidden) + 4 * v * args.hidden * 2  # + the two heads (inputs)
@@ -223,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
             row["result"] = measure(n, v, args)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    meta["load_end"] = _uptime()
+    meta["load_end"] = load_average()
     report = {"meta": meta, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("fused_quick" if args.quick else "fused")
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(report))
+    atomic_write_json(args.out / f"{name}.json", report)
+    atomic_write_text(args.out / f"{name}.md", markdown(report))
     print(markdown(report))
     return 0
 

@@ -14,8 +14,6 @@ machine's load hits both alike.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -63,7 +61,7 @@ def main(argv=None) -> int:
     from rlkd.data import build_samples
     from rlkd.factory import resolve_model
     from rlkd.models import load_causal_lm, load_tokenizer
-    from rlkd.provenance import atomic_write_json, atomic_write_text, git_state
+    from rlkd.provenance import atomic_write_json, atomic_write_text, benchmark_meta, load_average
 
     torch.set_num_threads(args.threads)
     spec = yaml.safe_load(Path(args.spec).read_text())
@@ -96,11 +94,10 @@ def main(argv=None) -> int:
         timing = {"seed": seeds[0], "batches": len(plain), **{f"{k}_s": v for k, v in seconds.items()},
                   "ratio": seconds["grouped"] / seconds["plain"]}
 
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-            "threads": args.threads, "git": git_state(), "load_average_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    meta = {**benchmark_meta("benchmarks/group_by_length.py", argv if argv is not None else sys.argv[1:]),
+            "threads": args.threads, "load_average_end": load_average(),
             "spec": str(Path(args.spec).resolve().relative_to(ROOT)), "student": defaults["models"]["student"],
-            "micro_batch_size": micro_batch_size, "samples": len(samples), "real_tokens": real,
-            "command": "python benchmarks/group_by_length.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "micro_batch_size": micro_batch_size, "samples": len(samples), "real_tokens": real}
     report = {"meta": meta, "positions": counts, "timing": timing}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -191,6 +190,8 @@ def _fmt(x, spec=".2f"):
 
 
 def write_markdown(path, meta, rows, summary):
+    from rlkd.provenance import atomic_write_text
+
     lines = [
         "# Loss performance: forward + backward of the distillation loss",
         "",
@@ -198,7 +199,9 @@ def write_markdown(path, meta, rows, summary):
         f"k={meta['k']}; soft-rank backend {meta['backend']}; time = min of {meta['repeats']} repeats; "
         "peak = growth of the process' peak RSS over the inputs (gradient of the logits included); "
         "(X+R)/X is timed with X and X+R alternating in one process.",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}`; code: {(meta.get('git') or {}).get('sha')} (uncommitted changes: "
+        f"{(meta.get('git') or {}).get('dirty')}); load average (1, 5, 15 min) at the end: "
+        f"{meta.get('load_average_end', 'not recorded')}.",
         "",
         "Targets: (KL+R)/KL time ≤ 1.10; rlkd peak loss memory ≤ 0.3× the naive reference.",
         "",
@@ -229,7 +232,7 @@ def write_markdown(path, meta, rows, summary):
     if errors:
         lines += ["", "Failed cases (e.g. out of memory):", ""]
         lines += [f"- {o}{'+R' if rk else ''} V={v} {impl}: {err}" for o, rk, v, impl, err in errors]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -251,9 +254,11 @@ def main(argv=None):
     parser.add_argument("--rewrite-md", action="store_true", help="only re-render <out>.md from <out>.json")
     args = parser.parse_args(argv)
     if args.rewrite_md:
+        from rlkd.provenance import atomic_write_json
+
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
         saved["meta"]["notes"] = saved["meta"].get("notes", []) + args.note
-        Path(args.out).with_suffix(".json").write_text(json.dumps(saved, indent=2))
+        atomic_write_json(Path(args.out).with_suffix(".json"), saved)
         write_markdown(Path(args.out).with_suffix(".md"), saved["meta"], saved["rows"], saved["summary"])
         return 0
     if args.worker:
@@ -261,6 +266,7 @@ def main(argv=None):
         return 0
 
     from rlkd.objectives.softrank import torchsort_available
+    from rlkd.provenance import atomic_write_json, benchmark_meta, load_average
 
     objectives = args.objectives.split(",")
     if args.quick:
@@ -271,20 +277,14 @@ def main(argv=None):
     rows = run(settings, args.k, args.repeats, args.threads)
     summary = summarise(rows)
     meta = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+        **benchmark_meta("benchmarks/loss_perf.py", argv if argv is not None else sys.argv[1:]),
         "threads": args.threads, "k": args.k, "repeats": args.repeats,
         "backend": "torchsort" if torchsort_available() else "torch",
-        "command": "python benchmarks/loss_perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "notes": args.note,
+        "load_average_end": load_average(), "notes": args.note,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2))
-    os.replace(tmp, out.with_suffix(".json"))
-    tmp_md = out.with_suffix(".md.tmp")
-    write_markdown(tmp_md, meta, rows, summary)
-    os.replace(tmp_md, out.with_suffix(".md"))
+    atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows, "summary": summary})
+    write_markdown(out.with_suffix(".md"), meta, rows, summary)
     print(f"wrote {out.with_suffix('.md')}")
     return 0
 

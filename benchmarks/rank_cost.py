@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,10 +34,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _faults() -> int:
@@ -142,7 +137,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.one_setting:
         return _worker(args)
-    load_before = _load()
+    from rlkd.provenance import atomic_write_json, atomic_write_text, benchmark_meta, load_average
+
+    load_before = load_average()
     rows = []
     for setting in args.host_malloc.split(","):
         worker = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--one-setting", setting]
@@ -151,17 +148,11 @@ def main(argv=None) -> int:
         out = subprocess.run([sys.executable, __file__, *worker], env=env, check=True, text=True,
                              stdout=subprocess.PIPE).stdout
         rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    from rlkd.provenance import git_state
-
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__, "git": git_state(),
+    meta = {**benchmark_meta("benchmarks/rank_cost.py", argv if argv is not None else sys.argv[1:]),
             "threads": args.threads, "k": args.k, "rounds": args.rounds,
-            "load_average_before": load_before, "load_average_after": _load(),
-            "command": "python benchmarks/rank_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "load_average_before": load_before, "load_average_after": load_average()}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    os.replace(tmp, out.with_suffix(".json"))
+    atomic_write_json(out.with_suffix(".json"), {"meta": meta, "rows": rows})
     lines = ["# The ranking term's cost: (KL+R)/KL, forward + backward", "",
              f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} thread(s); fp32; k={args.k}; "
              f"the losses alternate in one process for {args.rounds} rounds after a warm-up; ratios to KL of the "
@@ -182,9 +173,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['host_malloc']} | {r['path']} | {r['tokens']} | {r['vocab']} | {r.get('hidden', '—')} | "
                      f"{r['chunk']} | {r['best_s']['kl']:.3f} | {cell('kl+r')} | {cell('kl + bare read')} | "
                      f"{r['faults_per_call']['kl']} | {r['faults_per_call']['kl+r']} |")
-    tmp_md = out.with_suffix(".md.tmp")
-    tmp_md.write_text("\n".join(lines) + "\n")
-    os.replace(tmp_md, out.with_suffix(".md"))
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.md')}")
     return 0
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -134,6 +135,24 @@ def git_state() -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired):
         return {"sha": sha, "dirty": None}
     return {"sha": sha, "dirty": bool(out.stdout.strip()) if out.returncode == 0 else None}
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, e.g. ``"0.71 1.09 1.15"``: how busy the machine was
+    around a timing, which every benchmark report states (a shared machine's timings swing 3x)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def benchmark_meta(script: str, argv: list[str]) -> dict[str, Any]:
+    """What every benchmark report says about its run: the machine, torch, the code version and the
+    command that re-runs it (``script`` relative to the repository, ``argv`` its arguments)."""
+    import torch  # lazily: importing torch takes seconds, and most of this module's callers never need it
+
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "git": git_state(), "command": shlex.join(["python", script, *argv])}  # quoted: pastes back into a shell
 
 
 def utc_now() -> str:

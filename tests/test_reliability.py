@@ -354,3 +354,29 @@ def test_re_rendered_result_tables_do_not_make_the_code_dirty(tmp_path, monkeypa
     assert state["sha"] and state["dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert provenance.git_state()["dirty"] is True
+
+
+def test_benchmark_meta_names_the_commit_the_command_and_the_load(tmp_path, monkeypatch):
+    """Every benchmark report carries the commit that ran it and the command that re-runs it (its
+    timings are only comparable with the code and load they came from)."""
+    import os
+    import subprocess
+
+    from rlkd import provenance
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    (tmp_path / "bench.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "init")
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    meta = provenance.benchmark_meta("benchmarks/x.py", ["--tokens", "64", "--out", "a b"])
+    assert meta["git"] == {"sha": git("rev-parse", "HEAD").strip(), "dirty": False}
+    assert meta["command"] == "python benchmarks/x.py --tokens 64 --out 'a b'"
+    assert meta["torch"] == torch.__version__ and meta["machine"].endswith(f"{os.cpu_count()} cores")
+    loads = provenance.load_average().split()
+    assert len(loads) == 3 and all(float(x) >= 0 for x in loads)
+    monkeypatch.setattr(os, "getloadavg", lambda: (_ for _ in ()).throw(OSError("no /proc/loadavg")))
+    assert provenance.load_average() == "unknown"
