@@ -216,3 +216,24 @@ def test_a_revised_spec_in_the_same_folder_tabulates_only_its_own_cells(tmp_path
     assert len(load_cells(tmp_path)) == 3
     md = (tmp_path / "table.md").read_text()
     assert "| KL | **10.00** | 7.85 |" in md and "50.00" not in md and "30.00" not in md
+
+
+@pytest.mark.parametrize("width", [6.0, 8.2, 11.0])
+def test_plot_titles_are_wrapped_inside_the_figure(width):
+    """A spec's long title once ran off both edges of a 2-panel forest plot: wrapped by the figure's
+    width, every line must lie inside it, measured by matplotlib's own text extents."""
+    import matplotlib.pyplot as plt
+
+    from rlkd.bench.plots import _fitted
+
+    title = ("Mini reproduction of Table 2, Dolly (SmolLM2-135M teacher, healed 16-layer student): effect of "
+             "the ranking loss, Δ(+R) = with R − without R; every objective, with and without the ranking loss")
+    fig = plt.figure(figsize=(width, 3))
+    try:
+        text = fig.suptitle(_fitted(title, fig, 10), fontsize=10)
+        renderer = fig.canvas.get_renderer()
+        box, frame = text.get_window_extent(renderer), fig.bbox
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1
+        assert len(text.get_text().splitlines()) >= 2  # it did wrap
+    finally:
+        plt.close(fig)

@@ -191,7 +191,7 @@ def get_layout(name: str | None) -> Layout:
                       "AKL+R", "Rank-5")),
     }
     builders["mini_table1"] = lambda: Layout(
-        "mini_table1", "Mini reproduction of Table 1 (SmolLM2-135M teacher, pruned student)",
+        "mini_table1", "Mini reproduction of Table 1 (SmolLM2-135M teacher, healed 16-layer student)",
         [Section("Trained-on sequences (the paper's Table 1 setting; paper: Llama-2-7B -> TinyLlama)",
                  _alignment_columns("pretrain")),
          Section("Held-out slices (not trained on; like the paper's Table 7)",

@@ -81,7 +81,7 @@ def alignment_curves(grid: Grid, out_path: Path, prefix: str = "", title: str = 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
             break
-    fig.suptitle(textwrap.fill(title or "Top-k agreement", 110), fontsize=10)
+    fig.suptitle(_fitted(title or "Top-k agreement", fig, 10), fontsize=10)
     return _save(fig, out_path)
 
 
@@ -102,8 +102,15 @@ def k_sweep(grid: Grid, out_path: Path, title: str = "") -> Path | None:
     ax.set_ylabel("value")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(title or "k sweep")
+    ax.set_title(_fitted(title or "k sweep", fig, 12), fontsize=12)
     return _save(fig, out_path)
+
+
+def _fitted(text: str, fig, fontsize: float) -> str:
+    """``text`` wrapped to the figure's width, so that a long spec title is never cut off at the
+    edges: a line holds as many characters as the width fits at 0.6 em each (DejaVu Sans averages
+    about 0.5 em over mixed-case text)."""
+    return textwrap.fill(text, max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize))))
 
 
 def _save(fig, out_path: Path, layout: bool = True) -> Path:
@@ -167,7 +174,7 @@ def forest_plot(result: Verdict, out_path: Path, title: str = "") -> Path | None
     if NONE in used:
         legend.append("○ per-seed differences (too few seeds for an interval)")
     legend.append("green/red: interval clears 0 on the better/worse side")
-    fig.suptitle(textwrap.fill(title or "Effect of the ranking loss", 120), fontsize=10)
-    fig.text(0.5, 0.005, textwrap.fill("   ".join(legend), 150), ha="center", va="bottom", fontsize=7.5)
+    fig.suptitle(_fitted(title or "Effect of the ranking loss", fig, 10), fontsize=10)
+    fig.text(0.5, 0.005, _fitted("   ".join(legend), fig, 7.5), ha="center", va="bottom", fontsize=7.5)
     fig.tight_layout(rect=(0, 0.06 + 0.1 / max(1, len(pairs)), 1, 1))
     return _save(fig, out_path, layout=False)
