@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     medians = {name: {key: statistics.median(s[key] for s in rows) for key in rows[0]} for name, rows in samples.items()}
     parts_sum = medians["parts"]["teacher_fwd"] + medians["parts"]["student_fwd_bwd"] + medians["parts"]["optimizer"]
+    loss_share = (medians["KL"]["loss_fwd"] + medians["KL"]["loss_bwd"]) / medians["KL"]["total"]
     report = {
         "device": torch.cuda.get_device_name(0) if args.gpu else f"CPU ({platform.processor() or platform.machine()}), "
                                                                    f"{args.threads} threads",
@@ -205,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"klr_over_kl": 1.03, "step_over_parts": 1.05},
         **benchmark_meta("benchmarks/step_perf.py", argv if argv is not None else sys.argv[1:]),
         "note": f"load average (1, 5, 15 min) when it finished: {load_average()} on {os.cpu_count()} cores "
-                "(this run's own threads included); the loss is ~20% of a step here because a 32000-token "
-                "vocabulary dominates such tiny models, which is why the KD step exceeds 1.05x its parts"
-                                             if not args.gpu else "",
+                f"(this run's own threads included); at a {args.vocab}-token vocabulary the loss (forward + "
+                f"backward) takes {loss_share:.0%} of a KL step, time that the sum of parts (teacher forward, "
+                "student forward + backward, optimizer) leaves out" if not args.gpu else "",
     }
     out_dir = Path(args.out)
     suffix = "" if kind == "cpu" else "_gpu"
