@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             row["blocked_s"][block], row["ratio"][block] = blocked, blocked / whole
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {**benchmark_meta("benchmarks/block_matmul.py", argv if argv is not None else sys.argv[1:]),
+    meta = {**benchmark_meta("benchmarks/block_matmul.py", argv),
             "mkl": torch.backends.mkl.is_available(), "threads": args.threads,
             "tokens": n, "hidden": hid, "vocab": v, "repeats": args.repeats, "load_average_end": load_average()}
     out = Path(args.out)

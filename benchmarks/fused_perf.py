@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_gib = 0.6 * available / GIB
     from rlkd.provenance import atomic_write_json, atomic_write_text, benchmark_meta, load_average
 
-    meta = {**benchmark_meta("benchmarks/fused_perf.py", argv if argv is not None else sys.argv[1:]),
+    meta = {**benchmark_meta("benchmarks/fused_perf.py", argv),
             "device": args.device if not args.device.startswith("cuda") else f"{args.device} ({torch.cuda.get_device_name(0)})",
             "dtype": args.dtype, "threads": args.threads, "hidden": args.hidden, "k": args.k, "repeats": args.repeats,
             "head_block_elements": args.head_block_elements or HEAD_BLOCK_ELEMENTS,

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         timing = {"seed": seeds[0], "batches": len(plain), **{f"{k}_s": v for k, v in seconds.items()},
                   "ratio": seconds["grouped"] / seconds["plain"]}
 
-    meta = {**benchmark_meta("benchmarks/group_by_length.py", argv if argv is not None else sys.argv[1:]),
+    meta = {**benchmark_meta("benchmarks/group_by_length.py", argv),
             "threads": args.threads, "load_average_end": load_average(),
             "spec": str(Path(args.spec).resolve().relative_to(ROOT)), "student": defaults["models"]["student"],
             "micro_batch_size": micro_batch_size, "samples": len(samples), "real_tokens": real}

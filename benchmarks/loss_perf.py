@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from rlkd.provenance import atomic_write_json, atomic_write_text, benchmark_meta, load_average
+
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ["kl", "rkl", "jsd", "tvd", "akl", "skew_kl", "skew_rkl"]
 EPS = 1e-10  # the release's smoothing inside log()
@@ -190,8 +192,6 @@ def _fmt(x, spec=".2f"):
 
 
 def write_markdown(path, meta, rows, summary):
-    from rlkd.provenance import atomic_write_text
-
     lines = [
         "# Loss performance: forward + backward of the distillation loss",
         "",
@@ -254,8 +254,6 @@ def main(argv=None):
     parser.add_argument("--rewrite-md", action="store_true", help="only re-render <out>.md from <out>.json")
     args = parser.parse_args(argv)
     if args.rewrite_md:
-        from rlkd.provenance import atomic_write_json
-
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
         saved["meta"]["notes"] = saved["meta"].get("notes", []) + args.note
         atomic_write_json(Path(args.out).with_suffix(".json"), saved)
@@ -266,7 +264,6 @@ def main(argv=None):
         return 0
 
     from rlkd.objectives.softrank import torchsort_available
-    from rlkd.provenance import atomic_write_json, benchmark_meta, load_average
 
     objectives = args.objectives.split(",")
     if args.quick:
@@ -277,7 +274,7 @@ def main(argv=None):
     rows = run(settings, args.k, args.repeats, args.threads)
     summary = summarise(rows)
     meta = {
-        **benchmark_meta("benchmarks/loss_perf.py", argv if argv is not None else sys.argv[1:]),
+        **benchmark_meta("benchmarks/loss_perf.py", argv),
         "threads": args.threads, "k": args.k, "repeats": args.repeats,
         "backend": "torchsort" if torchsort_available() else "torch",
         "load_average_end": load_average(), "notes": args.note,

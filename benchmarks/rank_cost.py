@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         out = subprocess.run([sys.executable, __file__, *worker], env=env, check=True, text=True,
                              stdout=subprocess.PIPE).stdout
         rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    meta = {**benchmark_meta("benchmarks/rank_cost.py", argv if argv is not None else sys.argv[1:]),
+    meta = {**benchmark_meta("benchmarks/rank_cost.py", argv),
             "threads": args.threads, "k": args.k, "rounds": args.rounds,
             "load_average_before": load_before, "load_average_after": load_average()}
     out = Path(args.out)

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                    "kl_step_over_parts": medians["KL"]["total"] / parts_sum,
                    "klr_step_over_parts": medians["KL+R"]["total"] / parts_sum},
         "targets": {"klr_over_kl": 1.03, "step_over_parts": 1.05},
-        **benchmark_meta("benchmarks/step_perf.py", argv if argv is not None else sys.argv[1:]),
+        **benchmark_meta("benchmarks/step_perf.py", argv),
         "note": f"load average (1, 5, 15 min) when it finished: {load_average()} on {os.cpu_count()} cores "
                 f"(this run's own threads included); at a {args.vocab}-token vocabulary the loss (forward + "
                 f"backward) takes {loss_share:.0%} of a KL step, time that the sum of parts (teacher forward, "
@@ -225,8 +225,8 @@ def markdown(report: dict) -> str:
              f"Device: {report['device']}; {report['dtype']}; micro-batch {report['micro_batch']} x "
              f"seq {report['seq_len']}; vocab {report['vocab']}; ranking k={report['k']}; medians of "
              f"{report['timed_steps']} interleaved steps after {report['warmup_steps']} warm-up. "
-             f"Command: `{report.get('command', 'python benchmarks/step_perf.py')}`; code: "
-             f"{(report.get('git') or {}).get('sha')} (uncommitted changes: {(report.get('git') or {}).get('dirty')}).", "",
+             f"Command: `{report['command']}`; code: {report['git']['sha']} "
+             f"(uncommitted changes: {report['git']['dirty']}).", "",
              "| step | teacher fwd | student fwd | loss fwd | loss bwd | student bwd | optimizer | total |",
              "|---|---|---|---|---|---|---|---|"]
     for name in ("KL", "KL+R"):

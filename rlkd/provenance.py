@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
@@ -146,13 +147,14 @@ def load_average() -> str:
         return "unknown"
 
 
-def benchmark_meta(script: str, argv: list[str]) -> dict[str, Any]:
+def benchmark_meta(script: str, argv: list[str] | None = None) -> dict[str, Any]:
     """What every benchmark report says about its run: the machine, torch, the code version and the
-    command that re-runs it (``script`` relative to the repository, ``argv`` its arguments)."""
+    command that re-runs it (``script`` relative to the repository, ``argv`` its arguments: by
+    default the process's own, ``sys.argv[1:]``)."""
     import torch  # lazily: importing torch takes seconds, and most of this module's callers never need it
 
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-            "git": git_state(), "command": shlex.join(["python", script, *argv])}  # quoted: pastes back into a shell
+            "git": git_state(), "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])}  # quoted: pastes back into a shell
 
 
 def utc_now() -> str:

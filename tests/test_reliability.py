@@ -332,22 +332,26 @@ def test_overrides_after_resume_are_applied(run_config, tmp_path, capsys, no_wei
     assert code == 2 and "loss.ranking.k=400 is larger than" in capsys.readouterr().err
 
 
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def _commit_all(repo: Path) -> None:
+    """A one-commit repository of what ``repo`` holds now."""
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "init")
+
+
 def test_re_rendered_result_tables_do_not_make_the_code_dirty(tmp_path, monkeypatch):
     """A benchmark rewrites committed tables under results/ while its cells run; the cells' provenance
     must still say the code was clean, and a changed source file must still say dirty."""
-    import subprocess
-
     from rlkd import provenance
-
-    def git(*args):
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "table.md").write_text("old\n")
     (tmp_path / "code.py").write_text("x = 1\n")
-    git("init", "-q")
-    git("add", ".")
-    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "init")
+    _commit_all(tmp_path)
     monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
     (tmp_path / "results" / "table.md").write_text("re-rendered\n")
     state = provenance.git_state()
@@ -360,21 +364,17 @@ def test_benchmark_meta_names_the_commit_the_command_and_the_load(tmp_path, monk
     """Every benchmark report carries the commit that ran it and the command that re-runs it (its
     timings are only comparable with the code and load they came from)."""
     import os
-    import subprocess
 
     from rlkd import provenance
 
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
-
     (tmp_path / "bench.py").write_text("x = 1\n")
-    git("init", "-q")
-    git("add", ".")
-    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "init")
+    _commit_all(tmp_path)
     monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
     meta = provenance.benchmark_meta("benchmarks/x.py", ["--tokens", "64", "--out", "a b"])
-    assert meta["git"] == {"sha": git("rev-parse", "HEAD").strip(), "dirty": False}
+    assert meta["git"] == {"sha": _git(tmp_path, "rev-parse", "HEAD").strip(), "dirty": False}
     assert meta["command"] == "python benchmarks/x.py --tokens 64 --out 'a b'"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/x.py", "--quick"])  # argv=None: the process's own arguments
+    assert provenance.benchmark_meta("benchmarks/x.py")["command"] == "python benchmarks/x.py --quick"
     assert meta["torch"] == torch.__version__ and meta["machine"].endswith(f"{os.cpu_count()} cores")
     loads = provenance.load_average().split()
     assert len(loads) == 3 and all(float(x) >= 0 for x in loads)
