@@ -192,6 +192,8 @@ def _fmt(x, spec=".2f"):
 
 
 def write_markdown(path, meta, rows, summary):
+    # Reports saved before the code version was recorded are re-rendered by --rewrite-md too.
+    git = meta.get("git") or {"sha": "not recorded", "dirty": "not recorded"}
     lines = [
         "# Loss performance: forward + backward of the distillation loss",
         "",
@@ -199,9 +201,8 @@ def write_markdown(path, meta, rows, summary):
         f"k={meta['k']}; soft-rank backend {meta['backend']}; time = min of {meta['repeats']} repeats; "
         "peak = growth of the process' peak RSS over the inputs (gradient of the logits included); "
         "(X+R)/X is timed with X and X+R alternating in one process.",
-        f"Command: `{meta['command']}`; code: {(meta.get('git') or {}).get('sha')} (uncommitted changes: "
-        f"{(meta.get('git') or {}).get('dirty')}); load average (1, 5, 15 min) at the end: "
-        f"{meta.get('load_average_end', 'not recorded')}.",
+        f"Command: `{meta['command']}`; code: {git['sha']} (uncommitted changes: {git['dirty']}); "
+        f"load average (1, 5, 15 min) at the end: {meta.get('load_average_end', 'not recorded')}.",
         "",
         "Targets: (KL+R)/KL time ≤ 1.10; rlkd peak loss memory ≤ 0.3× the naive reference.",
         "",
