@@ -15,7 +15,8 @@ from rlkd.bench.effects import EXAMPLES, NONE, SEEDS, ranking_pairs, verdict
 from rlkd.bench.layouts import get_layout
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.stats import holm, paired_bootstrap
+from rlkd.bench.paper import paper_table
+from rlkd.bench.stats import BOOTSTRAP_RESAMPLES, holm, holm_bounds, paired_bootstrap, random_effects
 from rlkd.bench.store import load_cells
 from rlkd.bench.table_cli import main as table_main
 from rlkd.bench.tables import collect, row_order
@@ -59,6 +60,67 @@ def test_bootstrap_matches_the_normal_interval_for_a_large_sample():
     constant = paired_bootstrap([2.0] * 10)
     assert (constant.low, constant.high) == (2.0, 2.0)
     assert paired_bootstrap([1.0, -1.0] * 50).p == 1.0
+
+
+def test_bootstrap_uses_enough_resamples_and_knows_its_floor():
+    assert BOOTSTRAP_RESAMPLES >= 20000
+    d = np.random.default_rng(11).normal(5.0, 1.0, size=300)  # the mean is 86 standard errors from 0
+    result = paired_bootstrap(d)
+    assert result.resamples == BOOTSTRAP_RESAMPLES
+    assert result.at_floor and result.p == pytest.approx(1 / (BOOTSTRAP_RESAMPLES + 1))
+    assert result.se == pytest.approx(d.std(ddof=0) / math.sqrt(d.size), rel=0.03)  # the bootstrap SE of a mean
+    near_zero = paired_bootstrap(np.random.default_rng(12).normal(0.0, 1.0, size=300))
+    assert not near_zero.at_floor and near_zero.p > 0.01
+
+
+def test_holm_bounds_follow_the_term_that_sets_the_adjusted_p():
+    floor = 1 / 20001
+    # Sorted: floor·3 (a floor sets it: a bound), floor·2 < floor·3 (the running max is still the
+    # floor term: a bound), 0.2·1 = 0.2 (an exact p sets it: exact).
+    assert holm_bounds([floor, floor, 0.2], [True, True, False]) == [True, True, False]
+    # 0.01·2 = 0.02 > floor·3: the second adjusted p is set by an exact p.
+    assert holm_bounds([floor, 0.01], [True, False]) == [True, False]
+    assert holm_bounds([0.01, 0.02], [False, False]) == [False, False]
+
+
+# The BCG vaccine trials (Colditz et al. 1994), the standard example of metafor (Viechtbauer 2010):
+# tpos, tneg, cpos, cneg per trial; effect = log risk ratio. metafor's rma(method="DL") reports
+# estimate -0.7141, se 0.1787, 95% CI [-1.0644, -0.3638], tau^2 0.3088, I^2 92.12%, Q(12) 152.2330.
+BCG = [(4, 119, 11, 128), (6, 300, 29, 274), (3, 228, 11, 209), (62, 13536, 248, 12619), (33, 5036, 47, 5761),
+       (180, 1361, 372, 1079), (8, 2537, 10, 619), (505, 87886, 499, 87892), (29, 7470, 45, 7232),
+       (17, 1699, 65, 1600), (186, 50448, 141, 27197), (5, 2493, 3, 2338), (27, 16886, 29, 17825)]
+
+
+def test_random_effects_reproduces_metafor_on_the_bcg_trials():
+    y = [math.log((a / (a + b)) / (c / (c + d))) for a, b, c, d in BCG]
+    se = [math.sqrt(1 / a - 1 / (a + b) + 1 / c - 1 / (c + d)) for a, b, c, d in BCG]
+    result = random_effects(y, se)
+    assert result.k == 13
+    assert result.mean == pytest.approx(-0.7141, abs=1e-4) and result.se == pytest.approx(0.1787, abs=1e-4)
+    assert (result.low, result.high) == (pytest.approx(-1.0644, abs=1e-4), pytest.approx(-0.3638, abs=1e-4))
+    assert result.tau2 == pytest.approx(0.3088, abs=1e-4) and result.i2 == pytest.approx(0.9212, abs=1e-4)
+    assert result.q == pytest.approx(152.2330, abs=1e-3)
+
+
+def test_random_effects_closed_forms():
+    # Homogeneous (Q < k - 1): tau^2 = 0 and the estimate is the inverse-variance fixed effect.
+    y, se = [1.0, 1.2, 0.9], [0.5, 0.4, 0.6]
+    w = [1 / s ** 2 for s in se]
+    result = random_effects(y, se)
+    assert result.tau2 == 0.0 and result.i2 == 0.0
+    assert result.mean == pytest.approx(sum(wi * yi for wi, yi in zip(w, y)) / sum(w))
+    assert result.se == pytest.approx(1 / math.sqrt(sum(w)))
+    # Equal standard errors s: tau^2 = sample variance - s^2, the mean is the plain mean and its
+    # standard error the plain standard error of the mean.
+    y = [0.47, 1.23, -1.04, 4.02, -0.73, 0.32]
+    result = random_effects(y, [0.3] * 6)
+    assert result.tau2 == pytest.approx(np.var(y, ddof=1) - 0.09)
+    assert result.mean == pytest.approx(np.mean(y)) and result.se == pytest.approx(stats.sem(y))
+    assert result.p == pytest.approx(2 * stats.norm.sf(np.mean(y) / stats.sem(y)))
+    assert result.p_equals(1.46) == pytest.approx(2 * stats.norm.sf(abs(np.mean(y) - 1.46) / stats.sem(y)))
+    assert result.high - result.low == pytest.approx(2 * stats.norm.ppf(0.975) * stats.sem(y))
+    with pytest.raises(ValueError):
+        random_effects([1.0, 2.0], [0.1, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,12 +212,14 @@ def test_one_seed_with_per_example_scores_gets_a_bootstrap_interval(tmp_path):
     expected = paired_bootstrap(np.subtract(ranked, base))
     score = cells["gsm8k/score"]
     assert score.interval == EXAMPLES and score.n_examples == 8 and score.mean == pytest.approx(37.5)
-    assert (score.low, score.high, score.p) == (expected.low, expected.high, expected.p)
+    assert (score.low, score.high) == (expected.low, expected.high)
+    assert score.p is None and score.rows.p == expected.p  # one seed: no seed test, only the rows' bootstrap
+    assert score.rows_p_holm == expected.p  # the secondary family holds this one bootstrap
     assert cells["gsm8k/correct"].interval == NONE  # its per-example values do not average to the count
     assert any("correct do not average" in note for note in grid.notes)
     assert table_main([str(tmp_path), "--layout", "generic"]) == 0
     md = (tmp_path / "table.md").read_text()
-    assert f"+37.50 [{expected.low:+.2f}, {expected.high:+.2f}]†" in md
+    assert f"+37.50; rows† [{expected.low:+.2f}, {expected.high:+.2f}]" in md
     assert "bootstrap over the 8 evaluation examples" in md
 
 
@@ -178,7 +242,7 @@ def test_three_seeds_with_per_example_scores_also_get_the_bootstrap_over_evaluat
     result = verdict(layout, grid)
     cells = {p.ranked_row: c for (p, _), c in result.cells.items()}
     differences = np.mean([scores[("R", s)] - scores[("none", s)] for s in (1, 2, 3)], axis=0)
-    reference = stats.bootstrap((differences,), np.mean, n_resamples=2000, confidence_level=0.95,
+    reference = stats.bootstrap((differences,), np.mean, n_resamples=20000, confidence_level=0.95,
                                 method="percentile", rng=np.random.default_rng(20240913), vectorized=True)
     for row in ("KL+R", "RKL+R"):  # both objectives got the same scores here
         cell = cells[row]
@@ -222,7 +286,7 @@ def test_the_verdict_comes_first_with_the_layouts_headlines(tmp_path):
     assert md.startswith("### Effect of the ranking loss\n")
     first = md.split("\n### ")[0]
     assert "| Comparison | seeds | mean CR@2–5 | mean MOR@3–20 | PPL↓ |" in first
-    assert "Holm-adjusted over the 2 tests of this table" in first  # MOR and PPL do not move: no test
+    assert "Holm-adjusted over the 2 seed tests of this table" in first  # MOR and PPL do not move: no test
     assert md.index("Effect of the ranking loss") < md.index("Table 1:") < md.index("paired ±R t-tests")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text())))
     assert rows[0]["table"] == "Effect of the ranking loss" and rows[0]["interval"] == "seeds"
@@ -262,3 +326,88 @@ def test_table2_verdict_pairs_within_each_task(tmp_path):
     assert [h.header for h in result.headlines] == ["GSM8K score", "Dolly R-L"]  # no XSum cells: no column
     means = {h.header: c.mean for (_, h), c in result.cells.items()}
     assert means == {"GSM8K score": pytest.approx(3.0), "Dolly R-L": pytest.approx(-1.0)}
+
+
+def test_mini_table2_verdict_families_floor_and_pooled_row(tmp_path):
+    """The rendering rule on a small synthetic Dolly grid: KL and JSD over 3 seeds, RKL over 1.
+    Primary family = the 2 seed t-tests; secondary = the 3 row bootstraps of rouge-score R-L; the
+    `rouge` package column has no p; RKL's bootstrap sits at its floor; a pooled row with the paper."""
+    rng = np.random.default_rng(5)
+    n = 60
+    shift = {"KL": [1.0, 1.5, 0.5], "JSD": [-0.2, 0.3, 0.1], "RKL": [40.0]}
+    scores = {}
+    for objective, shifts in shift.items():
+        for seed, delta in enumerate(shifts, start=1):
+            base = rng.uniform(0, 40, n)
+            noise = rng.normal(0, 1.0 if objective != "RKL" else 0.5, n)
+            scores[(objective, "none", seed)] = base
+            scores[(objective, "R", seed)] = base + delta + noise
+
+    class Executor:
+        def run(self, cell, workdir):
+            values = scores[(cell["objective_label"], cell["variant"], cell["seed"])]
+            pkg = values * 0.9 + 1.0
+            (workdir / "per_example.json").write_text(json.dumps({"rougeL": values.tolist(),
+                                                                  "rouge_pkg_rougeL": pkg.tolist()}))
+            return {"rougeL": float(values.mean()), "rouge_pkg_rougeL": float(pkg.mean())}
+
+    raw = {"name": "m2", "layout": "mini_table2", "tasks": [{"name": "dolly"}], "objectives": ["kl", "rkl", "jsd"],
+           "variants": ["none", "R"], "seeds": [1, 2, 3]}
+    run_grid(expand(parse_spec(_with_base(raw))), tmp_path, Executor(), progress=False)
+    for folder in list(tmp_path.glob("*-RKL-s[23]-*")) + list(tmp_path.glob("*-RKL+R-s[23]-*")):
+        import shutil
+
+        shutil.rmtree(folder)
+    layout = get_layout("mini_table2")
+    grid = collect(load_cells(tmp_path), layout)
+    result = verdict(layout, grid, row_order(layout, grid))
+    primary, beside = result.headlines
+    assert primary.tested and not beside.tested
+    cells = {(p.ranked_row, h.header): c for (p, h), c in result.cells.items()}
+    kl, jsd, rkl = (cells[(row, primary.header)] for row in ("KL+R", "JSD+R", "RKL+R"))
+    # Primary family: the two seed t-tests, nothing else.
+    assert result.family_size == 2 and rkl.p is None and rkl.interval == EXAMPLES
+    raw_t = [stats.ttest_rel([scores[(o, "R", s)].mean() for s in (1, 2, 3)],
+                             [scores[(o, "none", s)].mean() for s in (1, 2, 3)]).pvalue for o in ("KL", "JSD")]
+    assert [kl.p, jsd.p] == pytest.approx(raw_t)
+    assert [kl.p_holm, jsd.p_holm] == pytest.approx(holm(raw_t))
+    # Secondary family: the three bootstraps over rows of the tested headline; the beside column has none.
+    assert result.rows_family_size == 3
+    assert [kl.rows_p_holm, jsd.rows_p_holm, rkl.rows_p_holm] == pytest.approx(
+        holm([kl.rows.p, jsd.rows.p, rkl.rows.p]))
+    assert all(cells[(row, beside.header)].p is None and cells[(row, beside.header)].rows_p_holm is None
+               for row in ("KL+R", "JSD+R", "RKL+R"))
+    # RKL: +40 with noise 0.5 on 60 rows never resamples near 0: its p sits at the floor, and as the
+    # smallest of 3 its Holm factor is 3: 3/20001 = 1.5e-4, printed rounded up as "p < 2e-04".
+    assert rkl.rows.at_floor and rkl.rows_p_bound
+    # The pooled row: DL over (mean, SE) with SE = sd/sqrt(3) for the seed-tested pairs and the rows'
+    # bootstrap SE for RKL; the paper's mean over the same three pairs from its Table 2.
+    pooled = result.pooled[primary]
+    diffs = {o: [scores[(o, "R", s)].mean() - scores[(o, "none", s)].mean() for s in (1, 2, 3)] for o in ("KL", "JSD")}
+    expected = random_effects([np.mean(diffs["KL"]), rkl.rows.mean, np.mean(diffs["JSD"])],
+                              [stats.sem(diffs["KL"]), rkl.rows.se,
+                               stats.sem(diffs["JSD"])])
+    assert pooled.effect.mean == pytest.approx(expected.mean) and pooled.effect.tau2 == pytest.approx(expected.tau2)
+    assert [p.ranked_row for p in pooled.from_rows] == ["RKL+R"]
+    table = paper_table("table2")
+    paper = np.mean([table.value(f"{o}+R", "dolly/rougeL") - table.value(o, "dolly/rougeL")
+                     for o in ("KL", "RKL", "JSD")])
+    assert pooled.paper_mean == pytest.approx(paper) and pooled.paper_pairs == 3
+    assert pooled.p_paper == pytest.approx(2 * stats.norm.sf(abs(expected.mean - paper) / expected.se))
+    assert result.pooled[beside].p_paper is None  # no test on the beside column
+    assert table_main([str(tmp_path), "--layout", "mini_table2"]) == 0
+    md = (tmp_path / "table.md").read_text()
+    verdict_md = md.split("\n### ")[0]
+    rkl_line = next(line for line in verdict_md.splitlines() if line.startswith("| RKL+R − RKL |"))
+    primary_text, beside_text = rkl_line.split(" | ")[2:4]
+    assert primary_text == f"+{rkl.mean:.2f}; *rows† [{rkl.rows.low:+.2f}, {rkl.rows.high:+.2f}], p < 2e-04*"
+    assert beside_text.startswith(f"+{cells[('RKL+R', beside.header)].mean:.2f}; rows† [") and "p" not in beside_text
+    pooled_line = next(line for line in verdict_md.splitlines() if line.startswith("| **Pooled, all objectives"))
+    assert f"paper {paper:+.2f}" in pooled_line and "τ² = " in pooled_line and "I² = " in pooled_line
+    assert "Holm-adjusted over the 2 seed tests" in verdict_md and "3 bootstraps over rows" in verdict_md
+    assert "20000 resamples" in verdict_md
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text())))
+    pooled_rows = [r for r in rows if r["interval"] == "random_effects_dl"]
+    assert len(pooled_rows) == 2 and float(pooled_rows[0]["mean"]) == pytest.approx(expected.mean)
+    tex = (tmp_path / "table.tex").read_text()
+    assert "Pooled, all objectives" in tex and "\\textit{" in tex

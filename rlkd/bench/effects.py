@@ -4,20 +4,31 @@ A ±R pair is a ranked arm (variant R, R_dynamic, pearson) and the arm with the 
 label and the same sweep values, variant "none"; sweep keys of the ranking loss itself (k, ...)
 exist only on the ranked side and are ignored. Both are compared over the seeds they share.
 
-The verdict table has one row per pair and one column per headline metric of the layout. Each
-cell's interval is, by rule:
+The verdict table has one row per pair and one column per headline metric of the layout, the same
+rules in every layout:
 
-* >= 3 paired seeds: the 95% t-interval of the per-seed differences, p from the paired t-test;
-* fewer seeds, and every shared seed of both arms has per-example values for the metric: the 95%
-  percentile interval of a paired bootstrap over evaluation examples of the per-example
-  difference averaged over those seeds, p from the same resamples;
-* otherwise no interval: the per-seed differences are listed ("too few seeds for an interval").
+* Primary family: with >= 3 paired seeds, the 95% t-interval of the per-seed differences and the
+  paired t-test over seeds. These p-values, and only these, are Holm-adjusted together.
+* Secondary family ("rows"): where every shared seed of both arms has per-example values for the
+  headline, a paired bootstrap over evaluation examples of the per-example difference averaged over
+  the seeds: how much Δ moves with the choice of evaluation rows. With >= 3 seeds it is given beside
+  the seed test; with fewer seeds it is all there is: the cell's interval is that bootstrap, marked
+  as not testing the training-seed effect (one or two trained models per arm say whether these
+  models differ on these rows, not whether +R helps). The rows p-values are Holm-adjusted on their
+  own, never mixed with the seed tests.
+* Otherwise no interval: the per-seed differences are listed ("too few seeds for an interval").
+* A headline marked ``tested=False`` (the same generations scored by a second ROUGE library) is
+  shown beside the others with its intervals and no p: it is not a further test of either family.
 
-With >= 3 seeds and per-example values, the bootstrap over evaluation examples is given as well
-(``rows``): the t-interval says how much the difference moves with the training seed, the
-bootstrap how much it moves with the choice of evaluation rows (a downstream test set of a few
-hundred rows). The p-values of one table's primary tests are Holm-adjusted together; the rows'
-bootstrap p-values form a second family, adjusted on their own.
+Under the pairs, a pooled row per headline: the DerSimonian-Laird random-effects mean of the
+pairs' Δ over all objectives (``stats.random_effects``), its 95% interval, τ² and I², and, where the
+paper has both rows of the pairs, the paper's mean Δ over the same pairs with a z test of
+"our mean = the paper's". Each pair enters with its mean Δ and a standard error: sd/√n over the
+seeds for a seed-tested pair; for a pair with fewer than 3 seeds, the bootstrap standard error over
+evaluation rows. That SE leaves out the training-seed variance; under the random-effects model the
+variance it leaves out shows up as between-pair heterogeneity, so it widens the pooled interval
+through τ² (and inflates τ² and I², which then mix objective differences with seed noise). Pairs
+without either are left out and counted.
 """
 
 from __future__ import annotations
@@ -31,8 +42,8 @@ import numpy as np
 from rlkd.bench.grid import Arm, Grid
 from rlkd.bench.layouts import Column, Headline, Layout
 from rlkd.bench.spec import RANKED_VARIANTS
-from rlkd.bench.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, BootstrapTest, PairedTest, holm, paired_bootstrap,
-                              paired_t)
+from rlkd.bench.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, BootstrapTest, PairedTest, RandomEffects, holm,
+                              holm_bounds, paired_bootstrap, paired_t, random_effects)
 
 UNRANKED = "none"
 MIN_SEEDS_FOR_INTERVAL = 3
@@ -123,15 +134,17 @@ SEEDS, EXAMPLES, NONE = "seeds", "examples", "none"
 class VerdictCell:
     headline: Headline
     per_seed: dict[Any, float]  # seed -> (with R) − (without R)
-    interval: str  # SEEDS | EXAMPLES | NONE
+    interval: str  # SEEDS (t over seeds) | EXAMPLES (bootstrap over rows only) | NONE
     mean: float
     low: float | None = None
     high: float | None = None
-    p: float | None = None
+    p: float | None = None  # the paired t-test over seeds (primary family); None otherwise
     p_holm: float | None = None
     n_examples: int | None = None
-    rows: BootstrapTest | None = None  # with >= 3 seeds: the bootstrap over evaluation examples too
-    rows_p_holm: float | None = None
+    rows: BootstrapTest | None = None  # the bootstrap over evaluation examples, where there are per-example values
+    rows_p_holm: float | None = None  # Holm over the secondary family (tested headlines' row bootstraps)
+    rows_p_bound: bool = False  # rows_p_holm is only an upper bound (a bootstrap p at its floor set it)
+    se: float | None = None  # the standard error the pooled row uses: sd/√n over seeds, else the rows' bootstrap SE
 
     @property
     def n_seeds(self) -> int:
@@ -148,23 +161,46 @@ class VerdictCell:
 
 
 @dataclass
+class Pooled:
+    """The pooled row of one headline: the random-effects mean Δ over the pairs."""
+
+    headline: Headline
+    effect: RandomEffects
+    pairs: list[Pair]  # pooled
+    left_out: list[Pair]  # no standard error (no interval of either kind)
+    from_rows: list[Pair]  # pooled with the rows' bootstrap SE (fewer than 3 seeds)
+    paper_mean: float | None = None  # the paper's mean Δ over the pooled pairs it has
+    paper_pairs: int = 0
+    p_paper: float | None = None  # two-sided z test of "our mean = the paper's mean"
+
+
+@dataclass
 class Verdict:
     pairs: list[Pair]
     headlines: list[Headline]
     cells: dict[tuple[Pair, Headline], VerdictCell] = field(default_factory=dict)
+    pooled: dict[Headline, Pooled] = field(default_factory=dict)
 
     @property
     def family_size(self) -> int:
+        """Tests of the primary family: paired t-tests over seeds of tested headlines."""
         return sum(c.p is not None for c in self.cells.values())
+
+    @property
+    def rows_family_size(self) -> int:
+        return sum(c.rows_p_holm is not None for c in self.cells.values())
 
     def intervals_used(self) -> set[str]:
         return {c.interval for c in self.cells.values()}
 
     def n_examples(self) -> set[int]:
-        return {c.n_examples for c in self.cells.values() if c.n_examples is not None}
+        return {c.rows.n_examples for c in self.cells.values() if c.rows is not None}
 
     def row_bootstraps(self) -> list[VerdictCell]:
         return [c for c in self.cells.values() if c.rows is not None]
+
+    def untested_headlines(self) -> list[Headline]:
+        return [h for h in self.headlines if not h.tested]
 
 
 def _composite(grid: Grid, arm: Arm, headline: Headline) -> dict[Any, float]:
@@ -203,12 +239,19 @@ def verdict(layout: Layout, grid: Grid, row_order: list[str] | None = None) -> V
                 result.cells[(pair, headline)] = _cell(grid, pair, headline, seeds, with_r, without)
         if any(h == headline for _, h in result.cells):
             result.headlines.append(headline)
+    # Primary family: the seed t-tests of the tested headlines.
     tested = [c for c in result.cells.values() if c.p is not None]
     for cell, adjusted in zip(tested, holm([c.p for c in tested])):
         cell.p_holm = adjusted
-    rows = result.row_bootstraps()
-    for cell, adjusted in zip(rows, holm([c.rows.p for c in rows])):
-        cell.rows_p_holm = adjusted
+    # Secondary family: the tested headlines' bootstraps over evaluation rows, whatever the seed count.
+    rows = [c for c in result.row_bootstraps() if c.headline.tested]
+    raw = [c.rows.p for c in rows]
+    for cell, adjusted, bound in zip(rows, holm(raw), holm_bounds(raw, [c.rows.at_floor for c in rows])):
+        cell.rows_p_holm, cell.rows_p_bound = adjusted, bound
+    for headline in result.headlines:
+        pooled = _pooled(layout, result, headline)
+        if pooled is not None:
+            result.pooled[headline] = pooled
     return result
 
 
@@ -223,38 +266,89 @@ def _cell(grid: Grid, pair: Pair, headline: Headline, seeds: list[Any], with_r: 
         boot = paired_bootstrap((ranked_examples - base_examples).mean(axis=0))  # per example, mean over seeds
     if len(seeds) >= MIN_SEEDS_FOR_INTERVAL:
         test = paired_t([with_r[s] for s in seeds], [without[s] for s in seeds])
-        return VerdictCell(headline, per_seed, SEEDS, test.diff.mean, test.diff.low, test.diff.high, test.p,
-                           rows=boot)
+        se = test.diff.sd / math.sqrt(test.diff.n) if test.diff.sd else None
+        return VerdictCell(headline, per_seed, SEEDS, test.diff.mean, test.diff.low, test.diff.high,
+                           test.p if headline.tested else None, n_examples=boot and boot.n_examples, rows=boot,
+                           se=se)
     if boot is not None:
-        return VerdictCell(headline, per_seed, EXAMPLES, boot.mean, boot.low, boot.high, boot.p,
-                           n_examples=boot.n_examples)
+        return VerdictCell(headline, per_seed, EXAMPLES, boot.mean, boot.low, boot.high,
+                           n_examples=boot.n_examples, rows=boot, se=boot.se or None)
     return VerdictCell(headline, per_seed, NONE, math.fsum(per_seed.values()) / len(per_seed))
 
 
+def paper_delta(layout: Layout, pair: Pair, headline: Headline) -> float | None:
+    """The paper's Δ(+R) for this pair and headline (mean over the headline's columns), if it has both rows."""
+    deltas = []
+    for key in headline.keys:
+        ranked, base = layout.paper_value(pair.ranked_row, key), layout.paper_value(pair.base_row, key)
+        if ranked is None or base is None:
+            return None
+        deltas.append(ranked - base)
+    # The paper prints 2 decimals: round away the binary noise of the differences (1.455, not 1.4549999).
+    return round(math.fsum(deltas) / len(deltas), 10) if deltas else None
+
+
+MIN_PAIRS_TO_POOL = 2
+
+
+def _pooled(layout: Layout, result: Verdict, headline: Headline) -> Pooled | None:
+    cells = [(pair, result.cells[(pair, headline)]) for pair in result.pairs if (pair, headline) in result.cells]
+    usable = [(pair, cell) for pair, cell in cells if cell.se is not None and cell.se > 0]
+    if len(usable) < MIN_PAIRS_TO_POOL:
+        return None
+    effect = random_effects([c.mean for _, c in usable], [c.se for _, c in usable])
+    pooled = Pooled(headline, effect, [p for p, _ in usable], [p for p, c in cells if (p, c) not in usable],
+                    [p for p, c in usable if c.interval == EXAMPLES])
+    paper = [d for d in (paper_delta(layout, p, headline) for p in pooled.pairs) if d is not None]
+    if paper:
+        pooled.paper_mean = round(math.fsum(paper) / len(paper), 10)
+        pooled.paper_pairs = len(paper)
+        if headline.tested:
+            pooled.p_paper = effect.p_equals(pooled.paper_mean)
+    return pooled
+
+
 def method_sentence(result: Verdict) -> str:
-    """The one sentence under the verdict table that says how its numbers were made."""
+    """The sentences under the verdict table that say how its numbers were made."""
     used = result.intervals_used()
     parts = ["Δ = (with R) − (without R) for the same objective and sweep values, over the training seeds both "
-             "have; ↓ = lower is better"]
+             "have (a seed varies the training data order; both arms start from the same student and teacher); "
+             "↓ = lower is better"]
     if SEEDS in used:
         parts.append(f"[a, b] = 95% t-interval of the per-seed differences (≥ {MIN_SEEDS_FOR_INTERVAL} seeds), "
-                     "p from the paired t-test")
-    if EXAMPLES in used:
-        n = ", ".join(str(n) for n in sorted(result.n_examples()))
-        parts.append(f"[a, b]† = with fewer than {MIN_SEEDS_FOR_INTERVAL} seeds, the 95% percentile interval of a "
-                     f"paired bootstrap over the {n} evaluation examples ({BOOTSTRAP_RESAMPLES} resamples, seed "
-                     f"{BOOTSTRAP_SEED}) of the per-example difference averaged over seeds, p from the same "
-                     "resamples")
+                     "p from the paired t-test over seeds: the primary test")
     if result.row_bootstraps():
-        n = ", ".join(str(n) for n in sorted({c.rows.n_examples for c in result.row_bootstraps()}))
-        parts.append(f"rows [a, b] = with ≥ {MIN_SEEDS_FOR_INTERVAL} seeds, also the 95% percentile interval of a "
-                     f"paired bootstrap over the {n} evaluation examples ({BOOTSTRAP_RESAMPLES} resamples, seed "
-                     f"{BOOTSTRAP_SEED}) of the per-example difference averaged over seeds: how much Δ moves with "
-                     "the evaluation rows; its p is Holm-adjusted over the table's row bootstraps alone")
+        n = ", ".join(str(n) for n in sorted(result.n_examples()))
+        parts.append(f"rows [a, b] = 95% percentile interval of a paired bootstrap over the {n} evaluation examples "
+                     f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}) of the per-example difference "
+                     "averaged over seeds, p from the same resamples (\"p < x\": no resample as extreme, the floor "
+                     f"1/(B+1) = {1 / (BOOTSTRAP_RESAMPLES + 1):.0e} times the Holm factor): how much Δ moves with "
+                     "the evaluation rows, the secondary test")
+    if EXAMPLES in used:
+        parts.append(f"rows† = fewer than {MIN_SEEDS_FOR_INTERVAL} seeds, so the bootstrap over rows is all there "
+                     "is: it tests whether these trained models score the same on these rows, not the effect of "
+                     "+R over training seeds")
     if NONE in used:
         parts.append(f"\"(per seed)\" = fewer than {MIN_SEEDS_FOR_INTERVAL} paired seeds and no per-example "
                      "scores: too few seeds for an interval, so the per-seed differences are listed")
+    families = []
     if result.family_size:
-        tests = "the 1 test" if result.family_size == 1 else f"the {result.family_size} tests"
-        parts.append(f"p is Holm-adjusted over {tests} of this table; **bold** = adjusted p < 0.05")
+        tests = "the 1 seed test" if result.family_size == 1 else f"the {result.family_size} seed tests"
+        families.append(f"p after [a, b] is Holm-adjusted over {tests} of this table (primary family); "
+                        "**bold** = adjusted p < 0.05")
+    if result.rows_family_size:
+        families.append(f"a rows p is Holm-adjusted over the table's {result.rows_family_size} bootstraps over rows "
+                        "(secondary family, never mixed with the seed tests); *italic* = adjusted p < 0.05")
+    parts += families
+    for headline in result.untested_headlines():
+        parts.append(f"{headline.header} scores the same generations again: shown beside, not a test of either "
+                     "family (no p)")
+    if result.pooled:
+        pooled = next(iter(result.pooled.values()))
+        parts.append("pooled = DerSimonian-Laird random-effects mean of the pairs' Δ, each with its standard error "
+                     f"(sd/√n over seeds; with fewer than {MIN_SEEDS_FOR_INTERVAL} seeds the rows' bootstrap SE, "
+                     "which leaves out the seed variance: under the random-effects model it appears as between-pair "
+                     "heterogeneity, in τ² and I²), 95% z-interval, p for mean = 0 and, where the paper has the "
+                     "pairs, for mean = the paper's mean Δ over the same pairs; these p are not Holm-adjusted"
+                     + (f"; {len(pooled.left_out)} pair(s) without an interval left out" if pooled.left_out else ""))
     return "; ".join(parts) + "."

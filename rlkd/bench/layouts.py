@@ -36,6 +36,9 @@ class Headline:
 
     header: str
     keys: tuple[str, ...]
+    # False: shown beside the tested headlines (the same generations scored by a second library),
+    # with intervals and no p, not a test of the verdict's families.
+    tested: bool = True
 
     @property
     def lower_is_better(self) -> bool:
@@ -206,7 +209,9 @@ def get_layout(name: str | None) -> Layout:
                  [Column("dolly/rouge_pkg_rouge1", "R-1 (rouge)"), Column("dolly/rouge_pkg_rouge2", "R-2 (rouge)"),
                   Column("dolly/rouge_pkg_rougeL", "R-L (rouge)")])],
         paper_table="table2", row_order=("Teacher", "Start", "SFT", "SeqKD"),
-        headlines=(Headline("Dolly R-L", ("dolly/rougeL",)), Headline("Dolly R-L (rouge)", ("dolly/rouge_pkg_rougeL",))))
+        # rouge-score is the primary ROUGE; the `rouge` package scores the same generations beside it.
+        headlines=(Headline("Dolly R-L", ("dolly/rougeL",)),
+                   Headline("Dolly R-L (rouge)", ("dolly/rouge_pkg_rougeL",), tested=False)))
     if name not in builders:
         raise KeyError(f"unknown table layout {name!r}; known: generic, {', '.join(builders)}")
     return builders[name]()

@@ -131,14 +131,16 @@ _VERDICT_COLOURS = {True: "#1a7f37", False: "#cf222e", None: "#57606a"}
 
 def forest_plot(result: Verdict, out_path: Path, title: str = "") -> Path | None:
     """Δ(+R) with its interval, one panel per headline metric, one line per comparison, a zero
-    line; green/red where the interval clears 0 on the better/worse side."""
+    line; green/red where the interval clears 0 on the better/worse side; under the comparisons the
+    pooled random-effects mean (diamond) and the paper's mean Δ over the same pairs (cross)."""
     if not result.cells:
         return None
     pairs = [p for p in result.pairs if any(q == p for q, _ in result.cells)]
+    rows = len(pairs) + (1 if result.pooled else 0)
     width = 3.3 * len(result.headlines) + 1.6
-    height = 0.42 * len(pairs) + 1.9
+    height = 0.42 * rows + 1.9
     fig, axes = plt.subplots(1, len(result.headlines), figsize=(width, height), sharey=True, squeeze=False)
-    positions = {pair: len(pairs) - 1 - i for i, pair in enumerate(pairs)}  # first comparison on top
+    positions = {pair: rows - 1 - i for i, pair in enumerate(pairs)}  # first comparison on top, pooled last
     for ax, headline in zip(axes[0], result.headlines):
         ax.axvline(0.0, color="black", linewidth=0.8)
         for pair in pairs:
@@ -156,23 +158,42 @@ def forest_plot(result: Verdict, out_path: Path, title: str = "") -> Path | None
                         linestyle="none", elinewidth=1.6)
             ax.annotate(f"{cell.mean:+#.3g}", (cell.mean, y), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=7, color=colour)
+        pooled = result.pooled.get(headline)
+        if pooled is not None:
+            e = pooled.effect
+            clears = (e.high < 0 if headline.lower_is_better else e.low > 0) or None
+            if clears is None and (e.low > 0 if headline.lower_is_better else e.high < 0):
+                clears = False
+            colour = _VERDICT_COLOURS[clears]
+            ax.errorbar([e.mean], [0], xerr=[[e.mean - e.low], [e.high - e.mean]], fmt="D", color=colour,
+                        capsize=3, linestyle="none", elinewidth=1.6)
+            ax.annotate(f"{e.mean:+#.3g}", (e.mean, 0), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=7, color=colour)
+            if pooled.paper_mean is not None:
+                ax.plot([pooled.paper_mean], [0], "x", color="black", markersize=7)
         better = "← better" if headline.lower_is_better else "better →"
         ax.set_title(f"{headline.header}\n({better})", fontsize=9)
         ax.set_xlabel("Δ(+R)", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(axis="x", alpha=0.3)
         ax.margins(x=0.15)
-    axes[0][0].set_yticks(range(len(pairs)))
-    axes[0][0].set_yticklabels([p.label for p in reversed(pairs)], fontsize=9)
-    axes[0][0].set_ylim(-0.7, len(pairs) - 0.3)
+    labels = ([f"pooled ({max(len(p.pairs) for p in result.pooled.values())} pairs)"] if result.pooled else []) \
+        + [p.label for p in reversed(pairs)]
+    axes[0][0].set_yticks(range(rows))
+    axes[0][0].set_yticklabels(labels, fontsize=9)
+    axes[0][0].set_ylim(-0.7, rows - 0.3)
     used = result.intervals_used()
     legend = []
     if SEEDS in used:
         legend.append("● 95% t-interval over seeds")
     if EXAMPLES in used:
-        legend.append("■ 95% bootstrap interval over evaluation examples")
+        legend.append("■ 95% bootstrap interval over evaluation rows (fewer than 3 seeds: not a test over seeds)")
     if NONE in used:
         legend.append("○ per-seed differences (too few seeds for an interval)")
+    if result.pooled:
+        legend.append("◆ random-effects mean over the pairs, 95% interval")
+        if any(p.paper_mean is not None for p in result.pooled.values()):
+            legend.append("× the paper's mean Δ over the same pairs")
     legend.append("green/red: interval clears 0 on the better/worse side")
     fig.suptitle(_fitted(title or "Effect of the ranking loss", fig, 10), fontsize=10)
     fig.text(0.5, 0.005, _fitted("   ".join(legend), fig, 7.5), ha="center", va="bottom", fontsize=7.5)

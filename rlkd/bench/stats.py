@@ -1,5 +1,6 @@
 """Uncertainty of results: t-intervals over seeds, a paired t-test for ±R, a paired bootstrap over
-evaluation examples for ±R, and Holm's step-down adjustment for a family of such tests."""
+evaluation examples for ±R, Holm's step-down adjustment for a family of such tests, and a
+DerSimonian-Laird random-effects mean of several ±R effects (the pooled row of the verdict)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,31 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-BOOTSTRAP_RESAMPLES = 2000
+def holm_bounds(p_values: Sequence[float], at_floor: Sequence[bool]) -> list[bool]:
+    """Which Holm-adjusted p-values (``holm(p_values)``) are only upper bounds.
+
+    A bootstrap p at its floor 1/(B+1) (no resample as extreme as the observation) is an upper
+    bound on the p-value. Holm's adjusted p is non-decreasing in every raw p, so an adjusted p is
+    an upper bound exactly when the running maximum that sets it comes from a floor p (a lower floor
+    p keeps its place at the bottom of the order and changes no other term).
+    """
+    if len(p_values) != len(at_floor):
+        raise ValueError("holm_bounds needs one floor flag per p-value")
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    bound = [False] * m
+    running, running_bound = 0.0, False
+    for rank, i in enumerate(order):
+        term = (m - rank) * float(p_values[i])
+        if term > running:
+            running, running_bound = term, bool(at_floor[i])
+        elif term == running and not at_floor[i]:
+            running_bound = False  # an exact term reaches the same value
+        bound[i] = running_bound and running < 1.0
+    return bound
+
+
+BOOTSTRAP_RESAMPLES = 20000  # p floor 1/(B+1) < 5e-05: below any Holm threshold of a verdict table
 BOOTSTRAP_SEED = 20240913  # fixed: the same results directory always renders the same intervals
 
 
@@ -95,16 +120,23 @@ class BootstrapTest:
     p: float
     n_examples: int
     resamples: int
+    se: float = 0.0  # standard deviation of the resampled means: the bootstrap standard error
+
+    @property
+    def at_floor(self) -> bool:
+        """No resample was as far from the observed mean as it is from 0: p < 1/(B+1)."""
+        return self.p <= 1.0 / (self.resamples + 1) + 1e-15
 
 
 def paired_bootstrap(differences: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
-                     seed: int = BOOTSTRAP_SEED, confidence: float = 0.95) -> BootstrapTest:
+                     seed: int = BOOTSTRAP_SEED, confidence: float = 0.95, batch: int = 5000) -> BootstrapTest:
     """Percentile interval of the mean of per-example differences (examples resampled with
     replacement, scipy.stats.bootstrap) and a two-sided p-value for "mean difference = 0".
 
     The p-value uses the same resamples centred on the null: the share of resampled means at least
     as far from the observed mean as the observed mean is from 0, with the usual +1 so that it is
-    never 0 (Davison & Hinkley 1997, eq. 4.11).
+    never 0 (Davison & Hinkley 1997, eq. 4.11). At that floor, 1/(B+1), the p-value is only known to
+    be smaller (``BootstrapTest.at_floor``). Resamples are drawn ``batch`` at a time (memory).
     """
     d = np.asarray(differences, dtype=float)
     if d.ndim != 1 or d.size < 2:
@@ -113,10 +145,56 @@ def paired_bootstrap(differences: Sequence[float], resamples: int = BOOTSTRAP_RE
     if np.ptp(d) == 0.0:
         # Every example moved by the same amount: every resample has that mean.
         return BootstrapTest(observed, observed, observed, 1.0 if observed == 0 else 1.0 / (resamples + 1),
-                             int(d.size), resamples)
+                             int(d.size), resamples, 0.0)
     result = stats.bootstrap((d,), np.mean, n_resamples=resamples, confidence_level=confidence,
-                             method="percentile", rng=np.random.default_rng(seed), vectorized=True)
+                             method="percentile", rng=np.random.default_rng(seed), vectorized=True, batch=batch)
     spread = np.abs(result.bootstrap_distribution - observed)
     p = (1 + int(np.count_nonzero(spread >= abs(observed)))) / (resamples + 1)
     return BootstrapTest(observed, float(result.confidence_interval.low), float(result.confidence_interval.high),
-                         min(1.0, p), int(d.size), resamples)
+                         min(1.0, p), int(d.size), resamples, float(result.standard_error))
+
+
+@dataclass(frozen=True)
+class RandomEffects:
+    """DerSimonian-Laird random-effects mean of k estimates with their standard errors."""
+
+    mean: float
+    se: float
+    low: float
+    high: float
+    tau2: float  # between-estimate variance (method of moments, truncated at 0)
+    i2: float  # share of the spread beyond sampling error, max(0, (Q - (k-1)) / Q), in [0, 1]
+    q: float  # Cochran's Q around the inverse-variance (fixed-effect) mean
+    k: int
+    p: float  # two-sided z test of mean = 0
+
+    def p_equals(self, value: float) -> float:
+        """Two-sided z test of "the random-effects mean = value" (value taken as exact)."""
+        return float(2 * stats.norm.sf(abs(self.mean - value) / self.se))
+
+
+def random_effects(estimates: Sequence[float], standard_errors: Sequence[float],
+                   confidence: float = 0.95) -> RandomEffects:
+    """DerSimonian & Laird (1986): w_i = 1/se_i², Q = Σ w_i (y_i − ȳ_w)², τ² = max(0, (Q − (k−1)) /
+    (Σw − Σw²/Σw)), then the inverse-variance mean with weights 1/(se_i² + τ²), its standard error
+    (Σ 1/(se_i² + τ²))^(-1/2) and a normal (z) interval. statsmodels' ``combine_effects`` computes the
+    same; it is not a dependency of rlkd, so this is the textbook formula."""
+    y = np.asarray(estimates, dtype=float)
+    v = np.asarray(standard_errors, dtype=float) ** 2
+    if y.ndim != 1 or y.size == 0 or y.shape != v.shape:
+        raise ValueError("random_effects needs one standard error per estimate, at least one estimate")
+    if np.any(v <= 0):
+        raise ValueError("random_effects needs positive standard errors")
+    k = int(y.size)
+    w = 1.0 / v
+    fixed = float(np.sum(w * y) / np.sum(w))
+    q = float(np.sum(w * (y - fixed) ** 2))
+    c = float(np.sum(w) - np.sum(w ** 2) / np.sum(w))
+    tau2 = max(0.0, (q - (k - 1)) / c) if k > 1 else 0.0
+    w_star = 1.0 / (v + tau2)
+    mean = float(np.sum(w_star * y) / np.sum(w_star))
+    se = float(math.sqrt(1.0 / np.sum(w_star)))
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    i2 = max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0
+    p = float(2 * stats.norm.sf(abs(mean) / se))
+    return RandomEffects(mean, se, mean - z * se, mean + z * se, tau2, i2, q, k, p)

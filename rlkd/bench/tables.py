@@ -13,11 +13,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlkd.bench.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Verdict,
+from rlkd.bench.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Pooled, Verdict,
                                 VerdictCell, method_sentence, ranking_effects, verdict)
 from rlkd.bench.grid import Grid, collect
 from rlkd.bench.layouts import Column, Layout
@@ -123,28 +124,78 @@ def _signed(value: float | None, digits: int = 2) -> str:
     return "" if value is None or math.isnan(value) else f"{value:+.{digits}f}"
 
 
-def _p_text(p: float | None) -> str:
+def _p_text(p: float | None, bound: bool = False) -> str:
+    """p as printed; ``bound``: a bootstrap p at its floor (no resample as extreme), printed "p < x"."""
     if p is None:
         return ""
+    if bound:  # rounded up: the printed number must stay an upper bound
+        exponent = math.floor(math.log10(p))
+        mantissa = math.ceil(round(p / 10 ** exponent, 9))
+        if mantissa == 10:
+            mantissa, exponent = 1, exponent + 1
+        return f"p < {mantissa}e{exponent:+03d}" if p < 0.001 else f"p < {math.ceil(p * 1000 - 1e-9) / 1000:.3f}"
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.1 else f"p = {p:.2f}"
 
 
+def _rows_text(cell: VerdictCell) -> str:
+    """The bootstrap over evaluation rows: its interval, and its secondary-family p on tested headlines;
+    *italic* where that adjusted p < 0.05."""
+    mark = "†" if cell.interval == EXAMPLES else ""
+    text = f"rows{mark} [{_signed(cell.rows.low)}, {_signed(cell.rows.high)}]"
+    if cell.rows_p_holm is None:
+        return text
+    text += f", {_p_text(cell.rows_p_holm, cell.rows_p_bound)}"
+    return f"*{text}*" if cell.rows_p_holm < 0.05 else text
+
+
 def verdict_cell_text(cell: VerdictCell | None) -> str:
-    """Δ [low, high] (p Holm); † marks an interval over evaluation examples; without an interval
-    the per-seed differences."""
+    """With >= 3 seeds: Δ [t-interval] (p Holm, primary family), then the rows' bootstrap (secondary
+    family); with fewer: Δ, then the rows' bootstrap marked † (it does not test the seed effect);
+    without either, the per-seed differences."""
     if cell is None:
         return ""
     if cell.interval == NONE:
         return ", ".join(_signed(d) for d in cell.per_seed.values()) + " (per seed)"
-    mark = "†" if cell.interval == EXAMPLES else ""
-    text = f"{_signed(cell.mean)} [{_signed(cell.low)}, {_signed(cell.high)}]{mark}"
+    if cell.interval == EXAMPLES:
+        return f"{_signed(cell.mean)}; {_rows_text(cell)}"
+    text = f"{_signed(cell.mean)} [{_signed(cell.low)}, {_signed(cell.high)}]"
     if cell.p_holm is not None:
         text += f", {_p_text(cell.p_holm)}"
     text = f"**{text}**" if cell.p_holm is not None and cell.p_holm < 0.05 else text
-    if cell.rows is not None:  # with >= 3 seeds: how much Δ moves with the evaluation rows
-        rows = f"rows [{_signed(cell.rows.low)}, {_signed(cell.rows.high)}], {_p_text(cell.rows_p_holm)}"
-        text += f"; {'**' + rows + '**' if cell.rows_p_holm < 0.05 else rows}"
+    if cell.rows is not None:  # how much Δ moves with the evaluation rows
+        text += f"; {_rows_text(cell)}"
     return text
+
+
+POOLED_LABEL = "Pooled, all objectives"
+
+
+def pooled_cell_text(pooled: Pooled | None) -> str:
+    """Random-effects mean [95% interval], p for mean = 0; τ², I²; the paper's mean and p for ours = it."""
+    if pooled is None:
+        return ""
+    effect = pooled.effect
+    text = f"{_signed(effect.mean)} [{_signed(effect.low)}, {_signed(effect.high)}]"
+    if pooled.headline.tested:
+        text += f", {_p_text(effect.p)}"
+    text += f"; τ² = {effect.tau2:.2f}, I² = {100 * effect.i2:.0f}%"
+    if pooled.paper_mean is not None:
+        over = ("" if pooled.paper_pairs == len(pooled.pairs)
+                else f" ({pooled.paper_pairs} of {len(pooled.pairs)} pairs)")
+        text += f"; paper {_signed(pooled.paper_mean)}{over}"
+        if pooled.p_paper is not None:
+            text += f", ours = paper: {_p_text(pooled.p_paper)}"
+    return text
+
+
+def _pooled_label(result: Verdict) -> str:
+    ks = sorted({len(p.pairs) for p in result.pooled.values()})
+    return f"{POOLED_LABEL} (random effects, {'/'.join(map(str, ks))} pairs)"
+
+
+def _pooled_seeds(result: Verdict) -> str:
+    counts = sorted({c.n_seeds for c in result.cells.values()})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
 def _seed_span(result: Verdict, pair) -> str:
@@ -169,6 +220,10 @@ def render_verdict_markdown(result: Verdict, without_fields: list[str] = ()) -> 
             continue
         cells = [pair.label, _seed_span(result, pair)]
         cells += [verdict_cell_text(result.cells.get((pair, h))) for h in result.headlines]
+        out.append("| " + " | ".join(cells) + " |")
+    if result.pooled:
+        cells = [f"**{_pooled_label(result)}**", _pooled_seeds(result)]
+        cells += [pooled_cell_text(result.pooled.get(h)) for h in result.headlines]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out.append(method_sentence(result) + "\n")
@@ -241,17 +296,32 @@ def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: 
 def render_csv(tables: list[RenderedTable], result: Verdict | None = None) -> str:
     """One line per (table, row, column): machine-readable, paper value and difference included.
     The verdict's lines come first (table = "Effect of the ranking loss", mean = Δ(+R), `interval`
-    = seeds | examples | none, `p`, `p_holm`); the other tables leave those columns empty."""
+    = seeds | examples | none, `p`, `p_holm` of the primary family (seed t-tests), `se` the standard
+    error the pooled row used, `rows_*` the bootstrap over evaluation rows with its secondary-family
+    `rows_p_holm` (`rows_p_bound` = 1: only an upper bound, the floor), then the pooled rows
+    (`interval` = random_effects_dl, `paper` = the paper's mean Δ, `p_vs_paper`); the other tables
+    leave those columns empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["table", "row", "column", "header", "n", "mean", "sd", "ci95_low", "ci95_high", "paper",
-                     "diff_vs_paper", "best", "interval", "p", "p_holm"])
+                     "diff_vs_paper", "best", "interval", "p", "p_holm", "se", "rows_low", "rows_high", "rows_p",
+                     "rows_p_holm", "rows_p_bound", "tau2", "i2", "p_vs_paper"])
+    number = lambda v: repr(v) if v is not None else ""  # noqa: E731
     for (pair, headline), cell in (result.cells.items() if result is not None else ()):
+        rows = cell.rows
         writer.writerow([VERDICT_TITLE, pair.label, "+".join(headline.keys), headline.header, cell.n_seeds,
-                         repr(cell.mean), "", repr(cell.low) if cell.low is not None else "",
-                         repr(cell.high) if cell.high is not None else "", "", "", "", cell.interval,
-                         repr(cell.p) if cell.p is not None else "",
-                         repr(cell.p_holm) if cell.p_holm is not None else ""])
+                         repr(cell.mean), "", number(cell.low), number(cell.high), "", "", "", cell.interval,
+                         number(cell.p), number(cell.p_holm), number(cell.se),
+                         number(rows and rows.low), number(rows and rows.high), number(rows and rows.p),
+                         number(cell.rows_p_holm), int(cell.rows_p_bound) if cell.rows_p_holm is not None else "",
+                         "", "", ""])
+    for headline, pooled in (result.pooled.items() if result is not None else ()):
+        e = pooled.effect
+        writer.writerow([VERDICT_TITLE, f"{POOLED_LABEL} ({e.k} pairs)", "+".join(headline.keys), headline.header,
+                         e.k, repr(e.mean), "", repr(e.low), repr(e.high), number(pooled.paper_mean),
+                         number(None if pooled.paper_mean is None else e.mean - pooled.paper_mean), "",
+                         "random_effects_dl", repr(e.p) if headline.tested else "", "", repr(e.se), "", "", "", "",
+                         "", repr(e.tau2), repr(e.i2), number(pooled.p_paper)])
     for table in tables:
         for row in table.rows:
             for column in table.columns:
@@ -269,24 +339,40 @@ def render_csv(tables: list[RenderedTable], result: Verdict | None = None) -> st
                     repr(paper) if paper is not None else "",
                     repr(est.mean - paper) if est and paper is not None else "",
                     int((row, column.key) in table.best), "", "", "",
-                ])
+                ] + [""] * 9)
     return buffer.getvalue()
 
 
 _LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "↓": r"$\downarrow$",
                   "±": r"$\pm$", "Δ": r"$\Delta$", "—": "--", "{": r"\{", "}": r"\}",
-                  "−": "$-$", "–": "--", "†": r"$^\dagger$", "≥": r"$\geq$", "‖": r"$\|$", "<": "$<$"}
+                  "−": "$-$", "–": "--", "†": r"$^\dagger$", "≥": r"$\geq$", "‖": r"$\|$", "<": "$<$",
+                  "τ": r"$\tau$", "²": r"$^2$", "√": r"$\surd$"}
 
 
 def _tex(text: str) -> str:
     return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
 
 
+def _tex_markup(text: str) -> str:
+    """A verdict cell's Markdown (**bold** primary, *italic* secondary) as LaTeX."""
+    parts = re.split(r"(\*\*[^*]+\*\*|\*[^*]+\*)", text)
+    out = []
+    for part in parts:
+        if part.startswith("**"):
+            out.append(f"\\textbf{{{_tex(part[2:-2])}}}")
+        elif part.startswith("*") and len(part) > 1:
+            out.append(f"\\textit{{{_tex(part[1:-1])}}}")
+        else:
+            out.append(_tex(part))
+    return "".join(out)
+
+
 def render_latex(tables: list[RenderedTable], result: Verdict | None = None) -> str:
     out = ["% Generated by `rlkd table`; needs \\usepackage{booktabs}."]
     if result is not None and result.cells:
         out.append("\\begin{table}[t]\\centering\\small")
-        out.append(f"\\caption{{{_tex(VERDICT_TITLE)}. {_tex(method_sentence(result).replace('**bold**', 'bold'))}}}")
+        out.append(f"\\caption{{{_tex(VERDICT_TITLE)}. "
+                   f"{_tex(method_sentence(result).replace('**bold**', 'bold').replace('*italic*', 'italic'))}}}")
         out.append("\\begin{tabular}{lr" + "r" * len(result.headlines) + "}")
         out.append("\\toprule")
         out.append("Comparison & seeds & " + " & ".join(_tex(h.header) for h in result.headlines) + " \\\\")
@@ -294,13 +380,13 @@ def render_latex(tables: list[RenderedTable], result: Verdict | None = None) -> 
         for pair in result.pairs:
             if not any(p == pair for p, _ in result.cells):
                 continue
-            texts = []
-            for headline in result.headlines:
-                text = _tex(verdict_cell_text(result.cells.get((pair, headline))).replace("**", ""))
-                cell = result.cells.get((pair, headline))
-                texts.append(f"\\textbf{{{text}}}" if cell and cell.p_holm is not None and cell.p_holm < 0.05
-                             else text)
+            texts = [_tex_markup(verdict_cell_text(result.cells.get((pair, h)))) for h in result.headlines]
             out.append(f"{_tex(pair.label)} & {_seed_span(result, pair)} & " + " & ".join(texts) + " \\\\")
+        if result.pooled:
+            out.append("\\midrule")
+            texts = [_tex(pooled_cell_text(result.pooled.get(h))) for h in result.headlines]
+            out.append(f"{_tex(_pooled_label(result))} & {_pooled_seeds(result)} & " + " & ".join(texts)
+                       + " \\\\")
         out.append("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
     for table in tables:
         with_paper = bool(table.paper)
