@@ -178,7 +178,7 @@ def pooled_cell_text(pooled: Pooled | None) -> str:
     text = f"{_signed(effect.mean)} [{_signed(effect.low)}, {_signed(effect.high)}]"
     if pooled.headline.tested:
         text += f", {_p_text(effect.p)}"
-    text += f"; τ² = {effect.tau2:.2f}, I² = {100 * effect.i2:.0f}%"
+    text += f"; τ² = {effect.tau2:.3g}, I² = {100 * effect.i2:.1f}%"
     if pooled.paper_mean is not None:
         over = ("" if pooled.paper_pairs == len(pooled.pairs)
                 else f" ({pooled.paper_pairs} of {len(pooled.pairs)} pairs)")
@@ -381,11 +381,11 @@ def render_latex(tables: list[RenderedTable], result: Verdict | None = None) -> 
             if not any(p == pair for p, _ in result.cells):
                 continue
             texts = [_tex_markup(verdict_cell_text(result.cells.get((pair, h)))) for h in result.headlines]
-            out.append(f"{_tex(pair.label)} & {_seed_span(result, pair)} & " + " & ".join(texts) + " \\\\")
+            out.append(f"{_tex(pair.label)} & {_tex(_seed_span(result, pair))} & " + " & ".join(texts) + " \\\\")
         if result.pooled:
             out.append("\\midrule")
             texts = [_tex(pooled_cell_text(result.pooled.get(h))) for h in result.headlines]
-            out.append(f"{_tex(_pooled_label(result))} & {_pooled_seeds(result)} & " + " & ".join(texts)
+            out.append(f"{_tex(_pooled_label(result))} & {_tex(_pooled_seeds(result))} & " + " & ".join(texts)
                        + " \\\\")
         out.append("\\bottomrule\n\\end{tabular}\n\\end{table}\n")
     for table in tables:
