@@ -268,7 +268,7 @@ def _cell(grid: Grid, pair: Pair, headline: Headline, seeds: list[Any], with_r: 
         test = paired_t([with_r[s] for s in seeds], [without[s] for s in seeds])
         se = test.diff.sd / math.sqrt(test.diff.n) if test.diff.sd else None
         return VerdictCell(headline, per_seed, SEEDS, test.diff.mean, test.diff.low, test.diff.high,
-                           test.p if headline.tested else None, n_examples=boot and boot.n_examples, rows=boot,
+                           test.p if headline.tested else None, n_examples=boot.n_examples if boot else None, rows=boot,
                            se=se)
     if boot is not None:
         return VerdictCell(headline, per_seed, EXAMPLES, boot.mean, boot.low, boot.high,
@@ -349,6 +349,7 @@ def method_sentence(result: Verdict) -> str:
                      f"(sd/√n over seeds; with fewer than {MIN_SEEDS_FOR_INTERVAL} seeds the rows' bootstrap SE, "
                      "which leaves out the seed variance: under the random-effects model it appears as between-pair "
                      "heterogeneity, in τ² and I²), 95% z-interval, p for mean = 0 and, where the paper has the "
-                     "pairs, for mean = the paper's mean Δ over the same pairs; these p are not Holm-adjusted"
+                     "pairs, for mean = the paper's mean Δ over the same pairs (taken as exact: the paper gives no "
+                     "intervals); these p are not Holm-adjusted"
                      + (f"; {len(pooled.left_out)} pair(s) without an interval left out" if pooled.left_out else ""))
     return "; ".join(parts) + "."
