@@ -312,7 +312,8 @@ def method_sentence(result: Verdict) -> str:
     """The sentences under the verdict table that say how its numbers were made."""
     used = result.intervals_used()
     parts = ["Δ = (with R) − (without R) for the same objective and sweep values, over the training seeds both "
-             "have (a seed varies the training data order; both arms start from the same student and teacher); "
+             "have (a seed is the run's `seed`: it sets the training data order and torch's random state; both "
+             "arms of a pair start from the same models); "
              "↓ = lower is better"]
     if SEEDS in used:
         parts.append(f"[a, b] = 95% t-interval of the per-seed differences (≥ {MIN_SEEDS_FOR_INTERVAL} seeds), "
