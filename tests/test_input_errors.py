@@ -58,3 +58,35 @@ def test_a_plugin_objective_that_does_not_return_one_finite_loss_per_position_is
     text = _refused(run_config, plugins=[str(path)], loss={"objective": name})
     assert f"objective '{name}' ({path}:" in text and said in text  # objective, plug-in file and line named
     assert name not in _REGISTRY
+
+
+def test_an_objective_parameter_that_makes_it_nan_is_refused_at_config_time(run_config, tmp_path, forget_plugins):
+    path = _plugin(tmp_path, "log_scale", "per_token.sum(-1) * torch.log(torch.tensor(scale))")
+    load_config(base=dict(run_config, plugins=[str(path)], loss={"objective": "log_scale"}))  # scale=1: fine
+    text = _refused(run_config, plugins=[str(path)], loss={"objective": "log_scale", "params": {"scale": 0.0}})
+    assert "objective 'log_scale'" in text and "{'scale': 0.0}" in text and "not finite" in text
+
+
+@pytest.mark.parametrize("loss", [
+    {"terms": [{"objective": "kl", "weight": 0}]},                                          # F6
+    {"terms": [{"objective": "kl", "weight": 0}, {"ranking": {"k": 5}, "weight": 0}]},
+    {"objective": "kl", "ranking": {"enabled": True, "rank_weight": 0, "base_weight": 0}},
+])
+def test_all_zero_loss_weights_are_refused(run_config, loss):
+    text = _refused(run_config, loss=loss)
+    assert "loss: every weight of the loss is 0" in text and "the student would not train" in text
+
+
+def test_zero_weight_on_one_term_is_still_allowed(run_config):
+    cfg = load_config(base=dict(run_config, loss={"terms": [{"objective": "kl", "weight": 0}, {"ranking": {"k": 5}}]}))
+    assert cfg.loss.ranking.enabled and cfg.loss.ranking.rank_weight == 2.0
+
+
+def test_loss_term_errors_name_the_term_without_pydantic_internals(run_config):
+    unknown = _refused(run_config, loss={"terms": [{"objective": "kl"}, {"objective": "nope"}]})       # W5
+    assert "loss.terms[1]: unknown objective 'nope'; registered objectives: " in unknown
+    assert "RankingTerm" not in unknown and "unknown key" not in unknown
+    negative = _refused(run_config, loss={"terms": [{"objective": "kl", "weight": -1}]})              # W6
+    assert negative.splitlines()[1:] == ["  loss.terms[0].weight: Input should be greater than or equal to 0"]
+    both = _refused(run_config, loss={"terms": [{"objective": "kl", "ranking": {"k": 5}}]})           # W7
+    assert "item 0 has both 'objective' and 'ranking'" in both and "choose one" in both

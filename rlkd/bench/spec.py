@@ -264,12 +264,9 @@ def _slug(text: str) -> str:
 
 
 def _error_lines(error: ValidationError, prefix: str = "") -> list[str]:
-    lines = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        lines.append(f"  {prefix}{where}: {message}")
-    return lines
+    from rlkd.config import validation_lines
+
+    return validation_lines(error, prefix)
 
 
 # ---------------------------------------------------------------------------------------------
