@@ -90,3 +90,17 @@ def test_loss_term_errors_name_the_term_without_pydantic_internals(run_config):
     assert negative.splitlines()[1:] == ["  loss.terms[0].weight: Input should be greater than or equal to 0"]
     both = _refused(run_config, loss={"terms": [{"objective": "kl", "ranking": {"k": 5}}]})           # W7
     assert "item 0 has both 'objective' and 'ranking'" in both and "choose one" in both
+
+
+def test_a_spec_yaml_error_names_the_line_where_the_broken_construct_starts(tmp_path):               # W8
+    from rlkd.bench.spec import SpecError, load_spec
+
+    lines = ["name: broken", "tasks:", "  - {name: gsm8k,", "     run: {data: {task: gsm8k}}", "objectives: [kl]",
+             "seeds: [1]"]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    text = str(info.value)
+    assert text.startswith(f"{spec}:3: not valid YAML: ") and "starts at line 3, column 5" in text
+    assert len(text.splitlines()) == 1
