@@ -92,6 +92,24 @@ def test_loss_term_errors_name_the_term_without_pydantic_internals(run_config):
     assert "item 0 has both 'objective' and 'ranking'" in both and "choose one" in both
 
 
+def test_lora_target_modules_are_checked_against_the_student_before_any_model_loads(run_config, monkeypatch):
+    from rlkd.engine.train import run_training
+
+    def refuse(cfg):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr("rlkd.engine.train.build_session", refuse)
+    lora = {"r": 4, "alpha": 8}
+    with pytest.raises(ConfigError) as info:                                                          # W3
+        run_training(dict(run_config, models=dict(run_config["models"],
+                                                  student_lora=dict(lora, target_modules=["q_proj", "nonexistent_proj"]))))
+    text = str(info.value)
+    assert text.startswith("models.student_lora.target_modules ['nonexistent_proj'] match no module of the student")
+    assert "its linear layers: " in text and "q_proj" in text.split("its linear layers: ")[1]
+    empty = _refused(run_config, models=dict(run_config["models"], student_lora=dict(lora, target_modules=[])))  # W4
+    assert "models.student_lora.target_modules: an empty list adapts nothing" in empty
+
+
 def test_a_spec_yaml_error_names_the_line_where_the_broken_construct_starts(tmp_path):               # W8
     from rlkd.bench.spec import SpecError, load_spec
 
