@@ -110,6 +110,27 @@ def test_lora_target_modules_are_checked_against_the_student_before_any_model_lo
     assert "models.student_lora.target_modules: an empty list adapts nothing" in empty
 
 
+def test_a_non_utf8_line_names_the_file_and_line(tmp_path):                                            # F4
+    from rlkd.data import DataError, iter_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"input_ids": [1, 2], "loss_mask": [0, 1]}\n{"input_ids": [1, 2], "note": "caf\xe9"}\n')
+    with pytest.raises(DataError) as info:
+        list(iter_jsonl(path))
+    assert str(info.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at column 35)"
+
+
+def test_a_non_utf8_training_file_stops_training_with_its_file_and_line(run_config, tmp_path):
+    from rlkd.data import DataError
+    from rlkd.engine.train import run_training
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"input_ids": [1, 5, 6, 2], "loss_mask": [0, 1, 1, 1]}\n\xff\xfe\n')
+    with pytest.raises(DataError) as info:
+        run_training(dict(run_config, data=dict(run_config["data"], path=str(path))))
+    assert str(info.value) == f"{path}:2: not UTF-8 text (byte 0xff at column 1)"
+
+
 def test_a_spec_yaml_error_names_the_line_where_the_broken_construct_starts(tmp_path):               # W8
     from rlkd.bench.spec import SpecError, load_spec
 
