@@ -113,6 +113,16 @@ def test_a_finished_or_failed_grid_leaves_no_lock_files_or_empty_staging(tmp_pat
 # W10, W11, W9: command-line values and an unwritable results folder
 
 
+def test_jobs_below_one_is_refused(tmp_path, capsys):
+    from rlkd.bench.cli import main as bench_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main([str(REPO / "benchmarks" / "example.yaml"), "--tiny", "--dry-run", "--jobs", "0",
+                    "--results-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--jobs: 0: must be at least 1" in capsys.readouterr().err
+
+
 def test_an_unwritable_results_folder_stops_with_one_line(tmp_path, monkeypatch, capsys):
     from rlkd.bench import runner
 
