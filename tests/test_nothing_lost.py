@@ -148,6 +148,16 @@ def test_an_unwritable_results_folder_stops_with_one_line(tmp_path, monkeypatch,
     assert not list((tmp_path / STAGING).glob("*.failed.*"))
 
 
+def test_plan_takes_the_preset_names_bench_takes(capsys):
+    from rlkd.plan.cli import main as plan_main
+
+    assert plan_main(["paper/table2", "--gpus", "8", "--gpu-mem", "80",
+                      "--config-dir", str(REPO / "tests" / "data" / "model_configs")]) == 0
+    assert "TinyLlama" in capsys.readouterr().out
+    assert plan_main(["paper/no_such_table", "--gpus", "8", "--gpu-mem", "80"]) == 2
+    assert "paper/no_such_table: no such spec file" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # F1: a cell killed between its evaluation and its publication is not wedged
 
