@@ -110,7 +110,7 @@ def test_cpu_nodes_request_no_gpus_and_run_deepspeed_on_cpu(config_path, capsys,
     assert all("--nproc_per_node=3" in n for n in nodes)
 
     job = SlurmJob(config=config_path, nodes=2, procs_per_node=8)  # GPU nodes keep their GRES request
-    assert "#SBATCH --gpus-per-node=8" in render(job) and "DS_ACCELERATOR" not in render(job)
+    assert "#SBATCH --gpus-per-node=8" in render(job) and "\nexport DS_ACCELERATOR=cuda\n" in render(job)
 
 
 def test_requeue_lines_follow_the_warning(config_path):
@@ -225,3 +225,15 @@ def test_master_falls_back_to_the_node_name_when_node_details_are_hidden(tmp_pat
     done = subprocess.run(["bash", str(tmp_path / "train.sbatch")], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "--master_addr=c17" in (tmp_path / "args").read_text().splitlines()
+
+
+def test_gpu_jobs_set_the_accelerator_memory_and_the_step_cpus(config_path):
+    """Issue 26 defect 6: the GPU branch set no DS_ACCELERATOR and no --mem, and srun steps did not
+    get the job's --cpus-per-task on Slurm 22.05-23.02."""
+    text = render(SlurmJob(config=config_path, nodes=2, procs_per_node=8, cpus_per_task=96))
+    assert "\nexport DS_ACCELERATOR=cuda\n" in text
+    assert "\n#SBATCH --mem=0\n" in text
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=96 bash -c" in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    assert "\n#SBATCH --mem=200G\n" in render(SlurmJob(config=config_path, nodes=1, procs_per_node=8, mem="200G"))
+    assert "--mem" not in render(SlurmJob(config=config_path, nodes=1, procs_per_node=2, gpus=False))

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
     slurm.add_argument("--cpus-per-task", type=int, default=16)
+    slurm.add_argument("--mem", help="#SBATCH --mem per node (default on GPU nodes: 0, all of each node's memory)")
     slurm.add_argument("--master-port", type=int, default=29500)
     slurm.add_argument("--script", help="where to write the sbatch script (default <output_dir>/slurm/train.sbatch)")
     return parser
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(cfg.output_dir).resolve()
     job = SlurmJob(config=Path(args.config).resolve(), nodes=args.nodes, procs_per_node=per_node,
                    gpus=args.gpus_per_node is not None, overrides=list(args.overrides), resume=args.resume,
-                   job_name=args.job_name, time=args.time, cpus_per_task=args.cpus_per_task,
+                   job_name=args.job_name, time=args.time, cpus_per_task=args.cpus_per_task, mem=args.mem,
                    master_port=args.master_port, log_dir=output_dir / "slurm-logs",
                    manifest=output_dir / "manifest.json", requeue_warning_s=args.requeue_warning,
                    partition=args.partition, account=args.account)

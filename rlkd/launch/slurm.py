@@ -26,6 +26,7 @@ class SlurmJob:
     job_name: str = "rlkd-train"
     time: str = "24:00:00"
     cpus_per_task: int = 16
+    mem: str | None = None        # #SBATCH --mem; GPU jobs default to 0 (all of each node's memory)
     master_port: int = 29500
     log_dir: Path = Path("slurm-logs")
     manifest: Path = Path("manifest.json")   # the run's manifest: says whether a stopped run wants requeueing
@@ -40,8 +41,16 @@ class SlurmJob:
         return list(self.overrides) + (["--resume"] if self.resume else [])
 
     def environment(self) -> dict[str, str]:
-        # CPU nodes: DeepSpeed must not look for an accelerator; torch.distributed then uses gloo.
-        return ({} if self.gpus else {"DS_ACCELERATOR": "cpu"}) | self.env
+        # DeepSpeed's accelerator is set either way, never guessed on the node: cpu on CPU nodes
+        # (torch.distributed then uses gloo), cuda on GPU nodes (NCCL).
+        return {"DS_ACCELERATOR": "cuda" if self.gpus else "cpu"} | self.env
+
+    def memory(self) -> str | None:
+        if self.mem is not None:
+            return self.mem
+        # A GPU job holds its nodes' GPUs: without a request it gets the partition's default memory
+        # per CPU, far too little for ranks that each load a checkpoint into host memory.
+        return "0" if self.gpus else None
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -83,6 +92,10 @@ def render(job: SlurmJob) -> str:
         extra.append(f"#SBATCH --partition={job.partition}")
     if job.account:
         extra.append(f"#SBATCH --account={job.account}")
+    if job.memory() is not None:
+        if job.memory() == "0":
+            extra.append("# --mem=0: all of each node's memory")
+        extra.append(f"#SBATCH --mem={job.memory()}")
     requeue = [f"#SBATCH --signal=B:USR1@{job.requeue_warning_s}", "#SBATCH --requeue"] if job.requeue_warning_s else []
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.environment().items())]
     values = {
