@@ -143,3 +143,22 @@ def test_a_spec_yaml_error_names_the_line_where_the_broken_construct_starts(tmp_
     text = str(info.value)
     assert text.startswith(f"{spec}:3: not valid YAML: ") and "starts at line 3, column 5" in text
     assert len(text.splitlines()) == 1
+
+
+def test_a_run_that_fails_after_the_models_loaded_leaves_no_empty_checkpoint_folder(run_config, tmp_path,
+                                                                                   monkeypatch):
+    """Issue 27, requirement 5: it left an empty checkpoints/ behind."""
+    from rlkd.engine.train import run_training
+
+    steps = []
+
+    def fail_at_the_first_step(session, step):
+        steps.append(step)
+        raise RuntimeError("stopped at the first step")
+
+    monkeypatch.setattr("rlkd.engine.train.train_step", fail_at_the_first_step)
+    out = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="stopped at the first step"):
+        run_training(dict(run_config, output_dir=str(out)))
+    assert steps == [0] and (out / "manifest.json").is_file()  # it failed after the models loaded
+    assert not (out / "checkpoints").exists()
