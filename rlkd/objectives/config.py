@@ -110,15 +110,6 @@ class LossConfig(BaseModel):
     fused_lm_head: bool = Field(False, description="compute logits from final hidden states chunk by chunk "
                                 "(rlkd.objectives.fused): no N x V tensor for either model")
 
-    @field_validator("terms", mode="before")
-    @classmethod
-    def _one_kind_per_term(cls, terms):
-        for index, item in enumerate(terms if isinstance(terms, list) else []):
-            if isinstance(item, dict) and "objective" in item and "ranking" in item:
-                raise ValueError(f"item {index} has both 'objective' and 'ranking': a term is one or the other; "
-                                 "choose one, or write two terms")
-        return terms
-
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
         if self.terms is not None:
@@ -157,6 +148,15 @@ class LossConfig(BaseModel):
             raise ValueError(f"every weight of the loss is 0 ({', '.join(weights)}): the student would not train; "
                              "give at least one term a positive weight")
         return self
+
+    @field_validator("terms", mode="before")
+    @classmethod
+    def _one_kind_per_term(cls, terms):
+        for index, item in enumerate(terms if isinstance(terms, list) else []):
+            if isinstance(item, dict) and "objective" in item and "ranking" in item:
+                raise ValueError(f"item {index} has both 'objective' and 'ranking': a term is one or the other; "
+                                 "choose one, or write two terms")
+        return terms
 
     def objective_terms(self) -> list[ObjectiveTerm]:
         """The weighted objectives of the loss (the shorthand is one term of weight 1)."""
