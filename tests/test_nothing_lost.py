@@ -109,6 +109,36 @@ def test_a_finished_or_failed_grid_leaves_no_lock_files_or_empty_staging(tmp_pat
         c["id"] for c in _fake_cells() if c["seed"] == 2)  # only the failed cells' resumable folders
 
 
+def test_shared_preparation_locks_are_exclusive_and_leave_no_file(tmp_path):
+    """Stages, teacher generations, the teacher cache and the embedded benchmark's preparation lock
+    with file_lock: its file goes on release, and it stays exclusive while files come and go."""
+    import threading
+
+    from rlkd.provenance import file_lock
+
+    lock = tmp_path / "shared" / "stage.lock"
+    inside, most = [0], [0]
+    guard = threading.Lock()
+
+    def work():
+        for _ in range(20):
+            with file_lock(lock):
+                with guard:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.001)
+                with guard:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert most[0] == 1
+    assert not lock.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # W10, W11, W9: command-line values and an unwritable results folder
 

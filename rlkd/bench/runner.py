@@ -17,10 +17,9 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from rlkd.bench.stages import stage_fingerprints
-from rlkd.bench.store import (STAGING, cell_status, invalid_done_record, is_done, kill_point, publish, removable_lock,
-                              write_json_atomic)
+from rlkd.bench.store import STAGING, cell_status, invalid_done_record, is_done, kill_point, publish, write_json_atomic
 from rlkd.plugins import current_hashes
-from rlkd.provenance import git_state, package_versions
+from rlkd.provenance import git_state, package_versions, removable_lock
 
 
 class CellExecutor(Protocol):

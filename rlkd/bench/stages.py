@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from rlkd.bench.spec import HEAL, canonical_run, config_hash, stage_key
-from rlkd.bench.store import kill_point, removable_lock
+from rlkd.bench.store import kill_point
 from rlkd.factory import resolve_model
-from rlkd.provenance import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint
+from rlkd.provenance import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, removable_lock
 
 
 def teacher_cache_dir(cache_dir: Path) -> Path:

@@ -15,14 +15,12 @@ A cell becomes visible only by renaming its complete staging directory into plac
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import signal
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlkd.provenance import atomic_write_json
 from rlkd.provenance import atomic_write_text as write_text_atomic  # noqa: F401  (used by the CLI and tables)
@@ -41,41 +39,6 @@ def kill_point(name: str) -> None:
     assert name in KILL_POINTS, name
     if os.environ.get(KILL_ENV) == name:
         os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
-@contextmanager
-def removable_lock(lock_path: Path, wait: bool = False) -> Iterator[bool]:
-    """An exclusive lock on a cell, whose file is removed when it is released (a finished run leaves
-    no lock files). Whoever locks a file that was removed meanwhile (its inode is no longer at the
-    path) locks again: two runners never both hold a cell."""
-    while True:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            handle = open(lock_path, "a")
-        except FileNotFoundError:  # another runner removed the empty staging folder just now
-            continue
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                current = os.stat(lock_path)
-            except FileNotFoundError:
-                current = None
-            if current is None or current.st_ino != os.fstat(handle.fileno()).st_ino:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                continue  # the holder removed this file as it let go: lock the path's current file
-            try:
-                yield True
-            finally:
-                try:
-                    lock_path.unlink()  # while still holding it: see above
-                except OSError:
-                    pass
-                fcntl.flock(handle, fcntl.LOCK_UN)
-            return
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
