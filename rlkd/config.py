@@ -145,13 +145,31 @@ class ConfigError(ValueError):
     """Invalid run configuration; the message names the offending key."""
 
 
-def _format_validation(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid run config"]
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def validation_lines(error: ValidationError, prefix: str = "") -> list[str]:
+    """One ``  key: message`` line per error, in the config's own terms: ``loss.terms[0].weight``,
+    without pydantic's validator names (``function-after[...]``), union tags or "Value error, "."""
+    lines = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        key = ""
+        for part in item["loc"]:
+            if isinstance(part, int):
+                key += f"[{part}]"
+            elif "[" in part or part.endswith(" term"):  # a validator's or a union member's name
+                continue
+            else:
+                key += ("." if key else "") + part
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        lines.append(f"  {key}: {message}")
-    return "\n".join(lines)
+        for noise in _PYDANTIC_PREFIXES:
+            message = message.removeprefix(noise)
+        lines.append(f"  {prefix}{key or '(top level)'}: {message}")
+    return lines
+
+
+def _format_validation(error: ValidationError, source: str) -> str:
+    return "\n".join([f"{source}: invalid run config"] + validation_lines(error))
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:

@@ -37,12 +37,44 @@ class StudentLoraConfig(BaseModel):
     # (q_proj, v_proj for Llama).
     target_modules: list[str] | Literal["all-linear"] | None = None
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if value is not None and not isinstance(value, str) and not value:
+            raise ValueError("an empty list adapts nothing; name module-name suffixes (e.g. [q_proj, v_proj]), "
+                             "write 'all-linear', or leave the key out for peft's default")
+        return value
+
     @field_validator("r")
     @classmethod
     def _peft_installed(cls, value: int) -> int:
         if importlib.util.find_spec("peft") is None:
             raise ValueError("LoRA students need peft: pip install 'rlkd[lora]'")
         return value
+
+
+def _meta_model(model_path: str):
+    """The model at ``model_path`` built from its config.json on the meta device: no weights are read
+    or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+
+
+def check_target_modules(cfg: StudentLoraConfig, model_path: str) -> None:
+    """Each named target module must match a module of the student (as peft matches: the whole name
+    or its last dotted parts); raises ValueError listing the student's linear layers otherwise.
+    Checked before the models load: peft fails only after both are in memory, and skips a typo
+    silently when another name matched."""
+    if not isinstance(cfg.target_modules, list):
+        return
+    modules = dict(_meta_model(model_path).named_modules())
+    missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in modules)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if n and isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"target_modules {missing} match no module of the student {model_path}; "
+                         f"its linear layers: {', '.join(linear)}")
 
 
 def wrap_student(model, cfg: StudentLoraConfig, gradient_checkpointing: bool = False):

@@ -109,17 +109,48 @@ def git_sha() -> str | None:
 
 
 @contextmanager
+def removable_lock(lock_path: Path, wait: bool = False) -> Iterator[bool]:
+    """An exclusive lock on ``lock_path`` (a bench cell, a stage, a cache being built), yielding
+    whether it was taken (``wait=False``: False at once if another process holds it). Its file is
+    removed on release, so a finished run leaves no lock files; whoever locked a file that was
+    removed meanwhile (its inode is no longer at the path) locks again, so two processes never
+    both hold it."""
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(lock_path, "a")
+        except FileNotFoundError:  # another process removed the (empty) folder just now
+            continue
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                current = os.stat(lock_path)
+            except FileNotFoundError:
+                current = None
+            if current is None or current.st_ino != os.fstat(handle.fileno()).st_ino:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                continue  # the holder removed this file as it let go: lock the path's current file
+            try:
+                yield True
+            finally:
+                try:
+                    lock_path.unlink()  # while still holding it: see above
+                except OSError:
+                    pass
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+
+
+@contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (blocking): one process prepares a shared file or folder,
-    the others wait, then find it made."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    the others wait, then find it made. The lock file is removed on release."""
+    with removable_lock(Path(path), wait=True):
+        yield
 
 
 def git_state() -> dict[str, Any]:

@@ -134,11 +134,11 @@ def test_bench_refuses_bad_values_before_any_work(what, text, fragment, tmp_path
 
 @pytest.mark.parametrize("text, fragment", [
     ("tasks: []\n", "tasks: List should have at least 1 item"),
-    (BASE + "tasks: [{name: t}]\nobjectives: [kl]\nvariants: [sideways]\n", "variants.0.name: Value error, unknown variant 'sideways'"),
-    (BASE + "tasks: [{name: t}]\nseeds: [one]\n", "seeds.0: Input should be a valid integer"),
+    (BASE + "tasks: [{name: t}]\nobjectives: [kl]\nvariants: [sideways]\n", "variants[0].name: unknown variant 'sideways'"),
+    (BASE + "tasks: [{name: t}]\nseeds: [one]\n", "seeds[0]: Input should be a valid integer"),
     (BASE + "tasks: [{name: t}]\ntypo_field: 1\n", "typo_field: unknown key"),
     (BASE + "tasks: [{name: t}]\nobjectives: [kl, {name: kl}]\n", "duplicate row label"),
-    (BASE + "tasks: [{name: 'a b'}]\n", "tasks.0.name"),
+    (BASE + "tasks: [{name: 'a b'}]\n", "tasks[0].name"),
     ("tasks: [{name: t}\n", "grid.yaml:"),
     ("- just a list\n", "must be a mapping"),
     ("tasks: [{name: t}]\nobjectives: [kl]\n", "models: Field required"),

@@ -4,6 +4,8 @@ generations, and Slurm-trained cells collected without retraining."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -301,7 +303,10 @@ def test_a_parallel_run_trains_each_missing_stage_first_in_one_cell_with_every_c
             heal = stage_dir(cell, "student_heal", out / ".shared")
             runs.append((cell["id"], self.threads, finished_stage(cell, "student_heal", out / ".shared") is None))
             (heal / "export").mkdir(parents=True, exist_ok=True)  # what the stage leaves behind
-            (heal / "done.json").write_text("{}")
+            # atomically, as the real stage does: the other cell's thread may be reading it
+            temporary = heal / f"done.json.{threading.get_ident()}"
+            temporary.write_text("{}")
+            os.replace(temporary, heal / "done.json")
             return {"cr@1": 1.0}, {}
 
     monkeypatch.setattr(orchestrate, "LocalExecutor", FakeExecutor)

@@ -110,7 +110,7 @@ def test_cpu_nodes_request_no_gpus_and_run_deepspeed_on_cpu(config_path, capsys,
     assert all("--nproc_per_node=3" in n for n in nodes)
 
     job = SlurmJob(config=config_path, nodes=2, procs_per_node=8)  # GPU nodes keep their GRES request
-    assert "#SBATCH --gpus-per-node=8" in render(job) and "DS_ACCELERATOR" not in render(job)
+    assert "#SBATCH --gpus-per-node=8" in render(job) and "\nexport DS_ACCELERATOR=cuda\n" in render(job)
 
 
 def test_requeue_lines_follow_the_warning(config_path):
@@ -225,3 +225,45 @@ def test_master_falls_back_to_the_node_name_when_node_details_are_hidden(tmp_pat
     done = subprocess.run(["bash", str(tmp_path / "train.sbatch")], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "--master_addr=c17" in (tmp_path / "args").read_text().splitlines()
+
+
+def _fake_sinfo(tmp_path, monkeypatch, rows: str) -> None:
+    bin_dir = tmp_path / "sinfo-bin"
+    bin_dir.mkdir(exist_ok=True)
+    _executable(bin_dir / "sinfo", f"cat <<'ROWS'\n{rows}ROWS\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_NODELIST", raising=False)
+
+
+def test_cpus_per_task_defaults_to_what_the_nodes_have_and_an_impossible_request_is_refused(
+        tmp_path, config_path, capsys, monkeypatch):
+    """Issue 27 S1: on nodes of 1 CPU the fixed default of 16 made a job that pends forever."""
+    _fake_sinfo(tmp_path, monkeypatch, "n1 1 debug*\nn2 1 debug*\nbig1 64 fat\n")
+    argv = ["slurm", "--nodes", "2", "--procs-per-node", "1", "--config", str(config_path), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "#SBATCH --cpus-per-task=1\n" in out.out and "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=1 " in out.out
+    assert "rlkd launch: --cpus-per-task 1: what 2 node(s) of partition debug have (sinfo)" in out.err
+
+    assert main(argv + ["--cpus-per-task", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("rlkd launch: --cpus-per-task 16: no 2 node(s) of partition debug have that many CPUs "
+                   "(sinfo: n1 1, n2 1); the job would pend forever (Reason=PartitionConfig). "
+                   "Use --cpus-per-task 1 or fewer\n")
+    assert main(argv + ["--partition", "fat"]) == 2
+    assert "--nodes 2: partition fat has 1 node(s) (big1 64, from sinfo)" in capsys.readouterr().err
+    assert main(argv + ["--partition", "fat", "--nodes", "1", "--cpus-per-task", "32"]) == 0
+    assert "#SBATCH --cpus-per-task=32\n" in capsys.readouterr().out
+
+
+def test_gpu_jobs_set_the_accelerator_memory_and_the_step_cpus(config_path):
+    """Issue 26 defect 6: the GPU branch set no DS_ACCELERATOR and no --mem, and srun steps did not
+    get the job's --cpus-per-task on Slurm 22.05-23.02."""
+    text = render(SlurmJob(config=config_path, nodes=2, procs_per_node=8, cpus_per_task=96))
+    assert "\nexport DS_ACCELERATOR=cuda\n" in text
+    assert "\n#SBATCH --mem=0\n" in text
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=96 bash -c" in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    assert "\n#SBATCH --mem=200G\n" in render(SlurmJob(config=config_path, nodes=1, procs_per_node=8, mem="200G"))
+    assert "--mem" not in render(SlurmJob(config=config_path, nodes=1, procs_per_node=2, gpus=False))

@@ -10,14 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-from rlkd.bench.executor import run_cell_inprocess, write_result
+from rlkd.bench.executor import run_cell_inprocess
 
 
 def main(argv: list[str]) -> int:
     workdir, cache_dir, shared_dir = (Path(a) for a in argv[:3])
     cell = json.loads((workdir / "config.json").read_text())
-    metrics, per_example = run_cell_inprocess(cell, workdir, cache_dir=cache_dir, shared_dir=shared_dir)
-    write_result(workdir, metrics, per_example)
+    run_cell_inprocess(cell, workdir, cache_dir=cache_dir, shared_dir=shared_dir)
     return 0
 
 

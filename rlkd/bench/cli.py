@@ -25,6 +25,16 @@ def resolve_spec_path(name: str) -> Path:
     raise SpecError(f"{name}: no such spec file (looked in . and {REPO_ROOT / 'benchmarks'})")
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlkd bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", help="run a subset: method labels, task names, id globs/substrings, re:REGEX "
                                        "(comma-separated)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
-    parser.add_argument("--jobs", type=int, default=None, help="cells run at once, each in its own process "
+    parser.add_argument("--jobs", type=_at_least_one, default=None, help="cells run at once, each in its own process "
                                                                "(default: 1; the embedded benchmark: 2)")
     parser.add_argument("--tiny", action="store_true", help="apply the spec's tiny: override (tiny local models, "
                                                             "a few examples)")
@@ -41,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--show-config", action="store_true", help="with --dry-run: print each cell's config")
     parser.add_argument("--slurm", action="store_true", help="with --dry-run: print one `rlkd launch slurm` "
                                                              "command per pending cell")
-    parser.add_argument("--nodes", type=int, default=1, help="--slurm: nodes per cell job")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs per node")
+    parser.add_argument("--nodes", type=_at_least_one, default=1, help="--slurm: nodes per cell job")
+    parser.add_argument("--gpus-per-node", type=_at_least_one, default=8, help="--slurm: GPUs per node")
     parser.add_argument("--no-table", action="store_true", help="do not write tables after the run")
     parser.add_argument("--seeds", help="comma-separated seeds replacing the spec's (finished seeds are reused), "
                                         "e.g. --seeds 1,2,3")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlkd.bench.store import kill_point
 from rlkd.bench.stages import engine_tree, generation_data, stage_models, teacher_cache_dir, train
 from rlkd.factory import resolve_model
 from rlkd.provenance import atomic_write_json, atomic_write_jsonl
@@ -65,34 +66,74 @@ def _train_sequences(cell: dict[str, Any], cache_dir: Path):
 
 def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_dir: Path):
     from rlkd.eval.dispatch import evaluate_model
+    from rlkd.eval.runner import RunMismatchError
 
     cached = teacher_cache_dir(cache_dir) if cell.get("teacher_cache") else None
-    return evaluate_model(cell["eval"], model_path, workdir, teacher_path=teacher, task=cell["task"],
-                          train_sequences=_train_sequences(cell, cache_dir), teacher_cache_dir=cached)
+
+    def run():
+        return evaluate_model(cell["eval"], model_path, workdir, teacher_path=teacher, task=cell["task"],
+                              train_sequences=_train_sequences(cell, cache_dir), teacher_cache_dir=cached)
+    try:
+        return run()
+    except RunMismatchError:
+        # The evaluation folder holds a (partial) evaluation of another export of this cell, e.g. one
+        # trained before a kill: the staging folder is the cell's own, so set it aside and evaluate
+        # the export at hand instead of refusing on every later run.
+        evaluation = workdir / "eval"
+        target = workdir / f"eval.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        os.replace(evaluation, target)
+        print(f"{evaluation}: held an evaluation of another export; moved it to {target.name} and evaluating "
+              "afresh", flush=True)
+        return run()
+
+
+def _read_result(workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]] | None:
+    """The result an earlier run of this cell wrote before it was killed (None if there is none, or
+    it is torn): the staging folder is keyed by the config hash, so it is this config's result."""
+    try:
+        result = json.loads((workdir / METRICS_FILE).read_text(encoding="utf-8"))
+        metrics, per_example = result["metrics"], result["per_example"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (metrics, per_example) if isinstance(metrics, dict) and metrics and isinstance(per_example, dict) else None
 
 
 def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
                        shared_dir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Metrics and per-example scores of one cell (training it first unless it is a reference row)."""
+    """Metrics and per-example scores of one cell (training it first unless it is a reference row),
+    also written to ``workdir/cell_result.json`` before the training's export is deleted: a run
+    killed after that point reuses the result instead of training and evaluating again."""
     cell = resolve_results_refs(cell, cache_dir.parent)
     from rlkd.plugins import load_plugins
 
     load_plugins(cell["run"].get("plugins") or [])
+    earlier = _read_result(workdir)
+    if earlier is not None:
+        return earlier
     if cell["kind"] == "reference":
         teacher, student = stage_models(cell, shared_dir, cache_dir)
         model = {"teacher": teacher, "student": student}.get(cell["reference"]) \
             or resolve_model(cell["candidate"], cache_dir)
-        return _evaluate(cell, model, workdir, teacher, cache_dir)
+        metrics, per_example = _evaluate(cell, model, workdir, teacher, cache_dir)
+        kill_point("cell-evaluated")
+        write_result(workdir, metrics, per_example)
+        return metrics, per_example
     tree = cell_engine_tree(cell, workdir / "train", cache_dir=cache_dir, shared_dir=shared_dir)
     started = time.perf_counter()
     export_dir, log = train(tree)
     train_seconds = time.perf_counter() - started
+    kill_point("cell-trained")
     atomic_write_jsonl(workdir / "train_log.jsonl", log)
     metrics, per_example = _evaluate(cell, str(export_dir), workdir, tree["models"]["teacher"], cache_dir)
+    kill_point("cell-evaluated")
     metrics["train_seconds"] = train_seconds
     metrics["train_step_seconds"] = sum(float(row.get("step_time_s", 0.0)) for row in log)
     if log:
         metrics["final_train_loss"] = float(log[-1]["loss"])
+    # The result first, then the export goes: a kill between the two must not leave a cell whose
+    # evaluation is done but whose export, which a rerun would evaluate again, is gone.
+    write_result(workdir, metrics, per_example)
+    kill_point("cell-result-written")
     if not cell.get("keep_checkpoints", False):
         shutil.rmtree(export_dir, ignore_errors=True)
         shutil.rmtree(workdir / "train" / "checkpoints", ignore_errors=True)
@@ -150,8 +191,7 @@ class LocalExecutor:
     def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
         if not self.subprocess_per_cell:
             return run_cell_inprocess(cell, workdir, cache_dir=self.cache_dir, shared_dir=self.shared_dir)
-        out = workdir / METRICS_FILE
-        out.unlink(missing_ok=True)
+        out = workdir / METRICS_FILE  # kept if a killed run wrote it: the cell process reuses it
         if self.reuse_processes:
             return self._run_in_worker(workdir, out)
         env = self._env()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from rlkd.bench.executor import LocalExecutor, cell_engine_tree
-from rlkd.bench.runner import code_provenance, run_grid
+from rlkd.bench.runner import ResultsNotWritable, code_provenance, run_grid
 from rlkd.bench.stages import finished_stage, finished_stage_models, stage_dir
 from rlkd.bench.store import STAGING, cell_status, is_done, read_json, write_json_atomic, write_text_atomic
 
@@ -61,11 +62,18 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
         # with every core.
         print(f"rlkd bench: {len(leaders)} cell(s) first, one at a time with every core, for the stages "
               "the others wait for")
-        first_done = run_grid(leaders, out_dir, LocalExecutor(out_dir), jobs=1, retry_failed=retry_failed).done
+        try:
+            first_done = run_grid(leaders, out_dir, LocalExecutor(out_dir), jobs=1, retry_failed=retry_failed).done
+        except ResultsNotWritable as exc:
+            print(f"rlkd bench: {exc}", file=sys.stderr)
+            return 1
     executor = executor or LocalExecutor(out_dir, threads=threads if threads else (None if jobs <= 1 else 1),
                                          reuse_processes=reuse_processes)
     try:
         summary = run_grid(cells, out_dir, executor, jobs=jobs, retry_failed=retry_failed)
+    except ResultsNotWritable as exc:
+        print(f"rlkd bench: {exc}", file=sys.stderr)
+        return 1
     finally:
         if hasattr(executor, "close"):
             executor.close()

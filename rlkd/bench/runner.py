@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import platform
+import shutil
 import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from rlkd.bench.stages import stage_fingerprints
-from rlkd.bench.store import STAGING, is_done, publish, write_json_atomic
+from rlkd.bench.store import STAGING, cell_status, invalid_done_record, is_done, kill_point, publish, write_json_atomic
 from rlkd.plugins import current_hashes
-from rlkd.provenance import git_state, package_versions
+from rlkd.provenance import git_state, package_versions, removable_lock
 
 
 class CellExecutor(Protocol):
@@ -51,19 +50,14 @@ def code_provenance() -> dict[str, Any]:
             "machine": {"system": platform.system(), "arch": platform.machine(), "cpus": os.cpu_count()}}
 
 
-@contextmanager
-def _cell_lock(lock_path: Path, wait: bool = False) -> Iterator[bool]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+class ResultsNotWritable(OSError):
+    """The results folder cannot be written: the grid stops (what is done stays done)."""
+
+
+def _not_writable(out_dir: Path, exc: OSError) -> ResultsNotWritable:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return ResultsNotWritable(f"results folder {out_dir} is not writable: {exc.strerror or exc}{where}; "
+                              "the cells already done are kept: make it writable (or free space) and run again")
 
 
 def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static: dict[str, Any],
@@ -72,13 +66,16 @@ def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static
     waited), "failed: <error>" or "busy" (another runner holds it and ``wait`` is False)."""
     staging_dir = out_dir / STAGING / cell["id"]
     final_dir = out_dir / cell["id"]
-    with _cell_lock(out_dir / STAGING / f"{cell['id']}.lock", wait=wait) as locked:
+    with removable_lock(out_dir / STAGING / f"{cell['id']}.lock", wait=wait) as locked:
         if not locked:
             return "busy"
         if is_done(final_dir, cell["config_hash"]):
             return "done elsewhere"
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(staging_dir / "config.json", cell)
+        try:
+            staging_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(staging_dir / "config.json", cell)
+        except OSError as exc:
+            raise _not_writable(out_dir, exc) from None
         started = time.time()
         plugins = (cell.get("run") or {}).get("plugins") or []
         provenance = {**static, "plugins": current_hashes(plugins) if plugins else {},
@@ -92,27 +89,42 @@ def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static
         except Exception as exc:  # a failed cell must not stop the grid
             error = f"{type(exc).__name__}: {exc}" if type(exc).__name__ != "CellProcessError" else str(exc)
             failed_dir = out_dir / STAGING / f"{cell['id']}.failed.{os.getpid()}.{threading.get_ident()}"
-            failed_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(failed_dir / "config.json", cell)
-            write_json_atomic(failed_dir / "status.json", {
-                "status": "failed", "config_hash": cell["config_hash"], "error": error,
-                "traceback": traceback.format_exc(), "duration_s": time.time() - started,
-                "staging": f"{STAGING}/{cell['id']}"})
-            write_json_atomic(failed_dir / "provenance.json", provenance)
-            publish(failed_dir, final_dir)
+            try:
+                failed_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(failed_dir / "config.json", cell)
+                write_json_atomic(failed_dir / "status.json", {
+                    "status": "failed", "config_hash": cell["config_hash"], "error": error,
+                    "traceback": traceback.format_exc(), "duration_s": time.time() - started,
+                    "staging": f"{STAGING}/{cell['id']}"})
+                write_json_atomic(failed_dir / "provenance.json", provenance)
+                publish(failed_dir, final_dir)
+            except OSError as write_error:
+                shutil.rmtree(failed_dir, ignore_errors=True)
+                raise _not_writable(out_dir, write_error) from None
             return f"failed: {error.splitlines()[0] if error else type(exc).__name__}"
-        provenance["finished"] = datetime.now(timezone.utc).isoformat()
-        provenance["duration_s"] = time.time() - started
-        if cell.get("stages"):  # which exports of the cached stages this cell started from
-            provenance["stages"] = stage_fingerprints(cell, out_dir / ".shared")
-        write_json_atomic(staging_dir / "metrics.json", {k: float(v) for k, v in metrics.items()})
-        if per_example:
-            write_json_atomic(staging_dir / "per_example.json", per_example)
-        write_json_atomic(staging_dir / "provenance.json", provenance)
-        write_json_atomic(staging_dir / "status.json", {"status": "done", "config_hash": cell["config_hash"],
-                                                        "duration_s": provenance["duration_s"]})
-        publish(staging_dir, final_dir)
+        kill_point("before-publish")
+        try:
+            _commit(cell, metrics, per_example, provenance, staging_dir, final_dir, out_dir, started)
+        except OSError as exc:
+            raise _not_writable(out_dir, exc) from None
         return "done"
+
+
+def _commit(cell, metrics, per_example, provenance, staging_dir: Path, final_dir: Path, out_dir: Path,
+            started: float) -> None:
+    """Write the cell's record into its staging folder and publish it (status.json last)."""
+    provenance["finished"] = datetime.now(timezone.utc).isoformat()
+    provenance["duration_s"] = time.time() - started
+    if cell.get("stages"):  # which exports of the cached stages this cell started from
+        provenance["stages"] = stage_fingerprints(cell, out_dir / ".shared")
+    write_json_atomic(staging_dir / "metrics.json", {k: float(v) for k, v in metrics.items()})
+    kill_point("mid-publish")
+    if per_example:
+        write_json_atomic(staging_dir / "per_example.json", per_example)
+    write_json_atomic(staging_dir / "provenance.json", provenance)
+    write_json_atomic(staging_dir / "status.json", {"status": "done", "config_hash": cell["config_hash"],
+                                                    "duration_s": provenance["duration_s"]})
+    publish(staging_dir, final_dir)
 
 
 def run_grid(
@@ -131,7 +143,12 @@ def run_grid(
         final_dir = out_dir / cell["id"]
         if is_done(final_dir, cell["config_hash"]):
             summary.skipped.append(cell["id"])
-        elif not retry_failed and (final_dir / "status.json").is_file():
+            continue
+        problem = invalid_done_record(final_dir, cell["config_hash"])
+        if problem is not None:  # a torn or edited record is not a result: the cell runs again
+            print(f"[rlkd bench] cell {cell['id']}: invalid record, running the cell again: {problem}", flush=True)
+            pending.append(cell)
+        elif not retry_failed and (cell_status(final_dir) or {}).get("status") == "failed":
             summary.failed[cell["id"]] = "failed earlier (not retried)"
         else:
             pending.append(cell)
@@ -171,4 +188,8 @@ def run_grid(
             record(cell, run_cell(cell, out_dir, executor, static, wait=True))
     finally:
         bar.close()
+        try:  # an empty staging folder is not left behind by a finished run
+            (out_dir / STAGING).rmdir()
+        except OSError:
+            pass
     return summary

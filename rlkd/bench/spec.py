@@ -264,16 +264,27 @@ def _slug(text: str) -> str:
 
 
 def _error_lines(error: ValidationError, prefix: str = "") -> list[str]:
-    lines = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        lines.append(f"  {prefix}{where}: {message}")
-    return lines
+    from rlkd.config import validation_lines
+
+    return validation_lines(error, prefix)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
+
+def yaml_error_text(path, exc: Exception) -> str:
+    """A YAML error as one line naming where the broken construct starts (an unclosed ``{`` or
+    ``[``), not only where the parser gave up, which is often lines later."""
+    problem, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    if problem is None:
+        return f"{path}: not valid YAML ({exc})"
+    at = f"line {problem.line + 1}, column {problem.column + 1}"
+    if context is not None and getattr(exc, "context", None):
+        start = f"line {context.line + 1}, column {context.column + 1}"
+        return (f"{path}:{context.line + 1}: not valid YAML: {exc.problem} at {at} ({exc.context} that starts "
+                f"at {start})")
+    return f"{path}:{problem.line + 1}: not valid YAML: {exc.problem} at {at}"
 
 
 def load_spec(path: str | Path, *, tiny: bool = False, plugins: list[str] | tuple[str, ...] = ()) -> GridSpec:
@@ -332,9 +343,7 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> Any:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise SpecError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise SpecError(yaml_error_text(path, exc)) from None
     if not isinstance(raw, dict) or "extends" not in raw:
         return raw
     raw = dict(raw)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from rlkd.bench.spec import HEAL, canonical_run, config_hash, stage_key
+from rlkd.bench.store import kill_point
 from rlkd.factory import resolve_model
-from rlkd.provenance import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, file_lock
+from rlkd.provenance import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, removable_lock
 
 
 def teacher_cache_dir(cache_dir: Path) -> Path:
@@ -126,13 +127,14 @@ def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: P
     """Run the cell's ``role`` stage once (``student``: the model it starts from instead of the
     configured one); return its export."""
     out = stage_dir(cell, role, shared_dir)
-    with file_lock(out.with_name(out.name + ".lock")):  # parallel cells and runners wait for one run
+    with removable_lock(out.with_name(out.name + ".lock"), wait=True):  # parallel cells and runners wait for one run
         done = finished_stage(cell, role, shared_dir)
         if done is not None:
             return done
         tree = engine_tree(cell["stages"][role], out, cache_dir=cache_dir, student=student)
         started = time.perf_counter()
         export_dir, log = train(tree)
+        kill_point("stage-trained")
         atomic_write_jsonl(out / "train_log.jsonl", log)
         atomic_write_json(out / "done.json", {"config": canonical_run(tree), "seconds": time.perf_counter() - started,
                                               "export_sha256": checkpoint_fingerprint(export_dir)["sha256"]},
@@ -152,7 +154,7 @@ def stage_fingerprints(cell: dict[str, Any], shared_dir: Path) -> dict[str, str]
         out = stage_dir(cell, role, shared_dir)
         if finished_stage(cell, role, shared_dir) is None:
             continue
-        with file_lock(out.with_name(out.name + ".lock")):
+        with removable_lock(out.with_name(out.name + ".lock"), wait=True):
             done = json.loads((out / "done.json").read_text())
             if not done.get("export_sha256"):
                 done["export_sha256"] = checkpoint_fingerprint(out / "export")["sha256"]

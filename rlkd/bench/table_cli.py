@@ -20,11 +20,16 @@ def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir}: no such results directory")
     spec_file = results_dir / "spec.json"
-    spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+    try:
+        spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+    except ValueError as exc:  # torn: the cells carry their own records, render them all
+        print(f"rlkd table: {spec_file}: not valid JSON ({exc}); rendering every cell folder", file=sys.stderr)
+        spec = {}
     if layout_name is None:
         layout_name = spec.get("layout")
     layout = get_layout(layout_name)
-    cells = load_cells(results_dir)
+    unreadable: list[tuple[str, str]] = []
+    cells = load_cells(results_dir, unreadable)
     if spec.get("cells"):
         # A revised spec writing into the same folder leaves the superseded spec's cells there (their
         # config hashes differ): the tables show the cells of the spec that ran last, and say so.
@@ -34,10 +39,15 @@ def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path
             print(f"rlkd table: {len(other)} cell folder(s) in {results_dir} belong to no cell of its latest "
                   f"spec ({spec.get('source')}); left out of the tables", file=sys.stderr)
             cells = [c for c in cells if c["dir"].name in keep]
+        unreadable = [(cell_id, problem) for cell_id, problem in unreadable if cell_id in keep]
+    for cell_id, problem in unreadable:
+        # One bad record must not cost the whole table: name it, render the rest.
+        print(f"rlkd table: cell {cell_id}: cannot read its record, left out of the tables: {problem}",
+              file=sys.stderr)
     if not cells:
         raise FileNotFoundError(f"{results_dir}: no finished or failed cells (nothing has run yet?)")
     out_dir = out_dir or results_dir
-    paths = write_tables(results_dir, layout, cells, out_dir)
+    paths = write_tables(results_dir, layout, cells, out_dir, unreadable)
     grid = collect(cells, layout)
     effect = forest_plot(verdict(layout, grid, row_order(layout, grid)), out_dir / "effect.png",
                          title=f"{layout.title}: effect of the ranking loss, Δ(+R) = with R − without R")

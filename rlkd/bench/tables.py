@@ -419,11 +419,14 @@ def render_latex(tables: list[RenderedTable], result: Verdict | None = None) -> 
     return "\n".join(out)
 
 
-def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]], out_dir: Path | None = None) -> dict[str, Path]:
+def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]], out_dir: Path | None = None,
+                 unreadable: list[tuple[str, str]] = ()) -> dict[str, Path]:
+    """``unreadable``: (cell id, problem) of records that could not be read; listed with the failed cells."""
     from rlkd.bench.store import write_text_atomic
 
     out_dir = out_dir or results_dir
     grid = collect(cells, layout)
+    grid.failed.extend((cell_id, f"record unreadable: {problem}") for cell_id, problem in unreadable)
     grid.notes.extend(code_version_notes(cells))
     grid.notes.extend(stage_version_notes(cells))
     tables = build_tables(layout, grid)

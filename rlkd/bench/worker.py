@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from rlkd.bench.executor import last_error_line, run_cell_inprocess, write_result
+from rlkd.bench.executor import last_error_line, run_cell_inprocess
 
 
 def _serve(cache_dir: Path, shared_dir: Path) -> int:
@@ -35,8 +35,7 @@ def _serve(cache_dir: Path, shared_dir: Path) -> int:
             os.dup2(log.fileno(), 2)
             try:
                 cell = json.loads((workdir / "config.json").read_text())
-                metrics, per_example = run_cell_inprocess(cell, workdir, cache_dir=cache_dir, shared_dir=shared_dir)
-                write_result(workdir, metrics, per_example)
+                run_cell_inprocess(cell, workdir, cache_dir=cache_dir, shared_dir=shared_dir)
                 answer = {"ok": True}
             except Exception:  # noqa: BLE001 - reported to the runner, the worker serves the next cell
                 text = traceback.format_exc()

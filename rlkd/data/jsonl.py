@@ -16,8 +16,15 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    # Bytes, decoded line by line: a stray non-UTF-8 byte is reported with its line, not as an
+    # offset into whatever block the text decoder happened to be reading.
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{len(raw[:exc.start].decode('utf-8', errors='replace')) + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -98,6 +98,13 @@ def check(cfg: RunConfig) -> None:
     check_output_dir(cfg.output_dir)
     teacher_vocab = vocab_size("models.teacher", models.teacher)
     student_vocab = vocab_size("models.student", models.student)
+    if models.student_lora is not None:
+        from rlkd.lora import check_target_modules
+
+        try:
+            check_target_modules(models.student_lora, models.student)
+        except ValueError as exc:
+            raise PreflightError(f"models.student_lora.{exc}") from None
     ranking = cfg.loss.ranking
     shared = min(teacher_vocab, student_vocab)
     if ranking.enabled and ranking.k > shared:

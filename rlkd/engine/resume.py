@@ -213,13 +213,13 @@ class StartPlan:
         return fields
 
     def prepare(self, rank: int) -> None:
-        """Rank 0: make the checkpoint folder, move incomplete checkpoints aside, trim or restart the
-        metrics log, and print where the run starts. Other ranks do nothing."""
+        """Rank 0: move incomplete checkpoints aside, trim or restart the metrics log, and print where
+        the run starts. Other ranks do nothing. The checkpoint folder is made by the first save
+        (rlkd.engine.checkpoint.save), so a run that fails before one leaves no empty folder."""
         if rank != 0:
             return
         if self.move_aside is not None:
             os.replace(self.checkpoint_dir, self.move_aside)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.output_dir / "metrics.jsonl"
         if self.metrics_rows is None:
             metrics.unlink(missing_ok=True)

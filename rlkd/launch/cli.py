@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from rlkd.config import ConfigError, load_config
-from rlkd.launch.slurm import (SlurmJob, hosts_from_environment, node_address, node_commands, render,
-                               time_limit_seconds)
+from rlkd.launch.slurm import (PartitionError, SlurmJob, cpus_per_task, hosts_from_environment, node_address,
+                               node_commands, partition_node_cpus, render, time_limit_seconds)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                             "requeues itself, and the requeued job resumes (0: no signal, no requeue)")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
-    slurm.add_argument("--cpus-per-task", type=int, default=16)
+    slurm.add_argument("--cpus-per-task", type=int, default=None,
+                       help="CPUs of each node's task (default: what the partition's nodes have, from sinfo; "
+                            "refused if no --nodes nodes have that many)")
+    slurm.add_argument("--mem", help="#SBATCH --mem per node (default on GPU nodes: 0, all of each node's memory)")
     slurm.add_argument("--master-port", type=int, default=29500)
     slurm.add_argument("--script", help="where to write the sbatch script (default <output_dir>/slurm/train.sbatch)")
     return parser
@@ -61,10 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rlkd launch: {exc}", file=sys.stderr)
         return 2
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        print("rlkd launch: --cpus-per-task must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cpus, origin = cpus_per_task(args.cpus_per_task, args.nodes, partition_node_cpus(args.partition))
+    except PartitionError as exc:
+        print(f"rlkd launch: {exc}", file=sys.stderr)
+        return 2
+    if origin:
+        print(f"rlkd launch: {origin}", file=sys.stderr)
     output_dir = Path(cfg.output_dir).resolve()
     job = SlurmJob(config=Path(args.config).resolve(), nodes=args.nodes, procs_per_node=per_node,
                    gpus=args.gpus_per_node is not None, overrides=list(args.overrides), resume=args.resume,
-                   job_name=args.job_name, time=args.time, cpus_per_task=args.cpus_per_task,
+                   job_name=args.job_name, time=args.time, cpus_per_task=cpus, mem=args.mem,
                    master_port=args.master_port, log_dir=output_dir / "slurm-logs",
                    manifest=output_dir / "manifest.json", requeue_warning_s=args.requeue_warning,
                    partition=args.partition, account=args.account)

@@ -25,7 +25,8 @@ class SlurmJob:
     resume: bool = False
     job_name: str = "rlkd-train"
     time: str = "24:00:00"
-    cpus_per_task: int = 16
+    cpus_per_task: int = 16       # rlkd launch slurm: what the partition's nodes have (sinfo), else 16
+    mem: str | None = None        # #SBATCH --mem; GPU jobs default to 0 (all of each node's memory)
     master_port: int = 29500
     log_dir: Path = Path("slurm-logs")
     manifest: Path = Path("manifest.json")   # the run's manifest: says whether a stopped run wants requeueing
@@ -40,8 +41,16 @@ class SlurmJob:
         return list(self.overrides) + (["--resume"] if self.resume else [])
 
     def environment(self) -> dict[str, str]:
-        # CPU nodes: DeepSpeed must not look for an accelerator; torch.distributed then uses gloo.
-        return ({} if self.gpus else {"DS_ACCELERATOR": "cpu"}) | self.env
+        # DeepSpeed's accelerator is set either way, never guessed on the node: cpu on CPU nodes
+        # (torch.distributed then uses gloo), cuda on GPU nodes (NCCL).
+        return {"DS_ACCELERATOR": "cuda" if self.gpus else "cpu"} | self.env
+
+    def memory(self) -> str | None:
+        if self.mem is not None:
+            return self.mem
+        # A GPU job holds its nodes' GPUs: without a request it gets the partition's default memory
+        # per CPU, far too little for ranks that each load a checkpoint into host memory.
+        return "0" if self.gpus else None
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -83,6 +92,10 @@ def render(job: SlurmJob) -> str:
         extra.append(f"#SBATCH --partition={job.partition}")
     if job.account:
         extra.append(f"#SBATCH --account={job.account}")
+    if job.memory() is not None:
+        if job.memory() == "0":
+            extra.append("# --mem=0: all of each node's memory")
+        extra.append(f"#SBATCH --mem={job.memory()}")
     requeue = [f"#SBATCH --signal=B:USR1@{job.requeue_warning_s}", "#SBATCH --requeue"] if job.requeue_warning_s else []
     env_lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.environment().items())]
     values = {
@@ -124,6 +137,62 @@ def node_commands(job: SlurmJob, hosts: list[str], master: str | None = None) ->
         ranks = range(node_rank * job.procs_per_node, (node_rank + 1) * job.procs_per_node)
         out.append((host, ranks, shlex.join(command)))
     return out
+
+
+class PartitionError(ValueError):
+    """The job asks for more than the partition's nodes have: it would pend forever."""
+
+
+def partition_node_cpus(partition: str | None) -> tuple[str, dict[str, int]] | None:
+    """``(partition, {node: CPUs})`` of the named partition (the default one when None), from
+    ``sinfo``; None where sinfo is missing or fails (not on a cluster) or no default is marked."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        done = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %c %P"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    nodes: dict[str, int] = {}
+    chosen = partition
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or not fields[1].isdigit():
+            continue
+        name, cpus, part = fields
+        if partition is None and part.endswith("*"):
+            chosen = part.rstrip("*")
+        if part.rstrip("*") == chosen:
+            nodes[name] = int(cpus)
+    if chosen is None:
+        return None
+    return chosen, nodes
+
+
+def cpus_per_task(requested: int | None, nodes: int, found: tuple[str, dict[str, int]] | None) -> tuple[int, str | None]:
+    """The ``--cpus-per-task`` of a job of ``nodes`` nodes (one task each) and a line saying where
+    it came from; raises PartitionError where no ``nodes`` nodes of the partition could run it."""
+    if found is None:
+        if requested is not None:
+            return requested, None
+        return 16, "--cpus-per-task 16: sinfo could not say what the nodes have (not on the cluster?); pass --cpus-per-task"
+    partition, node_cpus = found
+    counts = sorted(node_cpus.values(), reverse=True)
+    listed = ", ".join(f"{name} {cpus}" for name, cpus in sorted(node_cpus.items())[:8]) + (
+        f" and {len(node_cpus) - 8} more" if len(node_cpus) > 8 else "")
+    if len(counts) < nodes:
+        raise PartitionError(f"--nodes {nodes}: partition {partition} has {len(counts)} node(s) ({listed or 'none'}, "
+                             "from sinfo); the job would never start")
+    fits = counts[nodes - 1]  # the most CPUs that `nodes` nodes all have
+    if requested is None:
+        return fits, f"--cpus-per-task {fits}: what {nodes} node(s) of partition {partition} have (sinfo)"
+    if requested > fits:
+        raise PartitionError(f"--cpus-per-task {requested}: no {nodes} node(s) of partition {partition} have that many "
+                             f"CPUs (sinfo: {listed}); the job would pend forever (Reason=PartitionConfig). "
+                             f"Use --cpus-per-task {fits} or fewer")
+    return requested, None
 
 
 def node_address(node: str) -> str | None:

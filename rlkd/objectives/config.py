@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
-from rlkd.objectives.registry import get_objective
+from rlkd.objectives.registry import check_objective, get_objective, is_builtin
 
 
 class RankingConfig(BaseModel):
@@ -62,7 +63,10 @@ def _resolved_params(objective: str, params: dict[str, float]) -> dict[str, floa
         spec = get_objective(objective)
     except KeyError as err:
         raise ValueError(str(err.args[0])) from None
-    return spec.resolve_params(params)
+    resolved = spec.resolve_params(params)
+    if params and not is_builtin(spec):  # the defaults were checked at registration; these may not be
+        check_objective(spec, resolved)
+    return resolved
 
 
 class RankingTerm(BaseModel):
@@ -72,6 +76,15 @@ class RankingTerm(BaseModel):
 
     ranking: dict = Field(default_factory=dict)
     weight: float = Field(2.0, ge=0.0)
+
+
+def _term_kind(item) -> str | None:
+    """Which kind of term an item of ``loss.terms`` is, so that a bad item is reported against that
+    kind alone (not against every member of the union)."""
+    keys = set(item) if isinstance(item, dict) else {name for name in ("objective", "ranking") if hasattr(item, name)}
+    if "ranking" in keys and "objective" not in keys:
+        return "ranking term"
+    return "objective term"
 
 
 class LossConfig(BaseModel):
@@ -89,7 +102,8 @@ class LossConfig(BaseModel):
 
     objective: str | None = "kl"
     params: dict[str, float] = Field(default_factory=dict)
-    terms: list[ObjectiveTerm | RankingTerm] | None = None
+    terms: list[Annotated[Union[Annotated[ObjectiveTerm, Tag("objective term")], Annotated[RankingTerm, Tag("ranking term")]],
+                          Discriminator(_term_kind)]] | None = None
     temperature: float = Field(1.0, gt=0.0)
     chunk_size: int | None = Field(None, ge=1, description="positions per chunk; None = as many as fit 2^22 logits (16 MiB in fp32)")
     ranking: RankingConfig = Field(default_factory=lambda: RankingConfig(enabled=False))
@@ -109,14 +123,40 @@ class LossConfig(BaseModel):
                 raise ValueError("loss.terms: at most one ranking term")
             if ranking_items:
                 item = ranking_items[0]
-                self.ranking = RankingConfig(**{**item.ranking, "enabled": True, "rank_weight": item.weight})
+                try:
+                    self.ranking = RankingConfig(**{**item.ranking, "enabled": True, "rank_weight": item.weight})
+                except ValidationError as exc:  # said against the term, not as pydantic's nested report
+                    raise ValueError("ranking term: " + "; ".join(
+                        f"ranking.{'.'.join(map(str, e['loc']))}: "
+                        + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, "))
+                        for e in exc.errors())) from None
             self.terms = [t for t in self.terms if isinstance(t, ObjectiveTerm)]
         rank_only = self.ranking.enabled and self.ranking.mode == "rank_only"
         if not self.objective_terms() and not rank_only:
             raise ValueError("loss needs an objective (loss.objective or loss.terms) unless ranking.mode='rank_only'")
         if self.objective is not None:
             self.params = _resolved_params(self.objective, self.params)
+        # Weights are >= 0 each; all of them 0 trains nothing and exports the untouched student.
+        ranking = self.ranking.rank_weight if self.ranking.enabled else 0.0
+        base = self.ranking.base_weight * sum(t.weight for t in self.objective_terms()) if self.uses_base else 0.0
+        if ranking <= 0 and base <= 0:
+            weights = [f"{t.objective}: {t.weight:g}" for t in self.objective_terms()]
+            if self.ranking.enabled:
+                weights.append(f"ranking: {self.ranking.rank_weight:g}")
+            if self.uses_base and self.ranking.base_weight != 1.0:
+                weights.append(f"ranking.base_weight: {self.ranking.base_weight:g}")
+            raise ValueError(f"every weight of the loss is 0 ({', '.join(weights)}): the student would not train; "
+                             "give at least one term a positive weight")
         return self
+
+    @field_validator("terms", mode="before")
+    @classmethod
+    def _one_kind_per_term(cls, terms):
+        for index, item in enumerate(terms if isinstance(terms, list) else []):
+            if isinstance(item, dict) and "objective" in item and "ranking" in item:
+                raise ValueError(f"item {index} has both 'objective' and 'ranking': a term is one or the other; "
+                                 "choose one, or write two terms")
+        return terms
 
     def objective_terms(self) -> list[ObjectiveTerm]:
         """The weighted objectives of the loss (the shorthand is one term of weight 1)."""

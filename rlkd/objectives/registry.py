@@ -86,10 +86,67 @@ def register_objective(
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
         spec = ObjectiveSpec(name, fn, defaults, dict(bounds or {}), needs_teacher, needs_labels, counts, summary)
         spec.resolve_params({})  # the defaults themselves must satisfy the bounds
+        if not is_builtin(spec):
+            check_objective(spec)
         _REGISTRY[name] = spec
         return fn
 
     return decorate
+
+
+def is_builtin(spec: ObjectiveSpec) -> bool:
+    """rlkd's own objectives, whose values and gradients tests/test_loss.py checks; only plug-ins are
+    probed (a probe at import would also warm up autograd before the memory probes' baselines)."""
+    return spec.fn.__module__.startswith("rlkd.objectives.")
+
+
+class ObjectiveCheckError(ValueError):
+    """An objective does not return one finite, differentiable loss per position."""
+
+
+PROBE_ROWS, PROBE_VOCAB = 4, 7
+
+
+def _origin(fn: ObjectiveFn) -> str:
+    try:
+        return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
+    except (OSError, TypeError):
+        return fn.__module__
+
+
+def check_objective(spec: ObjectiveSpec, params: Mapping[str, float] | None = None) -> None:
+    """Call the objective on a tiny random input (4 positions x 7 logits): it must return a tensor of
+    shape [4], finite, with a finite gradient reaching the student logits. A plug-in that returns a
+    scalar would be broadcast to every position (the loss multiplied by their number), one that
+    returns [N, V] would fail deep in training, and a NaN would stop it at step 1: all are refused
+    here, at a plug-in's registration (defaults) and at config time (the configured parameters)."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(PROBE_ROWS, PROBE_VOCAB, generator=generator).requires_grad_(True)
+    teacher = torch.randn(PROBE_ROWS, PROBE_VOCAB, generator=generator) if spec.needs_teacher else None
+    labels = torch.randint(0, PROBE_VOCAB, (PROBE_ROWS,), generator=generator)
+    resolved = dict(spec.defaults) | dict(params or {})
+    shown = f" with {resolved}" if params else ""
+    where = f"objective {spec.name!r} ({_origin(spec.fn)}){shown}"
+    with torch.enable_grad():
+        try:
+            value = spec.fn(student, teacher, labels, **resolved)
+        except Exception as exc:  # noqa: BLE001 - any failure on a valid input is the objective's
+            raise ObjectiveCheckError(f"{where}: fails on a random input of {PROBE_ROWS} positions x {PROBE_VOCAB} "
+                                      f"logits: {type(exc).__name__}: {exc}") from None
+        if not isinstance(value, torch.Tensor):
+            raise ObjectiveCheckError(f"{where}: returns {type(value).__name__}, not a tensor of one loss per position")
+        if tuple(value.shape) != (PROBE_ROWS,):
+            raise ObjectiveCheckError(f"{where}: returns shape {list(value.shape)} for logits of shape "
+                                      f"[{PROBE_ROWS}, {PROBE_VOCAB}]; an objective returns one loss per position, "
+                                      f"shape [N] ([{PROBE_ROWS}] here)")
+        if not torch.isfinite(value).all():
+            raise ObjectiveCheckError(f"{where}: returns {value.detach().tolist()} (not finite) on finite logits")
+        if not value.requires_grad:
+            raise ObjectiveCheckError(f"{where}: its value carries no gradient to the student logits")
+        (grad,) = torch.autograd.grad(value.sum(), student, allow_unused=True)
+    if grad is None or not torch.isfinite(grad).all():
+        raise ObjectiveCheckError(f"{where}: its gradient with respect to the student logits is "
+                                  f"{'missing' if grad is None else 'not finite'}")
 
 
 def get_objective(name: str) -> ObjectiveSpec:

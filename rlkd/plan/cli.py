@@ -34,7 +34,16 @@ def _dig(tree: dict, *keys: str):
 
 
 def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
-    """``([(student, teacher or None, label)], settings)`` from a run config or a benchmark spec."""
+    """``([(student, teacher or None, label)], settings)`` from a run config or a benchmark spec
+    (a file, or a preset name under benchmarks/ as `rlkd bench` takes it: ``paper/table2``)."""
+    if not path.is_file():
+        from rlkd.bench.cli import resolve_spec_path
+        from rlkd.bench.spec import SpecError
+
+        try:
+            path = resolve_spec_path(str(path))
+        except SpecError as exc:
+            raise PlanInputError(str(exc)) from None
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
