@@ -4,6 +4,7 @@ GPU, and a ZeRO-3 bf16 training run over NCCL. Skipped where there is no CUDA de
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ import torch
 from rlkd.objectives import DistillLoss, list_objectives
 from test_fused import RANKINGS, _assert_same, _both_paths, _inputs
 
+# rlkd's own device decision (rlkd.device), not torch alone: with DS_ACCELERATOR=cpu exported
+# (tests/conftest.py's default) rlkd and DeepSpeed run on the CPU even where a GPU is present.
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+              pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") != "cuda",
+                                 reason="needs a CUDA device and DS_ACCELERATOR=cuda (scripts/gpu_check.sh sets it)")]
 
 
 def _cuda(tensors):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlkd.bench.stages import engine_tree, generation_data, stage_models, teacher_cache_dir, train
+from rlkd.device import device_type
 from rlkd.factory import resolve_model
 from rlkd.provenance import atomic_write_json, atomic_write_jsonl
 
@@ -142,7 +143,7 @@ class LocalExecutor:
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-        env.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
+        env["DS_ACCELERATOR"] = device_type()  # rlkd's one decision, inherited by every cell
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env
@@ -218,12 +219,3 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - torch missing means CPU
-        return False

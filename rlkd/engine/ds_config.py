@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from rlkd.device import on_gpu
 from rlkd.paths import REPO_ROOT
 
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
@@ -32,7 +33,7 @@ def _set_precision(config: dict[str, Any], dtype: torch.dtype) -> None:
 
 
 def student_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
-    default = "zero3_bf16.json" if torch.cuda.is_available() else "zero3_fp32_cpu.json"
+    default = "zero3_bf16.json" if on_gpu() else "zero3_fp32_cpu.json"
     config = copy.deepcopy(read_ds_json(cfg.deepspeed.student_config or default))
     train = cfg.train
     config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
@@ -42,7 +43,7 @@ def student_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any
     _set_precision(config, dtype)
     zero = config.setdefault("zero_optimization", {})
     if cfg.deepspeed.student_offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
     if train.optimizer == "deepspeed_adamw":
         config["optimizer"] = {"type": "AdamW", "params": {
             "lr": train.lr, "betas": list(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}}
@@ -65,5 +66,5 @@ def teacher_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any
     if zero.get("stage") != 3:
         raise ValueError("the teacher config must use ZeRO stage 3 (zero_optimization.stage = 3)")
     if cfg.deepspeed.teacher_offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
     return config
