@@ -54,3 +54,48 @@ def test_ds_accelerator_cuda_without_a_gpu_is_refused(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     with pytest.raises(DeviceMismatchError, match="DS_ACCELERATOR=cuda"):
         device_type()
+
+
+# ---- defects 3 and 4: optimizer offload with the default optimizer; no FusedAdam JIT build --------------
+def test_optimizer_offload_with_the_default_optimizer_trains_like_no_offload(run_config, tmp_path):
+    """`deepspeed.student_offload_optimizer: true` with the default `train.optimizer: torch_adamw` used to
+    stop in deepspeed.initialize (ZeRORuntimeException: ZeRO-Offload with a client provided optimizer).
+    It now finishes, and on CPU in fp32 the host-stepped AdamW gives the weights of the run without offload."""
+    from safetensors.torch import load_file
+
+    from rlkd.engine.train import run_training
+
+    runs = {}
+    for offload in (False, True):
+        cfg = dict(run_config, output_dir=str(tmp_path / f"offload_{offload}"),
+                   deepspeed={"student_offload_optimizer": offload})
+        runs[offload] = run_training(cfg)
+        assert runs[offload].steps == run_config["train"]["max_steps"]
+    a, b = (load_file(str(runs[o].export_dir / "model.safetensors")) for o in (False, True))
+    start = load_file(str(run_config["models"]["student"]) + "/model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+def test_deepspeed_adamw_without_offload_asks_deepspeed_for_torch_adamw_not_a_fusedadam_build(run_config):
+    from rlkd.config import load_config
+    from rlkd.engine.ds_config import prebuilt_op, student_ds_config
+
+    cfg = load_config(base={**run_config, "train": {**run_config["train"], "optimizer": "deepspeed_adamw"}})
+    params = student_ds_config(cfg, torch.float32, 1)["optimizer"]["params"]
+    assert params.get("torch_adam", False) is (not prebuilt_op("fused_adam"))
+
+
+def test_deepspeed_adamw_with_offload_without_a_compiler_fails_before_models_load(run_config, monkeypatch):
+    import shutil
+
+    from rlkd.config import load_config
+    from rlkd.engine import preflight
+
+    cfg = load_config(base={**run_config, "train": {**run_config["train"], "optimizer": "deepspeed_adamw"},
+                            "deepspeed": {"student_offload_optimizer": True}})
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    with pytest.raises(preflight.PreflightError, match="train.optimizer=deepspeed_adamw"):
+        preflight.check(cfg)
+

@@ -170,6 +170,10 @@ def build_session(cfg: RunConfig) -> Session:
     if cfg.train.optimizer == "torch_adamw":
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
+        if cfg.deepspeed.student_offload_optimizer and rank == 0:
+            print("rlkd: deepspeed.student_offload_optimizer with train.optimizer=torch_adamw: torch's AdamW steps "
+                  "the offloaded fp32 partitions on the host (train.optimizer=deepspeed_adamw uses DeepSpeed's "
+                  "CPUAdam, faster, but JIT-built with g++ and ninja at first use)", flush=True)
     student_engine, *_ = deepspeed.initialize(model=student_model, optimizer=optimizer,
                                               model_parameters=trainable,
                                               lr_scheduler=_scheduler_factory(cfg), config=s_config)
