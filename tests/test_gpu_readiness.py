@@ -99,3 +99,37 @@ def test_deepspeed_adamw_with_offload_without_a_compiler_fails_before_models_loa
     with pytest.raises(preflight.PreflightError, match="train.optimizer=deepspeed_adamw"):
         preflight.check(cfg)
 
+
+# ---- defect 5: torchsort's support for the tensors' device is probed before `auto` picks it ------------
+def _clear_softrank_caches(module):
+    for value in vars(module).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
+
+
+def test_auto_backend_skips_a_torchsort_that_cannot_rank_the_tensors_device(monkeypatch):
+    """A torchsort built without nvcc imports fine and raises on CUDA tensors. Stand-in: a torchsort
+    that raises on every call. `auto` must probe it and use the built-in ranks, which it equals."""
+    import sys
+    import types
+
+    from rlkd.objectives import softrank
+
+    broken = types.ModuleType("torchsort")
+
+    def soft_rank(*_args, **_kwargs):
+        raise RuntimeError("torchsort was not compiled with CUDA support")
+
+    broken.soft_rank = soft_rank
+    monkeypatch.setitem(sys.modules, "torchsort", broken)
+    _clear_softrank_caches(softrank)
+    try:
+        values = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+        valid = torch.rand(5, 7, generator=torch.Generator().manual_seed(1)) > 0.3
+        expected = softrank.soft_rank(values, valid, backend="torch")
+        torch.testing.assert_close(softrank.soft_rank(values, valid, backend="auto"), expected)
+        with pytest.raises(RuntimeError, match="ranking.backend=torchsort"):
+            softrank.soft_rank(values, valid, backend="torchsort")
+    finally:
+        monkeypatch.undo()
+        _clear_softrank_caches(softrank)
