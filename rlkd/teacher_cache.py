@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlkd.device import collective_device
 from rlkd.provenance import atomic_write_json, checkpoint_fingerprint, file_lock, utc_now
 
 # Returns the teacher, called as ``teacher(input_ids=, attention_mask=, use_cache=False).logits``;
@@ -122,11 +123,11 @@ def _dist():
     return None, 0, 1
 
 
-def _agree(dist, flag: bool, device: torch.device) -> bool:
-    """Rank 0's answer on every rank."""
+def _agree(dist, flag: bool) -> bool:
+    """Rank 0's answer on every rank (the flag travels on the group's device, whatever the model's)."""
     if dist is None:
         return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.long, device=device)
+    value = torch.tensor([1 if flag else 0], dtype=torch.long, device=collective_device())
     dist.broadcast(value, src=0)
     return bool(value.item())
 
@@ -148,7 +149,7 @@ def open_or_build(root: str | Path, teacher: str | Path, sequences: Sequence[Seq
     teacher_id = teacher_id or teacher_identity(teacher)
     directory = Path(root) / entry_key(teacher_id, seqs, vocab_size)
     with _locked(Path(root) / f".{directory.name}.lock", enabled=rank == 0):
-        ready = _agree(dist, (directory / "meta.json").is_file(), device)
+        ready = _agree(dist, (directory / "meta.json").is_file())
         if not ready:
             if load_teacher is None:
                 raise FileNotFoundError(f"teacher logit cache {directory} does not exist and no teacher was given")

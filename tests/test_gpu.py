@@ -63,3 +63,21 @@ def test_zero3_bf16_training_over_nccl_fused_matches_logits(run_config, tmp_path
     moved = sum(float((a[key].float() - start[key].float()).abs().sum()) for key in a)
     gap = sum(float((a[key].float() - b[key].float()).abs().sum()) for key in a)
     assert moved > 0 and gap <= 0.1 * moved, (gap, moved)
+
+
+def test_alignment_of_cpu_models_under_a_live_nccl_group(tiny_models):
+    """Issue 26 defect 1: alignment evaluation's collectives under an NCCL group (as after a cell's GPU
+    training) with models and their logits on the CPU."""
+    import torch.distributed as dist
+
+    from rlkd.engine.distributed import ensure_distributed
+    from rlkd.eval.alignment import compare_models
+    from rlkd.eval.generate import load_checkpoint
+
+    ensure_distributed()
+    assert dist.get_backend() == "nccl"
+    student = load_checkpoint(str(tiny_models["student"]), device="cpu")[0]
+    teacher = load_checkpoint(str(tiny_models["teacher"]), device="cpu")[0]
+    slices = [[1 + (7 * i + j) % 90 for j in range(16)] for i in range(5)]
+    result = compare_models(student, teacher, slices, batch_size=2, device="cpu")
+    assert result.n_slices == 5 and 0.0 <= result.metrics["cr@1"] <= 100.0

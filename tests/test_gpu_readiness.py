@@ -133,3 +133,47 @@ def test_auto_backend_skips_a_torchsort_that_cannot_rank_the_tensors_device(monk
     finally:
         monkeypatch.undo()
         _clear_softrank_caches(softrank)
+
+
+# ---- defect 1: a cell's evaluation does not inherit its training's process group; collectives on its device --
+def test_a_cells_evaluation_runs_without_the_one_process_group_its_training_started(tmp_path, monkeypatch):
+    """On a GPU the group a cell's training starts is NCCL; alignment evaluation then ran collectives
+    on CPU tensors through it and failed. The executor must end that group before evaluating."""
+    import torch.distributed as dist
+
+    from rlkd.bench import executor
+    from rlkd.engine.distributed import ensure_distributed
+
+    seen = {}
+
+    def fake_train(tree):
+        ensure_distributed()  # what run_training does: a one-process group (gloo here, NCCL on a GPU)
+        assert dist.is_initialized()
+        (tmp_path / "export").mkdir(exist_ok=True)
+        return tmp_path / "export", [{"loss": 1.0, "step_time_s": 0.1}]
+
+    def fake_evaluate(cell, model_path, workdir, teacher, cache_dir):
+        seen["group_alive"] = dist.is_initialized()
+        return {"cr@1": 50.0}, {}
+
+    monkeypatch.setattr(executor, "cell_engine_tree", lambda cell, workdir, **_: {"models": {"teacher": "t"}})
+    monkeypatch.setattr(executor, "train", fake_train)
+    monkeypatch.setattr(executor, "_evaluate", fake_evaluate)
+    cell = {"kind": "distill", "run": {}, "eval": {"kind": "alignment"}, "task": "synthetic", "keep_checkpoints": True}
+    metrics, _ = executor.run_cell_inprocess(cell, tmp_path / "cell", cache_dir=tmp_path / ".cache",
+                                             shared_dir=tmp_path / ".shared")
+    assert metrics["cr@1"] == 50.0
+    assert seen["group_alive"] is False
+
+
+def test_collectives_use_the_groups_device(monkeypatch):
+    import torch.distributed as dist
+
+    from rlkd.device import collective_device
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert collective_device() == torch.device("cpu")
