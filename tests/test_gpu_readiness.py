@@ -177,3 +177,107 @@ def test_collectives_use_the_groups_device(monkeypatch):
     assert collective_device() == torch.device("cuda", 3)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
     assert collective_device() == torch.device("cpu")
+
+
+# ---- defect 9: the teacher cache is written so that no two ranks share a page ---------------------------
+class _PageWritebackMap(bytearray):
+    """Stands in for ``mmap.mmap`` as a network filesystem's client behaves: the mapping is a private
+    copy of the file taken when it is mapped, and a flush writes back every page it changed, whole,
+    stale bytes of other writers included."""
+
+    def __init__(self, fileno, length, access=None, offset=0, **_):
+        import mmap as real_mmap
+
+        length = length or os.fstat(fileno).st_size - offset
+        super().__init__(os.pread(fileno, length, offset))
+        self._fd, self._offset, self._page = os.dup(fileno), offset, real_mmap.PAGESIZE
+        self._seen = bytes(self)
+
+    def flush(self, *_):
+        for start in range(0, len(self), self._page):
+            page = bytes(self[start:start + self._page])
+            if page != self._seen[start:start + self._page]:
+                os.pwrite(self._fd, page, self._offset + start)
+        self._seen = bytes(self)
+
+    def close(self):
+        self.flush()
+        os.close(self._fd)
+
+
+class _ThreadRanks:
+    """torch.distributed's barrier and broadcast for ranks that are threads of this process."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world, self._barrier, self._local, self._box = world, threading.Barrier(world), threading.local(), {}
+
+    def as_rank(self, rank: int):
+        self._local.rank = rank
+
+    def dist(self):
+        return self, self._local.rank, self.world
+
+    def barrier(self):
+        self._barrier.wait()
+
+    def broadcast(self, tensor, src=0):
+        if self._local.rank == src:
+            self._box["value"] = tensor.clone()
+        self._barrier.wait()
+        tensor.copy_(self._box["value"])
+        self._barrier.wait()
+
+
+class _IdsTeacher:
+    """A deterministic 'teacher': logit v at position t of a row is a function of the ids up to t."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids, attention_mask=None, **_):
+        from types import SimpleNamespace
+
+        prefix = input_ids.double().cumsum(-1).unsqueeze(-1)
+        return SimpleNamespace(logits=(torch.sin(prefix * 0.37 + torch.arange(self.vocab) * 0.11)).float())
+
+
+def test_teacher_cache_ranks_write_no_shared_page(tmp_path, monkeypatch):
+    """Two ranks build one cache entry through page-granular write-back (a network filesystem):
+    every cached row must be the teacher's. With both ranks' rows interleaved in one file, rows that
+    share a page with the other rank's were overwritten by its stale copy of that page."""
+    import mmap
+    import threading
+
+    from rlkd import teacher_cache
+
+    vocab, world = 37, 2
+    sequences = [[1 + (5 * i + 3 * j) % 90 for j in range(3 + i % 9)] for i in range(24)]
+    ranks = _ThreadRanks(world)
+    monkeypatch.setattr(mmap, "mmap", _PageWritebackMap)
+    monkeypatch.setattr(teacher_cache, "_dist", ranks.dist)
+    errors = []
+
+    def build(rank):
+        ranks.as_rank(rank)
+        try:
+            teacher_cache.open_or_build(tmp_path / "cache", "teacher", sequences, vocab, lambda: _IdsTeacher(vocab),
+                                        batch_size=3, teacher_id="fixed")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            ranks._barrier.abort()
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    monkeypatch.undo()
+    ranks.as_rank(0)
+    cache = teacher_cache.open_or_build(tmp_path / "cache", "teacher", sequences, vocab, None, teacher_id="fixed")
+    teacher = _IdsTeacher(vocab)
+    for ids in sequences:
+        row = torch.tensor([ids])
+        torch.testing.assert_close(cache.logits(row), teacher(input_ids=row).logits, rtol=0, atol=0)
