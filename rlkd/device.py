@@ -12,6 +12,10 @@ the first step failed with device-mismatch or NCCL-on-CPU errors. Now:
 * ``collective_device()`` is where tensors for the *current process group* must live (NCCL: the
   current GPU; gloo: the CPU), which is not always where a model runs (evaluation on the CPU after
   a GPU training in the same process).
+* ``has_peers()``: whether that group has other ranks to agree with. A bench cell trains and
+  evaluates in one process, and the one-process group its training started (NCCL on a GPU) stays
+  up; evaluation ignores such a group instead of running collectives over it. (Ending it is no
+  option: DeepSpeed keeps clones of the group for the next training in the same worker process.)
 """
 
 from __future__ import annotations
@@ -84,3 +88,10 @@ def collective_device() -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def has_peers() -> bool:
+    """A process group is up and has more than this rank in it."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlkd.device import collective_device
+from rlkd.device import collective_device, has_peers
 from rlkd.provenance import atomic_write_json, checkpoint_fingerprint, file_lock, utc_now
 
 # Returns the teacher, called as ``teacher(input_ids=, attention_mask=, use_cache=False).logits``;
@@ -128,7 +128,7 @@ def _locked(path: Path, enabled: bool):
 def _dist():
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if has_peers():  # a one-process group (left up by a cell's training) has nobody to agree with
         return dist, dist.get_rank(), dist.get_world_size()
     return None, 0, 1
 

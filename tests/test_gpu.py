@@ -72,12 +72,13 @@ def test_alignment_of_cpu_models_under_a_live_nccl_group(tiny_models):
 
     from rlkd.engine.distributed import ensure_distributed
     from rlkd.eval.alignment import compare_models
-    from rlkd.eval.generate import load_checkpoint
 
     ensure_distributed()
     assert dist.get_backend() == "nccl"
-    student = load_checkpoint(str(tiny_models["student"]), device="cpu")[0]
-    teacher = load_checkpoint(str(tiny_models["teacher"]), device="cpu")[0]
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
     slices = [[1 + (7 * i + j) % 90 for j in range(16)] for i in range(5)]
     result = compare_models(student, teacher, slices, batch_size=2, device="cpu")
     assert result.n_slices == 5 and 0.0 <= result.metrics["cr@1"] <= 100.0

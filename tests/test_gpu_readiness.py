@@ -136,34 +136,37 @@ def test_auto_backend_skips_a_torchsort_that_cannot_rank_the_tensors_device(monk
 
 
 # ---- defect 1: a cell's evaluation does not inherit its training's process group; collectives on its device --
-def test_a_cells_evaluation_runs_without_the_one_process_group_its_training_started(tmp_path, monkeypatch):
-    """On a GPU the group a cell's training starts is NCCL; alignment evaluation then ran collectives
-    on CPU tensors through it and failed. The executor must end that group before evaluating."""
+def test_evaluation_runs_no_collective_over_the_one_process_group_a_cells_training_leaves(tiny_models, tmp_path,
+                                                                                         monkeypatch):
+    """A bench cell trains, then evaluates, in one process; on a GPU the group its training started
+    is NCCL and stays up, and alignment evaluation (with the teacher cache) ran collectives on CPU
+    tensors through it: "No backend type associated with device type cpu". Stand-in for NCCL: the
+    one-process group's collectives raise that error."""
     import torch.distributed as dist
 
-    from rlkd.bench import executor
+    from rlkd import teacher_cache
     from rlkd.engine.distributed import ensure_distributed
+    from rlkd.eval.alignment import compare_models
 
-    seen = {}
+    ensure_distributed()
+    assert dist.is_initialized() and dist.get_world_size() == 1
 
-    def fake_train(tree):
-        ensure_distributed()  # what run_training does: a one-process group (gloo here, NCCL on a GPU)
-        assert dist.is_initialized()
-        (tmp_path / "export").mkdir(exist_ok=True)
-        return tmp_path / "export", [{"loss": 1.0, "step_time_s": 0.1}]
+    def no_cpu_backend(*_args, **_kwargs):
+        raise RuntimeError("No backend type associated with device type cpu")
 
-    def fake_evaluate(cell, model_path, workdir, teacher, cache_dir):
-        seen["group_alive"] = dist.is_initialized()
-        return {"cr@1": 50.0}, {}
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_object", "barrier"):
+        monkeypatch.setattr(dist, name, no_cpu_backend)
+    from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(executor, "cell_engine_tree", lambda cell, workdir, **_: {"models": {"teacher": "t"}})
-    monkeypatch.setattr(executor, "train", fake_train)
-    monkeypatch.setattr(executor, "_evaluate", fake_evaluate)
-    cell = {"kind": "distill", "run": {}, "eval": {"kind": "alignment"}, "task": "synthetic", "keep_checkpoints": True}
-    metrics, _ = executor.run_cell_inprocess(cell, tmp_path / "cell", cache_dir=tmp_path / ".cache",
-                                             shared_dir=tmp_path / ".shared")
-    assert metrics["cr@1"] == 50.0
-    assert seen["group_alive"] is False
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
+    slices = [[1 + (7 * i + j) % 90 for j in range(12)] for i in range(5)]
+    direct = compare_models(student, teacher, slices, batch_size=2)
+    cache = teacher_cache.open_or_build(tmp_path / "cache", tiny_models["teacher"], slices,
+                                        teacher.config.vocab_size, lambda: teacher, batch_size=2)
+    cached = compare_models(student, cache.as_model(), slices, batch_size=2)
+    assert direct.n_slices == cached.n_slices == 5
+    assert cached.metrics["cr@1"] == pytest.approx(direct.metrics["cr@1"])
 
 
 def test_collectives_use_the_groups_device(monkeypatch):

@@ -88,7 +88,6 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
     started = time.perf_counter()
     export_dir, log = train(tree)
     train_seconds = time.perf_counter() - started
-    _end_one_process_group()
     atomic_write_jsonl(workdir / "train_log.jsonl", log)
     metrics, per_example = _evaluate(cell, str(export_dir), workdir, tree["models"]["teacher"], cache_dir)
     metrics["train_seconds"] = train_seconds
@@ -99,17 +98,6 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
         shutil.rmtree(export_dir, ignore_errors=True)
         shutil.rmtree(workdir / "train" / "checkpoints", ignore_errors=True)
     return metrics, per_example
-
-
-def _end_one_process_group() -> None:
-    """A cell trains and evaluates in one process. The one-process group its training started (NCCL
-    on a GPU) must not outlive the training: evaluation runs plain models and its collectives would
-    go to NCCL with CPU tensors ("No backend type associated with device type cpu"). A launcher's
-    group of several ranks stays; evaluation shards over it, on the group's device."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
-        dist.destroy_process_group()
 
 
 # A process group set up in the runner (e.g. by training the embedded benchmark's teacher in-process)

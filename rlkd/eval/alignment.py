@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from rlkd.device import collective_device
+from rlkd.device import collective_device, has_peers
 
 CR_KS = (1, 2, 3, 4, 5)
 OR_KS = (3, 5, 10, 20)
@@ -115,7 +115,7 @@ class AlignmentAccumulator:
         """Sum the accumulators of every rank (no-op unless torch.distributed is initialised)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not has_peers():  # (a one-process group left up by a cell's training included)
             return
         names = sorted(self.slice_mean_sums)
         packed = torch.tensor([self.n_slices, self.n_tokens]
@@ -219,7 +219,7 @@ def compare_models(student, teacher, token_slices: Sequence[Sequence[int]], batc
 
     import torch.distributed as dist
 
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = has_peers()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if device is None:
         device = next(student.parameters()).device
