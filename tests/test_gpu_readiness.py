@@ -284,3 +284,182 @@ def test_teacher_cache_ranks_write_no_shared_page(tmp_path, monkeypatch):
     for ids in sequences:
         row = torch.tensor([ids])
         torch.testing.assert_close(cache.logits(row), teacher(input_ids=row).logits, rtol=0, atol=0)
+
+
+# ---- defect 7: fp16's loss scale is applied before the loss stores its gradient ------------------------
+FP16_MIN_NORMAL = torch.finfo(torch.float16).tiny
+
+
+def _tiny_gradient_logits(rows=6, vocab=48, seed=0):
+    """fp16-exact logits whose KL gradient is below 6e-8, fp16's smallest subnormal step, on most
+    entries (tokens 15 nats below the top ones, where student and teacher differ by up to 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.full((rows, vocab), -15.0) + torch.rand(rows, vocab, generator=g)
+    student[:, :3] = torch.rand(rows, 3, generator=g)
+    teacher = student + (torch.rand(rows, vocab, generator=g) - 0.5)
+    return student.half().float(), teacher.half().float()
+
+
+def _reference_grad(loss_fn, student, teacher):
+    leaf = student.clone().requires_grad_(True)
+    loss_fn(leaf, teacher).loss_sum.backward()
+    return leaf.grad
+
+
+def test_fp16_logits_gradient_keeps_what_the_loss_scale_lifts_into_range():
+    """DeepSpeed's fp16 backward multiplies the loss by its loss scale S so that small gradients
+    survive fp16. The loss computes its gradient during forward; storing it in fp16 before S was
+    applied rounded every entry below 6e-8 to zero. With S announced (grad_scale) each stored entry
+    is S x the fp32 gradient."""
+    from rlkd.objectives import DistillLoss
+
+    loss_fn = DistillLoss({"objective": "kl"})
+    student, teacher = _tiny_gradient_logits()
+    reference = _reference_grad(loss_fn, student, teacher)
+    scale = 2.0**14  # a loss scale over the token count: the largest gradients stay below fp16's max
+    lifted = (reference * scale).abs() > 4 * FP16_MIN_NORMAL
+    assert lifted.sum() > 100 and (reference.abs() < 6e-8)[lifted].float().mean() > 0.5  # the case at hand
+
+    for announced in (None, scale):
+        leaf = student.half().requires_grad_(True)
+        out = loss_fn(leaf, teacher.half(), grad_scale=announced)
+        (out.loss_sum * scale).backward()
+        got, expected = leaf.grad.float()[lifted], (reference * scale)[lifted]
+        error = ((got - expected).abs() / expected.abs()).max().item()
+        if announced is None:  # what storing before the scale does: zeros and whole subnormal steps
+            assert error > 0.5
+        else:
+            assert error < 2e-3
+
+
+def test_fused_fp16_gradients_keep_what_the_loss_scale_lifts_into_range():
+    """The same on the fused path. With one position and hidden states (1, 0), the head weight's
+    first column *is* the logits and its gradient the logits' gradient."""
+    from rlkd.objectives import DistillLoss
+    from rlkd.objectives.fused import HeadInput, fused_distill_loss
+
+    loss_fn = DistillLoss({"objective": "kl"})
+    student, teacher = _tiny_gradient_logits(rows=1, vocab=288)
+    reference = _reference_grad(loss_fn, student, teacher)[0]
+    scale = 2.0**14
+    lifted = (reference * scale).abs() > 4 * FP16_MIN_NORMAL
+    assert lifted.sum() > 100 and (reference.abs() < 6e-8)[lifted].float().mean() > 0.5
+    hidden = torch.tensor([[1.0, 0.0]], dtype=torch.float16)
+
+    def head(logits):
+        return torch.stack([logits[0], torch.zeros_like(logits[0])], dim=-1).half()
+
+    for announced in (None, scale):
+        w = head(student).requires_grad_(True)
+        out = fused_distill_loss(loss_fn, HeadInput(hidden.clone().requires_grad_(True), w),
+                                 HeadInput(hidden, head(teacher)), grad_scale=announced)
+        (out.loss_sum * scale).backward()
+        got, expected = w.grad[:, 0].float()[lifted], (reference * scale)[lifted]
+        error = ((got - expected).abs() / expected.abs()).max().item()
+        if announced is None:
+            assert error > 0.5
+        else:
+            assert error < 2e-3
+
+
+def test_the_training_step_announces_deepspeeds_fp16_loss_scale():
+    from types import SimpleNamespace
+
+    from rlkd.engine.train import loss_scale
+
+    fp16 = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(loss_scale=1024.0))
+    bf16 = SimpleNamespace(fp16_enabled=lambda: False, optimizer=SimpleNamespace(loss_scale=1024.0))
+    assert loss_scale(fp16) == 1024.0 and loss_scale(bf16) == 1.0
+
+
+# ---- defect 11: one host-device sync a step ----------------------------------------------------------
+_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+          torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy,
+          torch.Tensor.nonzero, torch.nonzero}
+
+
+class _OnDevice(torch.Tensor):
+    """Marks a tensor (and everything computed from it) as living on an accelerator: each read of
+    its values by the host, which on a GPU waits for all queued work, is counted."""
+
+    reads: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _READS:
+            cls.reads.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _host_reads(fn) -> list[str]:
+    _OnDevice.reads = []
+    fn()
+    return list(_OnDevice.reads)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_loss_reads_nothing_back_per_chunk(fused):
+    """Many chunks, the ranking term on: the loss leaves its sums and finiteness flag on the device
+    (deferred check, as the engine runs it) and reads nothing back, whatever the chunk count."""
+    from rlkd.objectives import DistillLoss
+    from rlkd.objectives.fused import HeadInput, fused_distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(4, 16, generator=g) > 0.2
+
+    def run(chunk):
+        loss_fn = DistillLoss({"objective": "kl", "ranking": {"enabled": True, "k": 3}, "chunk_size": chunk},
+                              defer_finite_check=True)
+        if fused:
+            h = torch.randn(4, 16, 8, generator=g).as_subclass(_OnDevice).requires_grad_(True)
+            w = torch.randn(40, 8, generator=g).as_subclass(_OnDevice).requires_grad_(True)
+            t = HeadInput(torch.randn(4, 16, 8, generator=g).as_subclass(_OnDevice),
+                          torch.randn(40, 8, generator=g).as_subclass(_OnDevice))
+            out = fused_distill_loss(loss_fn, HeadInput(h, w), t, mask)
+        else:
+            s = torch.randn(4, 16, 40, generator=g).as_subclass(_OnDevice).requires_grad_(True)
+            out = loss_fn(s, torch.randn(4, 16, 40, generator=g).as_subclass(_OnDevice), mask)
+        out.loss_sum.backward()
+        assert isinstance(out.finite, torch.Tensor)
+
+    assert _host_reads(lambda: run(4)) == []
+    assert _host_reads(lambda: run(64)) == []
+
+
+def test_a_training_step_reads_the_device_once(run_config, monkeypatch):
+    """rlkd's own reads of device values during train_step: one (the packed metrics), with two
+    micro-batches and many chunks each; the logits' host copies are marked as device tensors."""
+    import sys
+
+    from rlkd.config import load_config
+    from rlkd.engine.session import build_session
+    from rlkd.engine.train import train_step
+
+    cfg = load_config(base={**run_config, "train": {**run_config["train"], "grad_accum": 2},
+                            "loss": {"objective": "kl", "ranking": {"enabled": True, "k": 3}, "chunk_size": 8}})
+    session = build_session(cfg)
+    try:
+        for name in ("student_logits", "teacher_logits"):
+            real = getattr(session, name)
+            monkeypatch.setattr(session, name, lambda batch, *a, _real=real: _real(batch, *a).as_subclass(_OnDevice))
+        rlkd_dir = os.path.dirname(sys.modules["rlkd"].__file__)
+        reads = []
+        original = _OnDevice.__torch_function__.__func__
+
+        torch_dir = os.path.dirname(torch.__file__)
+
+        def counting(cls, func, types, args=(), kwargs=None):
+            if func in _READS:
+                frame = sys._getframe(1)
+                while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
+                    frame = frame.f_back
+                if frame is not None and frame.f_code.co_filename.startswith(rlkd_dir):
+                    reads.append(f"{func.__name__} at {frame.f_code.co_filename}:{frame.f_lineno}")
+            return original(cls, func, types, args, kwargs)
+
+        monkeypatch.setattr(_OnDevice, "__torch_function__", classmethod(counting))
+        metrics = train_step(session, 0)
+        assert len(reads) == 1, reads
+        assert metrics["loss"] > 0 and metrics["supervised_tokens"] > 0
+    finally:
+        session.close()
