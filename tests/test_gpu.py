@@ -82,3 +82,4 @@ def test_alignment_of_cpu_models_under_a_live_nccl_group(tiny_models):
     slices = [[1 + (7 * i + j) % 90 for j in range(16)] for i in range(5)]
     result = compare_models(student, teacher, slices, batch_size=2, device="cpu")
     assert result.n_slices == 5 and 0.0 <= result.metrics["cr@1"] <= 100.0
+

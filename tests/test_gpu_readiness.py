@@ -463,3 +463,77 @@ def test_a_training_step_reads_the_device_once(run_config, monkeypatch):
         assert metrics["loss"] > 0 and metrics["supervised_tokens"] > 0
     finally:
         session.close()
+
+
+# ---- defect 10 / requirement 2: the fused block from a memory budget, per device, shown by rlkd plan --------
+@pytest.mark.parametrize("vocab", [32000, 128256, 151936])
+def test_cpu_default_block_is_the_measured_2e24_logits(vocab):
+    """The CPU default keeps the block README's fused table was measured with (2^24 fp32 logits)."""
+    from rlkd.objectives.fused import fused_block_rows
+
+    chunk = 2**20 // vocab
+    assert fused_block_rows(vocab, 4, "cpu") == (max(chunk, 2**24 // vocab // chunk * chunk), chunk)
+
+
+def test_gpu_default_block_is_a_share_of_its_memory_with_a_row_floor():
+    from rlkd.objectives.fused import fused_block_rows
+
+    vocab, gib = 128256, 2**30
+    rows, chunk = fused_block_rows(vocab, 2, "cuda", device_bytes=80 * gib)
+    budget = min(2 * gib, 80 * gib / 64)
+    assert rows % chunk == 0 and budget - chunk * vocab * 2 < rows * vocab * 2 <= budget
+    assert rows >= 1024 and rows > 30 * fused_block_rows(vocab, 4, "cpu")[0] / 2
+    small, _ = fused_block_rows(vocab, 2, "cuda", device_bytes=4 * gib)  # 64 MiB share: 261 rows
+    assert small >= 1024  # the floor
+    set_rows, chunk = fused_block_rows(vocab, 2, "cuda", device_bytes=80 * gib, setting_mib=64)
+    assert set_rows * vocab * 2 <= 64 * 2**20 < (set_rows + chunk) * vocab * 2  # a set budget is obeyed
+
+
+def test_the_fused_loss_computes_blocks_of_the_configured_budget(monkeypatch):
+    from rlkd.objectives import DistillLoss, fused as fused_module
+    from rlkd.objectives.fused import HeadInput, fused_distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    n, h, vocab = 40, 8, 64
+    inputs = [torch.randn(n, h, generator=g), torch.randn(vocab, h, generator=g),
+              torch.randn(n, h, generator=g), torch.randn(vocab, h, generator=g)]
+    blocks = []
+    real = fused_module._add_weight_grad
+    monkeypatch.setattr(fused_module, "_add_weight_grad", lambda acc, lg, hb: (blocks.append(len(hb)), real(acc, lg, hb)))
+    results = {}
+    for mib in (None, 16 * 4 * vocab / 2**20):  # a budget of 16 rows of fp32 logits
+        blocks.clear()
+        loss_fn = DistillLoss({"objective": "kl", "ranking": {"enabled": True, "k": 3}, "fused_lm_head": True,
+                               "chunk_size": 4, "fused_block_mib": mib})
+        hs, ws = inputs[0].clone().requires_grad_(True), inputs[1].clone().requires_grad_(True)
+        out = fused_distill_loss(loss_fn, HeadInput(hs, ws), HeadInput(inputs[2], inputs[3]))
+        out.loss_sum.backward()
+        results[mib] = (out.loss_sum.detach(), hs.grad, ws.grad, list(blocks))
+    default, budgeted = results.values()
+    assert default[3] == [n] and budgeted[3] == [16, 16, 8]
+    for a, b in zip(default[:3], budgeted[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_shows_the_block_and_leaves_out_the_fused_path_for_a_soft_capped_head(tmp_path, run_config, capsys):
+    import yaml
+    from transformers import Gemma2Config
+
+    from rlkd.objectives.fused import fused_block_rows
+    from rlkd.plan.cli import main
+
+    capped = tmp_path / "gemma2"
+    Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0).save_pretrained(capped)
+    configs = tmp_path / "run.yaml"
+    for student, fused_listed in ((capped, False), (None, True)):
+        tree = dict(run_config, loss={"objective": "kl", "fused_block_mib": 3})
+        if student is not None:
+            tree["models"] = {"student": str(capped), "teacher": str(capped)}
+        configs.write_text(yaml.safe_dump(tree))
+        assert main([str(configs), "--gpus", "1", "--gpu-mem", "24"]) == 0
+        shown = capsys.readouterr().out
+        rows = fused_block_rows(256 if student else 96, 2, "cuda", setting_mib=3)[0]
+        assert f"fused block            {rows} rows" in shown and "loss.fused_block_mib=3" in shown
+        assert ("no offload, ckpt, fused" in shown) is fused_listed
+

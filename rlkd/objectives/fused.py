@@ -2,7 +2,7 @@
 
 ``fused_distill_loss(loss, student, teacher, mask, labels)`` gives the same ``LossOutput`` as
 ``loss(student_hidden @ W_s.T, teacher_hidden @ W_t.T, mask, labels)`` without any N x V tensor:
-for each block of supervised positions (HEAD_BLOCK_ELEMENTS logits) it computes both models'
+for each block of supervised positions (a memory budget's worth of logits) it computes both models'
 logits, runs the unchanged per-chunk maths (``DistillLoss._chunk``: every objective, the ranking
 term in every mode, temperature) on the logits path's chunks inside the block (and the ranking
 term of logit scores once for the whole block, ``DistillLoss.rank_rows``), overwrites the
@@ -31,15 +31,46 @@ from rlkd.objectives.common import compute_dtype
 from rlkd.objectives.loss import DistillLoss, LossOutput, add_terms, contiguous_starts
 
 # Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
-# blocks of about this many elements (64 MiB in fp32, 128 rows at V = 128k); the loss maths then
-# runs on chunks of FUSED_CHUNK_ELEMENTS inside a block. A block of a hundred rows or more keeps
-# the matmuls compute-bound: each one reads a V x H head weight (1 GiB at V = 128k, H = 2048) and
-# the weight-gradient update also writes one, which costs as much as the matmul itself for a
-# block of a few dozen rows. Both sizes are chosen for memory: at V >= 128k the fp32 weight
-# gradient is most of the fused path's peak, and block + chunk temporaries are kept to a small
-# fraction of it (results/perf/fused.md).
+# blocks of positions; the loss maths then runs on chunks of FUSED_CHUNK_ELEMENTS inside a block.
+# A block's size comes from a memory budget (``loss.fused_block_mib``, see ``fused_block_rows``).
+# On the CPU the default, 2^24 elements (64 MiB in fp32, 128 rows at V = 128k), is chosen for
+# memory: at V >= 128k the fp32 weight gradient is most of the fused path's peak and block + chunk
+# temporaries are kept to a small fraction of it (results/perf/fused.md: peak <= 0.2x the logits
+# path). A GPU needs far more rows per block to keep its matmuls compute-bound (each one reads a
+# V x H head weight, 1 GiB at V = 128k, H = 2048, and the weight-gradient update writes one), and
+# has the memory: its default is a share of the device's memory, never below GPU_BLOCK_ROW_FLOOR rows.
 HEAD_BLOCK_ELEMENTS = 2**24
+GPU_BLOCK_SHARE = 1 / 64          # of the device's memory: 1.2 GiB on an 80 GB GPU
+GPU_BLOCK_MAX_BYTES = 2 * 2**30
+GPU_BLOCK_ROW_FLOOR = 1024
 FUSED_CHUNK_ELEMENTS = 2**20
+GPU_CHUNK_ELEMENTS = 2**22        # 4x the CPU chunk on a GPU (the logits path's chunk): fewer, fuller kernels
+
+
+def fused_block_budget(device_type: str, element_bytes: int = 4, device_bytes: int | None = None,
+                       setting_mib: float | None = None) -> int:
+    """Bytes of logits one block may hold: ``loss.fused_block_mib`` when set, else the device's
+    default (CPU: HEAD_BLOCK_ELEMENTS logits, today's measured setting; GPU: a share of its memory)."""
+    if setting_mib is not None:
+        return int(setting_mib * 2**20)
+    if device_type != "cuda":
+        return HEAD_BLOCK_ELEMENTS * element_bytes
+    if device_bytes is None:
+        device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return int(min(GPU_BLOCK_MAX_BYTES, device_bytes * GPU_BLOCK_SHARE))
+
+
+def fused_block_rows(vocab: int, element_bytes: int, device_type: str, *, device_bytes: int | None = None,
+                     setting_mib: float | None = None, chunk: int | None = None) -> tuple[int, int]:
+    """``(rows per block, rows per chunk)`` for a vocabulary of ``vocab`` logits of ``element_bytes``
+    each. A block is a whole number of chunks; on a GPU it has at least GPU_BLOCK_ROW_FLOOR rows
+    unless a budget is set explicitly."""
+    if chunk is None:
+        chunk = max(1, (GPU_CHUNK_ELEMENTS if device_type == "cuda" else FUSED_CHUNK_ELEMENTS) // vocab)
+    rows = fused_block_budget(device_type, element_bytes, device_bytes, setting_mib) // (vocab * element_bytes)
+    if device_type == "cuda" and setting_mib is None:
+        rows = max(rows, GPU_BLOCK_ROW_FLOOR)
+    return max(chunk, rows // chunk * chunk), chunk
 
 
 @dataclass
@@ -117,8 +148,8 @@ def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput
     if n == 0:
         # Connected to both inputs so that every rank runs the same backward (ZeRO-3 reductions).
         return LossOutput(hidden_flat.sum() * 0.0 + weight.sum() * 0.0, 0, {"loss": 0.0})
-    chunk = loss.config.chunk_size or max(1, FUSED_CHUNK_ELEMENTS // vocab)
-    block = max(chunk, HEAD_BLOCK_ELEMENTS // vocab // chunk * chunk)
+    block, chunk = fused_block_rows(vocab, hidden.element_size(), hidden.device.type,
+                                    setting_mib=loss.config.fused_block_mib, chunk=loss.config.chunk_size)
     student_rows = _LogitRows(hidden_flat, weight, vocab)
     union_ids, weights = loss._batch_level(student_rows, teacher_rows, positions, chunk, host_positions)
     plan = _Plan(loss, teacher_rows, positions, labels_sel, union_ids, weights, chunk, vocab, block, host_positions,
@@ -198,6 +229,11 @@ def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights,
     return total.detach(), {name: value.detach() for name, value in terms.items()}, g, rank_rows
 
 
+def _add_weight_grad(grad_w: torch.Tensor, logits_grad: torch.Tensor, h_block: torch.Tensor) -> None:
+    """``grad_w += logits_grad.T @ h_block`` into the fp32 accumulator (an fp32 matmul)."""
+    grad_w.addmm_(logits_grad.t().to(grad_w.dtype), h_block.to(grad_w.dtype))
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_flat, weight, plan: _Plan):
@@ -242,7 +278,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             if want_h:
                 grad_h.index_copy_(0, block_idx, logits @ head)
             if want_w:
-                grad_w.narrow(0, 0, vocab).addmm_(logits.t().to(acc_dtype), h_block.to(acc_dtype))
+                _add_weight_grad(grad_w.narrow(0, 0, vocab), logits, h_block)
             del logits, t_block, t_rows  # free this block before the next one is allocated
         plan.per_token = per_token
         plan.metrics = sums  # device tensors; read by the caller, once
