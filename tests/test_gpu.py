@@ -83,3 +83,18 @@ def test_alignment_of_cpu_models_under_a_live_nccl_group(tiny_models):
     result = compare_models(student, teacher, slices, batch_size=2, device="cpu")
     assert result.n_slices == 5 and 0.0 <= result.metrics["cr@1"] <= 100.0
 
+
+def test_fused_weight_gradient_uses_bf16_tensor_cores_with_fp32_accumulation():
+    """Issue 26 defect 12: bf16 inputs, one fp32 accumulator, no fp32 copy of the block."""
+    from rlkd.objectives.fused import _add_weight_grad, _low_precision_addmm
+
+    assert _low_precision_addmm("cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits_grad = torch.randn(1024, 4096, device="cuda", generator=g).bfloat16()
+    hidden = torch.randn(1024, 512, device="cuda", generator=g).bfloat16()
+    acc = torch.zeros(4096, 512, device="cuda")
+    for _ in range(3):  # three blocks summed in fp32
+        _add_weight_grad(acc, logits_grad, hidden)
+    expected = 3 * (logits_grad.double().t() @ hidden.double())
+    assert acc.dtype == torch.float32
+    assert float((acc.double() - expected).abs().max()) <= 1e-3 * float(expected.abs().max())

@@ -537,3 +537,15 @@ def test_plan_shows_the_block_and_leaves_out_the_fused_path_for_a_soft_capped_he
         assert f"fused block            {rows} rows" in shown and "loss.fused_block_mib=3" in shown
         assert ("no offload, ckpt, fused" in shown) is fused_listed
 
+
+# ---- defect 12: the fused weight gradient from 16-bit inputs with fp32 accumulation ----------------------
+def test_weight_gradient_sum_on_the_cpu_stays_an_fp32_matmul():
+    from rlkd.objectives.fused import _add_weight_grad
+
+    g = torch.Generator().manual_seed(0)
+    logits_grad = torch.randn(16, 24, generator=g).bfloat16()
+    hidden = torch.randn(16, 8, generator=g).bfloat16()
+    acc = torch.ones(24, 8)
+    _add_weight_grad(acc, logits_grad, hidden)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, 1 + logits_grad.double().t() @ hidden.double(), rtol=0, atol=1e-5, check_dtype=False)

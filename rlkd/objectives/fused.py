@@ -23,6 +23,7 @@ gradient is handed to autograd as usual and reduced by DeepSpeed's own gradient 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -229,9 +230,33 @@ def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights,
     return total.detach(), {name: value.detach() for name, value in terms.items()}, g, rank_rows
 
 
+@functools.lru_cache(maxsize=None)
+def _low_precision_addmm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds ``a @ b`` of ``dtype``
+    inputs into an fp32 ``acc`` here (CUDA, torch >= 2.8): a tensor-core matmul whose fp32
+    accumulator is added unrounded, in place. Checked against an fp32 matmul on a small case."""
+    try:
+        g = torch.Generator(device=device_type).manual_seed(0)
+        a = torch.randn(64, 32, device=device_type, generator=g).to(dtype)
+        b = torch.randn(32, 48, device=device_type, generator=g).to(dtype)
+        acc = torch.ones(64, 48, device=device_type)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        expected = 1 + a.float() @ b.float()
+        return acc.dtype == torch.float32 and bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def _add_weight_grad(grad_w: torch.Tensor, logits_grad: torch.Tensor, h_block: torch.Tensor) -> None:
-    """``grad_w += logits_grad.T @ h_block`` into the fp32 accumulator (an fp32 matmul)."""
-    grad_w.addmm_(logits_grad.t().to(grad_w.dtype), h_block.to(grad_w.dtype))
+    """``grad_w += logits_grad.T @ h_block`` into the fp32 accumulator. On a GPU with bf16/fp16 inputs
+    the matmul runs in that dtype on the tensor cores with fp32 accumulation (an fp32 matmul would
+    use none) and no fp32 copy of the block; on the CPU, and for fp32 inputs, it is an fp32 matmul
+    as before."""
+    low = logits_grad.dtype in (torch.bfloat16, torch.float16) and logits_grad.dtype == h_block.dtype
+    if low and logits_grad.device.type == "cuda" and _low_precision_addmm("cuda", logits_grad.dtype):
+        torch.addmm(grad_w, logits_grad.t(), h_block, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w.addmm_(logits_grad.t().to(grad_w.dtype), h_block.to(grad_w.dtype))
 
 
 class _FusedHeadLoss(torch.autograd.Function):
