@@ -549,3 +549,27 @@ def test_weight_gradient_sum_on_the_cpu_stays_an_fp32_matmul():
     _add_weight_grad(acc, logits_grad, hidden)
     assert acc.dtype == torch.float32
     torch.testing.assert_close(acc, 1 + logits_grad.double().t() @ hidden.double(), rtol=0, atol=1e-5, check_dtype=False)
+
+
+# ---- defect 8: bf16 ZeRO-3 accumulates gradients over micro-batches in fp32 ------------------------------
+def test_bf16_zero3_config_accumulates_gradients_in_fp32(run_config):
+    """A ZeRO-3 engine from ds_configs/zero3_bf16.json (as rlkd fills it in) accumulates its gradient
+    partitions in fp32 (DeepSpeed's stage-3 optimizer allocates them in this dtype)."""
+    import deepspeed
+
+    from rlkd.config import load_config
+    from rlkd.engine.distributed import ensure_distributed
+    from rlkd.engine.ds_config import student_ds_config
+
+    ensure_distributed()
+    cfg = load_config(base={**run_config, "deepspeed": {"student_config": "zero3_bf16.json"},
+                            "train": {**run_config["train"], "grad_accum": 4}})
+    config = student_ds_config(cfg, torch.bfloat16, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    try:
+        assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+        assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+    finally:
+        del engine
