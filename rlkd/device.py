@@ -95,3 +95,13 @@ def has_peers() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def eval_placement(device: str | None = None, dtype: str | None = None) -> tuple[str, str]:
+    """``(device, dtype name)`` evaluation loads a model with: what is given, else the GPU in bf16
+    when rlkd runs on one (the decision training uses), else the CPU in fp32."""
+    if device is None:
+        device = "cuda" if device_type() == "cuda" else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    return device, dtype

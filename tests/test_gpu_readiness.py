@@ -573,3 +573,38 @@ def test_bf16_zero3_config_accumulates_gradients_in_fp32(run_config):
         assert engine.optimizer.gradient_accumulation_dtype == torch.float32
     finally:
         del engine
+
+
+# ---- defect 13: evaluation on the GPU in bf16 when there is one; --jobs N spread over the GPUs ------------
+def test_alignment_evaluation_loads_the_export_on_the_gpu_in_bf16_when_rlkd_runs_on_one(monkeypatch, tmp_path):
+    from rlkd import device
+    from rlkd.eval import dispatch, generate
+
+    loads = []
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(path, dtype="float32", device="cpu"):
+        loads.append((dtype, str(device)))
+        raise Loaded
+
+    monkeypatch.setattr(generate, "load_checkpoint", fake_load)
+    for kind, expected in (("cuda", ("bfloat16", "cuda")), ("cpu", ("float32", "cpu"))):
+        monkeypatch.setattr(device, "device_type", lambda kind=kind: kind)
+        with pytest.raises(Loaded):
+            dispatch.evaluate_model({"kind": "alignment", "source": "train"}, "export", tmp_path, teacher_path="t",
+                                    task="x", train_sequences=lambda tok: [[1, 2, 3]])
+        assert loads[-1] == expected
+
+
+def test_task_evaluation_and_rlkd_eval_default_to_the_gpu_in_bf16(monkeypatch):
+    from rlkd import device
+    from rlkd.eval import cli
+
+    monkeypatch.setattr(device, "device_type", lambda: "cuda")
+    assert device.eval_placement() == ("cuda", "bfloat16")
+    assert device.eval_placement("cpu") == ("cpu", "float32")
+    args = cli._parser().parse_args(["--checkpoint", "c", "--task", "gsm8k"])
+    assert args.device is None and args.dtype is None  # resolved by rlkd.device.eval_placement at run time
+
