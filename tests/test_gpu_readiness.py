@@ -608,3 +608,37 @@ def test_task_evaluation_and_rlkd_eval_default_to_the_gpu_in_bf16(monkeypatch):
     args = cli._parser().parse_args(["--checkpoint", "c", "--task", "gsm8k"])
     assert args.device is None and args.dtype is None  # resolved by rlkd.device.eval_placement at run time
 
+
+def test_bench_jobs_spread_cells_over_the_gpus_round_robin(tmp_path, monkeypatch):
+    """Two cells at once on a two-GPU machine: each cell process sees another GPU (it was cuda:0 for all)."""
+    import json
+    import subprocess
+    import threading
+
+    from rlkd.bench import executor
+
+    assert [executor.gpu_for_slot(i, ["0", "1", "2"]) for i in range(5)] == ["0", "1", "2", "0", "1"]
+    monkeypatch.setattr(executor, "device_type", lambda: "cuda")
+    monkeypatch.setattr(executor, "visible_gpus", lambda: ["0", "1"])
+    both_running = threading.Barrier(2, timeout=30)
+    seen = []
+
+    def fake_call(command, env, **_):
+        seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+        both_running.wait()
+        workdir = command[3]
+        with open(os.path.join(workdir, executor.METRICS_FILE), "w") as out:
+            json.dump({"metrics": {"x": 1.0}, "per_example": {}}, out)
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    runner = executor.LocalExecutor(tmp_path / "results")
+    cells = [tmp_path / "a", tmp_path / "b"]
+    for cell in cells:
+        cell.mkdir()
+    threads = [threading.Thread(target=runner.run, args=({}, cell)) for cell in cells]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(seen) == ["0", "1"]
