@@ -642,3 +642,21 @@ def test_bench_jobs_spread_cells_over_the_gpus_round_robin(tmp_path, monkeypatch
     for thread in threads:
         thread.join()
     assert sorted(seen) == ["0", "1"]
+
+
+# ---- requirement 4: the GPU check's timeouts fit its 8-minute bound ------------------------------------
+@pytest.mark.parametrize("extra", [[], ["--wheels", "/nonexistent"]])
+def test_gpu_check_timeouts_sum_to_at_most_480_seconds(extra):
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script), "--dry-run", *extra], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    limits = [int(m.group(1)) for m in re.finditer(r"^\S+\s+(\d+) s$", done.stdout, re.M)]
+    steps = [line.split()[0] for line in done.stdout.splitlines() if re.match(r"^\S+\s+\d+ s$", line)]
+    assert {"gpu_tests", "bench_cell", "offload", "step_perf", "fused_perf"} <= set(steps)
+    assert ("wheels" in steps) is bool(extra)
+    assert sum(limits) <= 480 and f"{sum(limits)} s of timeouts" in done.stdout
