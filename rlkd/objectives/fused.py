@@ -41,9 +41,9 @@ from rlkd.objectives.loss import DistillLoss, LossOutput, add_terms, contiguous_
 # V x H head weight, 1 GiB at V = 128k, H = 2048, and the weight-gradient update writes one), and
 # has the memory: its default is a share of the device's memory, never below GPU_BLOCK_ROW_FLOOR rows.
 HEAD_BLOCK_ELEMENTS = 2**24
-GPU_BLOCK_SHARE = 1 / 64          # of the device's memory: 1.2 GiB on an 80 GB GPU
-GPU_BLOCK_MAX_BYTES = 2 * 2**30
-GPU_BLOCK_ROW_FLOOR = 1024
+GPU_BLOCK_SHARE = 1 / 256         # of the device's memory: 320 MiB on an 80 GB GPU (1248 rows at V = 128k, bf16)
+GPU_BLOCK_MAX_BYTES = 2**30
+GPU_BLOCK_ROW_FLOOR = 1024        # about 8 tiles of 128 rows per matmul
 FUSED_CHUNK_ELEMENTS = 2**20
 GPU_CHUNK_ELEMENTS = 2**22        # 4x the CPU chunk on a GPU (the logits path's chunk): fewer, fuller kernels
 
