@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rlkd.objectives.fused import HEAD_BLOCK_ELEMENTS
+from rlkd.objectives.fused import HEAD_BLOCK_ELEMENTS, fused_block_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [(n, v) for n in (4096, 8192) for v in (32000, 128256, 151936)]
@@ -63,7 +63,8 @@ def worker(args) -> dict:
     w = made(args.vocab, args.hidden, scale=2.0 / args.hidden**0.5).requires_grad_(True)
     th, tw = made(args.tokens, args.hidden), made(args.vocab, args.hidden, scale=2.0 / args.hidden**0.5)
     cuda = device.type == "cuda"
-    losses = {name: DistillLoss(objective="kl", ranking=RankingConfig(k=args.k, enabled=name == "kl+r"))
+    losses = {name: DistillLoss(objective="kl", ranking=RankingConfig(k=args.k, enabled=name == "kl+r"),
+                                fused_block_mib=args.fused_block_mib)
               for name in args.objectives}
 
     def logits_step(loss_fn):
@@ -108,6 +109,7 @@ def measure(n, v, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--tokens", str(n), "--vocab", str(v), "--hidden", str(args.hidden),
            "--head-block-elements", str(args.head_block_elements or 0), "--device", args.device, "--dtype", args.dtype,
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--k", str(args.k),
+           *(["--fused-block-mib", str(args.fused_block_mib)] if args.fused_block_mib else []),
            "--objectives", *(args.large_vocab_objectives if v >= 128256 else args.objectives)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(e.g. for lack of time on a shared CPU), with their analytic size")
     parser.add_argument("--head-block-elements", type=int, default=0,
                         help="logits per block of the fused path (default: rlkd.objectives.fused.HEAD_BLOCK_ELEMENTS)")
+    parser.add_argument("--fused-block-mib", type=float, default=None,
+                        help="loss.fused_block_mib: memory for one block of logits (default: the device's)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (peak from the CUDA allocator)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="hidden states and head weights (the loss maths runs in fp32 either way)")
@@ -204,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n, v in configs:
         need = logits_path_bytes(n, v, args.hidden) + 4 * v * args.hidden * 2  # + the two heads (inputs)
-        row = {"tokens": n, "vocab": v, "logits_path_analytic_gib": need / GIB}
+        block_rows = fused_block_rows(v, torch.tensor([], dtype=getattr(torch, args.dtype)).element_size(),
+                                      torch.device(args.device).type, setting_mib=args.fused_block_mib)[0]
+        row = {"tokens": n, "vocab": v, "logits_path_analytic_gib": need / GIB, "fused_block_rows": block_rows}
         if f"{n}x{v}" in args.skip:
             row["skipped"] = (f"skipped for time (--skip); inputs + logits path ≈{need / GIB:.1f} GiB, minutes per "
                               "step at 1 CPU thread")

@@ -18,7 +18,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_dtype(name: str) -> torch.dtype:
     """`auto` is bf16 on GPU and fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        from rlkd.device import default_dtype
+
+        return default_dtype()
     return DTYPES[name]
 
 

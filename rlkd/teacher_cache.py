@@ -2,15 +2,18 @@
 
 Multi-epoch distillation (the paper's pre-training setting: 20 epochs over the same data) and the
 evaluation of many students against one teacher repeat the same teacher forward passes. This
-cache stores each sequence's logits once as float32 (exact for fp32, bf16 and fp16 teachers) in a
-memory-mapped ``.npy`` file, and looks them up by the sequence's token ids, so a batch in any
+cache stores each sequence's logits once as float32 (exact for fp32, bf16 and fp16 teachers) in
+memory-mapped ``.npy`` files, and looks them up by the sequence's token ids, so a batch in any
 order, from any loader, finds its rows.
 
 An entry is keyed by the teacher's weights (content hash of its checkpoint files), the token
 sequences and the vocabulary width; any change builds a new entry. Building takes a file lock, so
 parallel benchmark cells wait for one build instead of racing, and under torch.distributed every
 rank runs the same number of teacher forwards (ZeRO-3 gathers parameters collectively) and writes
-its own rows into the shared file.
+its own rows into its own file (``logits.rank<r>.npy``). One file written by every rank let rows of
+two ranks share a page: on a network filesystem each node writes back whole dirty pages, so one
+rank's stale copy of a shared page could overwrite the other's rows. ``layout.npy`` says where each
+sequence is (file, first row). Entries written in the older one-file layout (``logits.npy``) are read as before.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlkd.device import collective_device, has_peers
 from rlkd.provenance import atomic_write_json, checkpoint_fingerprint, file_lock, utc_now
 
 # Returns the teacher, called as ``teacher(input_ids=, attention_mask=, use_cache=False).logits``;
@@ -50,12 +54,19 @@ class TeacherLogitCache:
         self.directory = directory
         self.vocab_size = int(meta["vocab_size"])
         self.meta = meta
-        self._logits = np.load(directory / "logits.npy", mmap_mode="r")
-        self._where: dict[bytes, tuple[int, int]] = {}
         offsets = np.load(directory / "offsets.npy")
         ids = np.load(directory / "ids.npy")
-        for start, stop in zip(offsets[:-1], offsets[1:]):
-            self._where[sequence_key(ids[start:stop])] = (int(start), int(stop - start))
+        if (directory / "layout.npy").is_file():  # one file per writing rank
+            layout = np.load(directory / "layout.npy")
+            self._files = {int(r): np.load(directory / f"logits.rank{int(r)}.npy", mmap_mode="r")
+                           for r in np.unique(layout[:, 0])}
+            places = [(int(r), int(row)) for r, row in layout]
+        else:  # the older layout: one file, rows in sequence order
+            self._files = {0: np.load(directory / "logits.npy", mmap_mode="r")}
+            places = [(0, int(start)) for start in offsets[:-1]]
+        self._where: dict[bytes, tuple[int, int, int]] = {}
+        for (file, row), start, stop in zip(places, offsets[:-1], offsets[1:]):
+            self._where[sequence_key(ids[start:stop])] = (file, row, int(stop - start))
 
     def __len__(self) -> int:
         return len(self._where)
@@ -78,8 +89,8 @@ class TeacherLogitCache:
                 raise KeyError(f"teacher logit cache {self.directory}: row {row} (first ids {row_ids[:8]}, "
                                f"length {int(n)}) is not among its {len(self)} sequences; the cache was built "
                                f"for other data")
-            start, count = found
-            out.numpy()[row, :count] = self._logits[start:start + count]
+            file, start, count = found
+            out.numpy()[row, :count] = self._files[file][start:start + count]
         return out.to(device=input_ids.device, dtype=dtype)
 
     def as_model(self) -> "CachedTeacherModel":
@@ -117,16 +128,16 @@ def _locked(path: Path, enabled: bool):
 def _dist():
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if has_peers():  # a one-process group (left up by a cell's training) has nobody to agree with
         return dist, dist.get_rank(), dist.get_world_size()
     return None, 0, 1
 
 
-def _agree(dist, flag: bool, device: torch.device) -> bool:
-    """Rank 0's answer on every rank."""
+def _agree(dist, flag: bool) -> bool:
+    """Rank 0's answer on every rank (the flag travels on the group's device, whatever the model's)."""
     if dist is None:
         return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.long, device=device)
+    value = torch.tensor([1 if flag else 0], dtype=torch.long, device=collective_device())
     dist.broadcast(value, src=0)
     return bool(value.item())
 
@@ -148,7 +159,7 @@ def open_or_build(root: str | Path, teacher: str | Path, sequences: Sequence[Seq
     teacher_id = teacher_id or teacher_identity(teacher)
     directory = Path(root) / entry_key(teacher_id, seqs, vocab_size)
     with _locked(Path(root) / f".{directory.name}.lock", enabled=rank == 0):
-        ready = _agree(dist, (directory / "meta.json").is_file(), device)
+        ready = _agree(dist, (directory / "meta.json").is_file())
         if not ready:
             if load_teacher is None:
                 raise FileNotFoundError(f"teacher logit cache {directory} does not exist and no teacher was given")
@@ -157,22 +168,37 @@ def open_or_build(root: str | Path, teacher: str | Path, sequences: Sequence[Seq
     return TeacherLogitCache(directory)
 
 
+def shard_layout(lengths: Sequence[int], world: int) -> np.ndarray:
+    """``[n, 2]``: for sequence i, the rank that computes and writes it (i mod world) and its first
+    row in that rank's file (its sequences in order, back to back)."""
+    layout = np.zeros((len(lengths), 2), dtype=np.int64)
+    next_row = [0] * world
+    for index, length in enumerate(lengths):
+        owner = index % world
+        layout[index] = (owner, next_row[owner])
+        next_row[owner] += int(length)
+    return layout
+
+
 def _build(directory: Path, teacher, teacher_id: str, seqs: list[list[int]], vocab_size: int,
            model, batch_size: int, pad_id: int, device: torch.device, dist, rank: int,
            world: int) -> None:
     staging = directory.with_name(directory.name + ".building")
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
+    layout = shard_layout(lengths, world)
     if rank == 0:
         staging.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(staging / "logits.npy", mode="w+", dtype=np.float32,
-                                  shape=(int(offsets[-1]), vocab_size)).flush()
         np.save(staging / "offsets.npy", offsets)
         np.save(staging / "ids.npy", np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]))
+        np.save(staging / "layout.npy", layout)
     if dist is not None:
         dist.barrier()
-    store = np.load(staging / "logits.npy", mmap_mode="r+")
     mine = list(range(rank, len(seqs), world))
+    my_rows = int(lengths[mine].sum()) if mine else 0
+    # This rank's own file: no page of it is ever written by another rank (or node).
+    store = np.lib.format.open_memmap(staging / f"logits.rank{rank}.npy", mode="w+", dtype=np.float32,
+                                      shape=(my_rows, vocab_size)) if my_rows else None
     per_rank = -(-len(seqs) // world)
     calls = -(-per_rank // batch_size)  # equal forward count on every rank
     for call in range(calls):
@@ -187,15 +213,20 @@ def _build(directory: Path, teacher, teacher_id: str, seqs: list[list[int]], voc
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
         logits = logits[..., :vocab_size].float().cpu().numpy()
         for row, index in enumerate(picked):
-            store[offsets[index]:offsets[index + 1]] = logits[row, :lengths[index]]
-    store.flush()
-    del store
+            if index % world != rank:  # a rank without sequences only keeps the collectives in step
+                continue
+            start = int(layout[index, 1])
+            store[start:start + lengths[index]] = logits[row, :lengths[index]]
+    if store is not None:
+        store.flush()
+        del store
     if dist is not None:
         dist.barrier()
     if rank == 0:
         atomic_write_json(staging / "meta.json", {
             "teacher": str(teacher), "teacher_id": teacher_id, "vocab_size": vocab_size, "dtype": "float32",
-            "sequences": len(seqs), "positions": int(offsets[-1]), "created": utc_now()})
+            "sequences": len(seqs), "positions": int(offsets[-1]), "layout": "one file per writing rank",
+            "created": utc_now()})
         os.replace(staging, directory)
     if dist is not None:
         dist.barrier()

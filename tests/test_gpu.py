@@ -4,6 +4,7 @@ GPU, and a ZeRO-3 bf16 training run over NCCL. Skipped where there is no CUDA de
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ import torch
 from rlkd.objectives import DistillLoss, list_objectives
 from test_fused import RANKINGS, _assert_same, _both_paths, _inputs
 
+# rlkd's own device decision (rlkd.device), not torch alone: with DS_ACCELERATOR=cpu exported
+# (tests/conftest.py's default) rlkd and DeepSpeed run on the CPU even where a GPU is present.
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+              pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") != "cuda",
+                                 reason="needs a CUDA device and DS_ACCELERATOR=cuda (scripts/gpu_check.sh sets it)")]
 
 
 def _cuda(tensors):
@@ -59,3 +63,38 @@ def test_zero3_bf16_training_over_nccl_fused_matches_logits(run_config, tmp_path
     moved = sum(float((a[key].float() - start[key].float()).abs().sum()) for key in a)
     gap = sum(float((a[key].float() - b[key].float()).abs().sum()) for key in a)
     assert moved > 0 and gap <= 0.1 * moved, (gap, moved)
+
+
+def test_alignment_of_cpu_models_under_a_live_nccl_group(tiny_models):
+    """Issue 26 defect 1: alignment evaluation's collectives under an NCCL group (as after a cell's GPU
+    training) with models and their logits on the CPU."""
+    import torch.distributed as dist
+
+    from rlkd.engine.distributed import ensure_distributed
+    from rlkd.eval.alignment import compare_models
+
+    ensure_distributed()
+    assert dist.get_backend() == "nccl"
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
+    slices = [[1 + (7 * i + j) % 90 for j in range(16)] for i in range(5)]
+    result = compare_models(student, teacher, slices, batch_size=2, device="cpu")
+    assert result.n_slices == 5 and 0.0 <= result.metrics["cr@1"] <= 100.0
+
+
+def test_fused_weight_gradient_uses_bf16_tensor_cores_with_fp32_accumulation():
+    """Issue 26 defect 12: bf16 inputs, one fp32 accumulator, no fp32 copy of the block."""
+    from rlkd.objectives.fused import _add_weight_grad, _low_precision_addmm
+
+    assert _low_precision_addmm("cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits_grad = torch.randn(1024, 4096, device="cuda", generator=g).bfloat16()
+    hidden = torch.randn(1024, 512, device="cuda", generator=g).bfloat16()
+    acc = torch.zeros(4096, 512, device="cuda")
+    for _ in range(3):  # three blocks summed in fp32
+        _add_weight_grad(acc, logits_grad, hidden)
+    expected = 3 * (logits_grad.double().t() @ hidden.double())
+    assert acc.dtype == torch.float32
+    assert float((acc.double() - expected).abs().max()) <= 1e-3 * float(expected.abs().max())

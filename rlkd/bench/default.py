@@ -168,7 +168,9 @@ def run_default(args) -> int:
     import torch
 
     torch.set_num_threads(1)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    from rlkd.device import device_type
+
+    os.environ["DS_ACCELERATOR"] = device_type()  # the cells' processes inherit rlkd's one decision
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / ".prepare.lock"):  # a second runner waits, then reuses what the first built
         paths = prepare_data(root, quick)

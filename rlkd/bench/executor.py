@@ -14,12 +14,14 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from rlkd.bench.store import kill_point
 from rlkd.bench.stages import engine_tree, generation_data, stage_models, teacher_cache_dir, train
+from rlkd.device import device_type
 from rlkd.factory import resolve_model
 from rlkd.provenance import atomic_write_json, atomic_write_jsonl
 
@@ -180,13 +182,30 @@ class LocalExecutor:
         self.reuse_processes = reuse_processes
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._workers: list[subprocess.Popen] = []
+        # Cells running at once (rlkd bench --jobs N) go to the GPUs round-robin, not all to cuda:0.
+        self._gpus = visible_gpus() if device_type() == "cuda" else []
+        self._slot_lock = threading.Lock()
+        self._busy_slots: set[int] = set()
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, slot: int | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-        env.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
+        env["DS_ACCELERATOR"] = device_type()  # rlkd's one decision, inherited by every cell
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
+        gpu = gpu_for_slot(slot, self._gpus) if slot is not None else None
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu  # the cell sees one GPU, as its cuda:0
         return env
+
+    def _take_slot(self) -> int:
+        with self._slot_lock:
+            slot = next(i for i in range(len(self._busy_slots) + 1) if i not in self._busy_slots)
+            self._busy_slots.add(slot)
+            return slot
+
+    def _free_slot(self, slot: int) -> None:
+        with self._slot_lock:
+            self._busy_slots.discard(slot)
 
     def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
         if not self.subprocess_per_cell:
@@ -194,12 +213,16 @@ class LocalExecutor:
         out = workdir / METRICS_FILE  # kept if a killed run wrote it: the cell process reuses it
         if self.reuse_processes:
             return self._run_in_worker(workdir, out)
-        env = self._env()
+        slot = self._take_slot()
+        env = self._env(slot)
         log_path = workdir / "cell.log"
-        with open(log_path, "a") as log:
-            code = subprocess.call([sys.executable, "-m", "rlkd.bench.cell", str(workdir), str(self.cache_dir),
-                                    str(self.shared_dir)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=_die_with_parent)
+        try:
+            with open(log_path, "a") as log:
+                code = subprocess.call([sys.executable, "-m", "rlkd.bench.cell", str(workdir), str(self.cache_dir),
+                                        str(self.shared_dir)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       preexec_fn=_die_with_parent)
+        finally:
+            self._free_slot(slot)
         if code != 0 or not out.is_file():
             reason = last_error_line(log_path.read_text(errors="replace"))
             raise CellProcessError(f"{reason} (cell process exited with {code}; full log: {log_path.name} "
@@ -213,7 +236,7 @@ class LocalExecutor:
         except queue.Empty:
             worker = subprocess.Popen([sys.executable, "-m", "rlkd.bench.worker", str(self.cache_dir),
                                        str(self.shared_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      text=True, env=self._env(), preexec_fn=_die_with_parent)
+                                      text=True, env=self._env(len(self._workers)), preexec_fn=_die_with_parent)
             self._workers.append(worker)
         worker.stdin.write(json.dumps({"workdir": str(workdir)}) + "\n")
         worker.stdin.flush()
@@ -244,6 +267,21 @@ class LocalExecutor:
         self._workers.clear()
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs cells may use, as CUDA_VISIBLE_DEVICES names them: the runner's own list if set."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [name.strip() for name in listed.split(",") if name.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def gpu_for_slot(slot: int, gpus: list[str]) -> str | None:
+    """Round-robin: the cell in slot i (of the cells running at once) gets GPU i mod their count."""
+    return gpus[slot % len(gpus)] if gpus else None
+
+
 def write_result(workdir: Path, metrics: dict[str, float], per_example: dict[str, list[float]]) -> None:
     atomic_write_json(workdir / METRICS_FILE, {"metrics": metrics, "per_example": per_example})
 
@@ -258,12 +296,3 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - torch missing means CPU
-        return False

@@ -214,22 +214,14 @@ def generation_data(cell: dict[str, Any], teacher: str, shared_dir: Path) -> dic
     """The cell's ``run`` with its data replaced by the teacher's generations for the same rows."""
     from rlkd.config import DataConfig
     from rlkd.data.teacher_generations import ensure_teacher_generations
+    from rlkd.device import device_type
 
     run = copy.deepcopy(cell["run"])
     data = DataConfig.model_validate(run["data"])
     decoding = cell["teacher_generations"]
     path = ensure_teacher_generations(data, teacher, shared_dir, max_new_tokens=decoding["max_new_tokens"],
-                                      batch_size=decoding["batch_size"], device="cuda" if _cuda() else "cpu")
+                                      batch_size=decoding["batch_size"], device=device_type())
     # The generated file holds exactly the selected rows, already without evaluation overlap.
     run["data"] = {**{k: v for k, v in run["data"].items() if k not in ("limit", "skip", "data_dir", "source")},
                    "path": str(path), "exclude_eval_overlap": False}
     return run
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - torch missing means CPU
-        return False

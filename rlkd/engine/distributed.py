@@ -9,6 +9,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from rlkd.device import agree_with_deepspeed, collective_device, distributed_backend, local_device
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -25,9 +27,10 @@ def ensure_distributed() -> tuple[int, int, int]:
     # DeepSpeed still calls the collectives torch renamed; the notice repeats every step.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
     if not dist.is_initialized():
+        agree_with_deepspeed()  # before deepspeed's import picks its accelerator
         import deepspeed
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = distributed_backend()
         if "RANK" in os.environ:  # a launcher set up the rendezvous
             deepspeed.init_distributed(dist_backend=backend)
         else:
@@ -48,15 +51,14 @@ def ensure_distributed() -> tuple[int, int, int]:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy; float64 on CPU for gloo, on the current device for nccl)."""
+    """Sum over ranks: a copy, on the device of ``values`` (it travels on the group's own device)."""
     out = values.clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        on_group = out.to(collective_device())
+        dist.all_reduce(on_group, op=dist.ReduceOp.SUM)
+        out = on_group.to(values.device)
     return out
 
 
 def device_for(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    return local_device(local_rank)

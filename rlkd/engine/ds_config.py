@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from rlkd.device import on_gpu
 from rlkd.paths import REPO_ROOT
 
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
@@ -26,13 +27,23 @@ def read_ds_json(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}:{exc.lineno}: DeepSpeed config is not valid JSON ({exc.msg})") from None
 
 
+def prebuilt_op(name: str) -> bool:
+    """Whether the installed DeepSpeed ships op ``name`` compiled (a wheel built with DS_BUILD_OPS=1);
+    otherwise using it means a JIT build at start-up."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get(name, False))
+
+
 def _set_precision(config: dict[str, Any], dtype: torch.dtype) -> None:
     config["bf16"] = {"enabled": dtype == torch.bfloat16}
     config["fp16"] = {"enabled": dtype == torch.float16}
 
 
 def student_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
-    default = "zero3_bf16.json" if torch.cuda.is_available() else "zero3_fp32_cpu.json"
+    default = "zero3_bf16.json" if on_gpu() else "zero3_fp32_cpu.json"
     config = copy.deepcopy(read_ds_json(cfg.deepspeed.student_config or default))
     train = cfg.train
     config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
@@ -41,14 +52,24 @@ def student_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any
     config["gradient_clipping"] = train.grad_clip
     _set_precision(config, dtype)
     zero = config.setdefault("zero_optimization", {})
-    if cfg.deepspeed.student_offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    offload = cfg.deepspeed.student_offload_optimizer
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
     if train.optimizer == "deepspeed_adamw":
-        config["optimizer"] = {"type": "AdamW", "params": {
-            "lr": train.lr, "betas": list(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}}
+        params = {"lr": train.lr, "betas": list(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}
+        if not offload and not prebuilt_op("fused_adam"):
+            # FusedAdam would be JIT-compiled with nvcc at start-up, which pip-only images lack;
+            # DeepSpeed's own switch makes it use torch's AdamW (same update rule, no build).
+            params["torch_adam"] = True
+        config["optimizer"] = {"type": "AdamW", "params": params}
     else:
         config.pop("optimizer", None)
         config["zero_allow_untested_optimizer"] = True
+        if offload:
+            # The client torch AdamW then steps the fp32 partitions on the host. DeepSpeed refuses
+            # that by default, preferring its CPUAdam, whose C++ op is JIT-built at first use (g++
+            # and ninja; 4-5 min on 2 cores) and absent from pure-Python wheels; deepspeed_adamw asks for it.
+            config["zero_force_ds_cpu_optimizer"] = False
     config.pop("scheduler", None)  # the schedule is ours (rlkd.engine.schedule), stepped by DeepSpeed
     return config
 
@@ -65,5 +86,5 @@ def teacher_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any
     if zero.get("stage") != 3:
         raise ValueError("the teacher config must use ZeRO stage 3 (zero_optimization.stage = 3)")
     if cfg.deepspeed.teacher_offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
     return config

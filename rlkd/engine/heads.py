@@ -60,9 +60,10 @@ def check_plain_head(role: str, hidden: torch.Tensor, weight: torch.Tensor, last
                              f"{gap:.3g}); the model transforms its logits, set loss.fused_lm_head=false")
 
 
-def fused_loss_and_backward(session, batch: Batch, scale: float):
+def fused_loss_and_backward(session, batch: Batch, scale, *, host: Batch | None = None, grad_scale=None):
     """Forward and backward of one micro-batch on the fused path, for ``rlkd.engine.train.train_step``;
-    returns its ``LossOutput``.
+    returns its ``LossOutput``. ``host``: the batch's CPU copy (its mask and ids spare syncs);
+    ``grad_scale`` as in ``DistillLoss.__call__``.
 
     The student's head weight stays gathered through ``engine.backward``: autograd accumulates the
     full-shape weight gradient into the parameter, which must still have its full shape then
@@ -78,7 +79,7 @@ def fused_loss_and_backward(session, batch: Batch, scale: float):
     teacher = None
     if session.loss_fn.needs_teacher:
         if session.teacher_cache is not None:
-            teacher = session.teacher_logits(batch)
+            teacher = session.teacher_logits(batch, host)
         else:
             with torch.no_grad():
                 t_hidden, t_last = final_hidden_states(session.teacher, batch)
@@ -88,10 +89,13 @@ def fused_loss_and_backward(session, batch: Batch, scale: float):
     # Collectives under ZeRO-3: every rank gathers the same head weights.
     with deepspeed.zero.GatheredParameters([s_weight]):
         with deepspeed.zero.GatheredParameters([weight for role, _, weight, _ in heads if role == "teacher"]):
-            with torch.no_grad():
-                for role, hidden, weight, last in heads:
-                    check_plain_head(role, hidden, weight, last)
-            out = fused_distill_loss(session.loss_fn, HeadInput(s_hidden, s_weight), teacher, batch.supervised,
-                                     labels=batch.labels, vocab_size=session.vocab.shared_size)
+            if not session.heads_checked:  # a model's head does not change between steps: once (2 syncs)
+                with torch.no_grad():
+                    for role, hidden, weight, last in heads:
+                        check_plain_head(role, hidden, weight, last)
+                session.heads_checked = True
+            out = fused_distill_loss(session.loss_fn, HeadInput(s_hidden, s_weight), teacher,
+                                     batch.supervised if host is None else host.supervised, labels=batch.labels,
+                                     vocab_size=session.vocab.shared_size, grad_scale=grad_scale)
         session.student.backward(out.loss_sum * scale)
     return out

@@ -87,6 +87,24 @@ def check_deepspeed_files(cfg: RunConfig) -> None:
             raise PreflightError(f"deepspeed.{key}: {value}: DeepSpeed config file not found")
 
 
+def check_optimizer_build(cfg: RunConfig) -> None:
+    """DeepSpeed's CPUAdam (deepspeed_adamw with optimizer offload) is JIT-built unless the installed
+    DeepSpeed ships it compiled: without a C++ compiler and ninja that fails only after the models load."""
+    import shutil
+
+    from rlkd.engine.ds_config import prebuilt_op
+
+    if cfg.train.optimizer != "deepspeed_adamw" or not cfg.deepspeed.student_offload_optimizer:
+        return
+    if prebuilt_op("cpu_adam"):
+        return
+    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    if missing:
+        raise PreflightError(f"train.optimizer=deepspeed_adamw with deepspeed.student_offload_optimizer needs "
+                             f"DeepSpeed's CPUAdam built at start-up, and {' and '.join(missing)} is not on PATH; "
+                             "use train.optimizer=torch_adamw (torch's AdamW on the host)")
+
+
 def check(cfg: RunConfig) -> None:
     """Everything about `cfg` that can be known without loading weights; raises PreflightError."""
     models = cfg.models
@@ -95,6 +113,7 @@ def check(cfg: RunConfig) -> None:
     check_model_path("models.tokenizer", models.tokenizer, model=False)
     check_model_path("models.teacher_tokenizer", models.teacher_tokenizer, model=False)
     check_deepspeed_files(cfg)
+    check_optimizer_build(cfg)
     check_output_dir(cfg.output_dir)
     teacher_vocab = vocab_size("models.teacher", models.teacher)
     student_vocab = vocab_size("models.student", models.student)

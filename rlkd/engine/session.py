@@ -30,7 +30,8 @@ from rlkd.models import VocabPlan, config_vocab_size, load_causal_lm, load_token
 def build_loss(cfg: RunConfig):
     from rlkd.objectives import DistillLoss
 
-    return DistillLoss(cfg.loss)
+    # The training step checks the loss's finiteness in its one host sync a step (rlkd.engine.train).
+    return DistillLoss(cfg.loss, defer_finite_check=True)
 
 
 def _scheduler_factory(cfg: RunConfig):
@@ -74,13 +75,16 @@ class Session:
     ds_configs: dict[str, dict]
     _hf_ds_configs: list = field(default_factory=list)
     teacher_cache: Any = None  # rlkd.teacher_cache.TeacherLogitCache
+    heads_checked: bool = False  # the fused path checked once that logits are hidden @ head.T
 
-    def teacher_logits(self, batch: Batch) -> torch.Tensor | None:
+    def teacher_logits(self, batch: Batch, host: Batch | None = None) -> torch.Tensor | None:
+        """``host``: the batch's CPU copy, from which the teacher cache looks rows up without a sync."""
         if not self.loss_fn.needs_teacher:  # e.g. "ce": the teacher is never loaded
             return None
         if self.teacher_cache is not None:
-            logits = self.teacher_cache.logits(batch.input_ids, batch.attention_mask, dtype=self.dtype)
-            return logits[..., : self.vocab.shared_size]
+            source = host if host is not None else batch
+            logits = self.teacher_cache.logits(source.input_ids, source.attention_mask, dtype=self.dtype)
+            return logits[..., : self.vocab.shared_size].to(self.device, non_blocking=True)
         with torch.no_grad():
             out = self.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         return out.logits[..., : self.vocab.shared_size]
@@ -170,6 +174,10 @@ def build_session(cfg: RunConfig) -> Session:
     if cfg.train.optimizer == "torch_adamw":
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
+        if cfg.deepspeed.student_offload_optimizer and rank == 0:
+            print("rlkd: deepspeed.student_offload_optimizer with train.optimizer=torch_adamw: torch's AdamW steps "
+                  "the offloaded fp32 partitions on the host (train.optimizer=deepspeed_adamw uses DeepSpeed's "
+                  "CPUAdam, faster, but JIT-built with g++ and ninja at first use)", flush=True)
     student_engine, *_ = deepspeed.initialize(model=student_model, optimizer=optimizer,
                                               model_parameters=trainable,
                                               lr_scheduler=_scheduler_factory(cfg), config=s_config)

@@ -60,48 +60,84 @@ def _as_config(cfg: RunConfig | dict | str | Path, overrides) -> RunConfig:
     return load_config(cfg, overrides=overrides)
 
 
+def loss_scale(engine) -> float:
+    """The factor DeepSpeed's backward multiplies the loss by: fp16's current (dynamic) loss scale,
+    else 1. A Python number on the optimizer; reading it costs no sync."""
+    if not engine.fp16_enabled():
+        return 1.0
+    return float(getattr(engine.optimizer, "loss_scale", 1.0))
+
+
+def _device_scalar(value, device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(float(value))
+    return value.detach().reshape(()).to(device=device, dtype=torch.float64)
+
+
 def train_step(session: Session, step: int) -> dict[str, float]:
-    """One optimizer step (grad_accum micro-batches); returns the step's metrics (global means)."""
+    """One optimizer step (grad_accum micro-batches); returns the step's metrics (global means).
+
+    Host-device syncs: one a step, at its end. Token counts come from the batches' host copies, the
+    normalisation stays a device tensor, the loss keeps its sums and finiteness flag on the device,
+    and all of them travel back in one packed tensor (with the all-reduce over ranks).
+    """
     cfg, engine = session.cfg, session.student
-    micro_batches = [next(session.batches).to(session.device) for _ in range(cfg.train.grad_accum)]
+    host_batches = [next(session.batches) for _ in range(cfg.train.grad_accum)]
+    host_batches = [b.to("cpu") for b in host_batches]  # no-op for the loader's batches (built on the host)
+    micro_batches = [b.to(session.device) for b in host_batches]
     # A loss whose terms all declare counts="labelled" (cross-entropy) has nothing to learn where
     # the next token is unknown (the official mask's after-EOS position): those do not count.
     label_only = session.loss_fn.counts_labelled_only
-    counted = [(b.supervised & (b.labels != IGNORE_INDEX)) if label_only else b.supervised for b in micro_batches]
-    local = torch.tensor([float(c.sum()) for c in counted], dtype=torch.float64).sum()
-    attended = sum(float(b.attention_mask.sum()) for b in micro_batches)
-    global_count = float(all_reduce_sum(local.reshape(1).to(session.device))[0])
-    if global_count == 0:
-        raise RuntimeError(f"step {step}: no supervised token in any micro-batch on any rank")
+    masks = [(b.supervised & (b.labels != IGNORE_INDEX)) if label_only else b.supervised for b in host_batches]
+    local = torch.stack([m.sum() for m in masks]).sum().to(torch.float64).reshape(1)
+    attended = torch.stack([b.attention_mask.sum() for b in host_batches]).sum().to(torch.float64)
+    global_count = all_reduce_sum(local.to(session.device, non_blocking=True))[0]  # stays on the device
     scale = session.world_size * cfg.train.grad_accum / global_count
+    grad_scale = scale * loss_scale(engine)  # what engine.backward multiplies loss_sum by
     lr = engine.lr_scheduler.get_last_lr()[0] if engine.lr_scheduler is not None else cfg.train.lr
 
-    sums: dict[str, float] = {}
-    loss_total = 0.0
-    for batch in micro_batches:
+    sums: dict[str, torch.Tensor | float] = {}
+    loss_total = torch.zeros((), dtype=torch.float64, device=session.device)
+    finite = torch.ones((), dtype=torch.bool, device=session.device)
+    for batch, host in zip(micro_batches, host_batches):
         if cfg.loss.fused_lm_head:  # hidden states and head weights; no N x V logits
-            out = fused_loss_and_backward(session, batch, scale)
+            out = fused_loss_and_backward(session, batch, scale, host=host, grad_scale=grad_scale)
         else:
-            teacher_logits = session.teacher_logits(batch)
+            teacher_logits = session.teacher_logits(batch, host)
             student_logits = session.student_logits(batch)
-            out = session.loss_fn(student_logits, teacher_logits, batch.supervised, labels=batch.labels)
+            out = session.loss_fn(student_logits, teacher_logits, host.supervised, labels=batch.labels,
+                                  grad_scale=grad_scale)
             if agreement.due(cfg.agreement_every, step):
-                out.metrics.update(agreement.agreement_sums(student_logits, teacher_logits, batch.supervised))
+                out.device_metrics.update(agreement.agreement_sums(student_logits, teacher_logits, batch.supervised))
             engine.backward(out.loss_sum * scale)
         engine.step()  # DeepSpeed only updates at the accumulation boundary
-        loss_total += float(out.loss_sum.detach())
-        for key, value in out.metrics.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+        loss_total = loss_total + out.loss_sum.detach().to(torch.float64)
+        if out.finite is not None:
+            finite = finite & out.finite
+        for key, value in out.device_metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
 
     keys = sorted(sums)
-    packed = torch.tensor([loss_total, attended] + [sums[k] for k in keys], dtype=torch.float64)
-    packed = all_reduce_sum(packed.to(session.device)).cpu()
-    metrics = {"step": step + 1, "loss": float(packed[0]) / global_count, "lr": lr,
-               "supervised_tokens": global_count, "tokens": float(packed[1])}
-    for index, key in enumerate(keys):
-        total = float(packed[2 + index])
-        metrics[key] = total if key in COUNT_METRICS else total / global_count
+    device = session.device
+    local_values = [loss_total, attended.to(device)] + [_device_scalar(sums[k], device) for k in keys]
+    packed = all_reduce_sum(torch.stack(local_values))
     grad_norm = engine.get_global_grad_norm()
+    tail = [global_count.reshape(()), (~finite).to(torch.float64)]
+    if isinstance(grad_norm, torch.Tensor):
+        tail.append(grad_norm.detach().reshape(()).to(device=device, dtype=torch.float64))
+    values = torch.cat([packed, torch.stack(tail)]).tolist()  # the step's one host-device sync
+    count, nonfinite = values[len(local_values)], values[len(local_values) + 1]
+    if count == 0:
+        raise RuntimeError(f"step {step}: no supervised token in any micro-batch on any rank")
+    if nonfinite:
+        raise FloatingPointError(f"step {step}: the loss is not finite on rank {session.rank} (NaN/Inf in the "
+                                 "student's or teacher's logits, or an overflow)")
+    metrics = {"step": step + 1, "loss": values[0] / count, "lr": lr, "supervised_tokens": count, "tokens": values[1]}
+    for index, key in enumerate(keys):
+        total = values[2 + index]
+        metrics[key] = total if key in COUNT_METRICS else total / count
+    if isinstance(grad_norm, torch.Tensor):
+        grad_norm = values[-1]
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else None
     return metrics
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from rlkd.device import collective_device, has_peers
+
 CR_KS = (1, 2, 3, 4, 5)
 OR_KS = (3, 5, 10, 20)
 
@@ -113,13 +115,17 @@ class AlignmentAccumulator:
         """Sum the accumulators of every rank (no-op unless torch.distributed is initialised)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not has_peers():  # (a one-process group left up by a cell's training included)
             return
         names = sorted(self.slice_mean_sums)
         packed = torch.tensor([self.n_slices, self.n_tokens]
                               + [self.slice_mean_sums[n] for n in names]
                               + [self.token_sums.get(n, 0.0) for n in names], dtype=torch.float64)
+        # On the group's own device: after a GPU training in the same process the group is NCCL,
+        # which has no CPU collectives, while these sums live on the CPU.
+        packed = packed.to(collective_device())
         dist.all_reduce(packed)
+        packed = packed.cpu()
         self.n_slices, self.n_tokens = int(packed[0]), int(packed[1])
         for i, name in enumerate(names):
             self.slice_mean_sums[name] = packed[2 + i].item()
@@ -213,7 +219,7 @@ def compare_models(student, teacher, token_slices: Sequence[Sequence[int]], batc
 
     import torch.distributed as dist
 
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = has_peers()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if device is None:
         device = next(student.parameters()).device
@@ -227,7 +233,7 @@ def compare_models(student, teacher, token_slices: Sequence[Sequence[int]], batc
                for i in range(0, len(group), batch_size)]
     n_calls = len(batches)
     if distributed:
-        count = torch.tensor([n_calls], dtype=torch.long)
+        count = torch.tensor([n_calls], dtype=torch.long, device=collective_device())
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         n_calls = int(count.item())
     acc = AlignmentAccumulator(cr_ks=cr_ks, or_ks=or_ks, chunk_size=chunk_size)

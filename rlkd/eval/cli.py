@@ -37,8 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int)
     p.add_argument("--stop", nargs="+", default=[], help="cut predictions at these strings")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="default: cuda when rlkd runs on a GPU (rlkd.device), else cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--no-rouge-pkg", action="store_true", help="skip the `rouge` package variant")
     p.add_argument("--fast-checkpoint-hash", action="store_true",
                    help="fingerprint weights by size and mtime instead of content")
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print("rlkd eval: give --task, --lm-eval or --teacher", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else _default_out(args.checkpoint)
+    from rlkd.device import eval_placement
+
+    args.device, args.dtype = eval_placement(args.device, args.dtype)
     try:
         if args.task:
             from .runner import evaluate_task

@@ -49,11 +49,13 @@ def _task(settings: dict[str, Any], model_path: str, out_dir: Path, task: str):
 def _alignment(settings, model_path, teacher_path, train_sequences, teacher_cache_dir) -> dict[str, float]:
     """CR/MOR/PPL of the model against the teacher on the main set and on each of ``extra_sets``
     (their metrics prefixed with the set's name)."""
+    from rlkd.device import eval_placement
     from rlkd.eval.generate import load_checkpoint
 
     if teacher_path is None:
         raise ValueError("alignment evaluation needs a teacher")
-    model, tokenizer = load_checkpoint(model_path, dtype="float32", device="cpu")
+    device, dtype = eval_placement()  # the GPU in bf16 when there is one
+    model, tokenizer = load_checkpoint(model_path, dtype=dtype, device=device)
     teacher = None
     sets = {"": settings, **{f"{name}_": {**settings, "source": "text", **extra}
                             for name, extra in (settings.get("extra_sets") or {}).items()}}
@@ -62,9 +64,10 @@ def _alignment(settings, model_path, teacher_path, train_sequences, teacher_cach
         batch_size = int(current.get("batch_size", 4))
         slices = _slices(current, tokenizer, train_sequences)
         if teacher_cache_dir is not None:
-            reference = _cached_teacher(teacher_path, slices, model.config.vocab_size, teacher_cache_dir, batch_size)
+            reference = _cached_teacher(teacher_path, slices, model.config.vocab_size, teacher_cache_dir, batch_size,
+                                        device, dtype)
         else:
-            teacher = teacher or load_checkpoint(teacher_path, dtype="float32", device="cpu")[0]
+            teacher = teacher or load_checkpoint(teacher_path, dtype=dtype, device=device)[0]
             reference = teacher
         for name, value in _compare(model, reference, slices, batch_size).items():
             metrics[prefix + name] = value
@@ -95,14 +98,15 @@ def _slices(settings: dict[str, Any], tokenizer, train_sequences):
                              max_slices=settings.get("max_slices"))
 
 
-def _cached_teacher(teacher_path: str, slices, vocab_size: int, cache_dir: Path, batch_size: int):
-    """The teacher as cached logits over these slices (built with a plain fp32 teacher if new)."""
+def _cached_teacher(teacher_path: str, slices, vocab_size: int, cache_dir: Path, batch_size: int,
+                    device: str, dtype: str):
+    """The teacher as cached logits over these slices (built with a plain teacher if new)."""
     from rlkd import teacher_cache
     from rlkd.eval.generate import load_checkpoint
 
     cache = teacher_cache.open_or_build(
         cache_dir, teacher_path, slices, vocab_size,
-        lambda: load_checkpoint(teacher_path, dtype="float32", device="cpu")[0], batch_size=batch_size)
+        lambda: load_checkpoint(teacher_path, dtype=dtype, device=device)[0], batch_size=batch_size, device=device)
     return cache.as_model()
 
 

@@ -250,7 +250,7 @@ def evaluate_task(checkpoint: str | os.PathLike | None, task: str, *, out_dir: s
                   prompt_style: str | None = None, seeds: Sequence[int] | None = None,
                   max_new_tokens: int | None = None, max_prompt_tokens: int | None = None,
                   batch_size: int = 8, stop_strings: Sequence[str] = (),
-                  model=None, tokenizer=None, device: str = "cpu", dtype: str = "float32",
+                  model=None, tokenizer=None, device: str | None = None, dtype: str | None = None,
                   with_rouge_pkg: bool = True, full_checkpoint_hash: bool = True,
                   overwrite: bool = False, show_progress: bool = False) -> dict:
     """Evaluate a checkpoint (a path/Hub id, or an in-memory ``model`` + ``tokenizer``) on a task.
@@ -259,6 +259,9 @@ def evaluate_task(checkpoint: str | os.PathLike | None, task: str, *, out_dir: s
     default 10..50); defaults to the task's. ``prompt_style``: "alpaca" | "minillm" | "chat",
     default the task's. Returns the metrics dict written to ``<out_dir>/<task>/metrics.json``.
     """
+    from rlkd.device import eval_placement
+
+    device, dtype = eval_placement(device, dtype)  # default: the GPU in bf16 when there is one
     spec = get_task(task)
     protocol = protocol or spec.protocol
     if protocol not in ("greedy", "minillm"):

@@ -15,4 +15,4 @@ def cross_entropy(student_logits, teacher_logits=None, labels=None):
         raise ValueError("objective 'ce' needs labels (the next token at every selected position)")
     keep = labels != IGNORE_INDEX
     picked = log_probs(student_logits).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(keep, -picked, torch.zeros((), dtype=picked.dtype))
+    return torch.where(keep, -picked, picked.new_zeros(()))  # a zero on the logits' device, not a host scalar

@@ -109,6 +109,9 @@ class LossConfig(BaseModel):
     ranking: RankingConfig = Field(default_factory=lambda: RankingConfig(enabled=False))
     fused_lm_head: bool = Field(False, description="compute logits from final hidden states chunk by chunk "
                                 "(rlkd.objectives.fused): no N x V tensor for either model")
+    fused_block_mib: float | None = Field(None, gt=0, description="memory for one block of logits on the fused "
+                                          "path, in MiB (the block size); None = the device's default "
+                                          "(rlkd.objectives.fused.fused_block_budget)")
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":

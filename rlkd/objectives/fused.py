@@ -2,7 +2,7 @@
 
 ``fused_distill_loss(loss, student, teacher, mask, labels)`` gives the same ``LossOutput`` as
 ``loss(student_hidden @ W_s.T, teacher_hidden @ W_t.T, mask, labels)`` without any N x V tensor:
-for each block of supervised positions (HEAD_BLOCK_ELEMENTS logits) it computes both models'
+for each block of supervised positions (a memory budget's worth of logits) it computes both models'
 logits, runs the unchanged per-chunk maths (``DistillLoss._chunk``: every objective, the ranking
 term in every mode, temperature) on the logits path's chunks inside the block (and the ranking
 term of logit scores once for the whole block, ``DistillLoss.rank_rows``), overwrites the
@@ -23,23 +23,55 @@ gradient is handed to autograd as usual and reduced by DeepSpeed's own gradient 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from rlkd.objectives.common import compute_dtype
-from rlkd.objectives.loss import DistillLoss, LossOutput, _check_finite, add_terms
+from rlkd.objectives.loss import DistillLoss, LossOutput, add_terms, contiguous_starts
 
 # Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
-# blocks of about this many elements (64 MiB in fp32, 128 rows at V = 128k); the loss maths then
-# runs on chunks of FUSED_CHUNK_ELEMENTS inside a block. A block of a hundred rows or more keeps
-# the matmuls compute-bound: each one reads a V x H head weight (1 GiB at V = 128k, H = 2048) and
-# the weight-gradient update also writes one, which costs as much as the matmul itself for a
-# block of a few dozen rows. Both sizes are chosen for memory: at V >= 128k the fp32 weight
-# gradient is most of the fused path's peak, and block + chunk temporaries are kept to a small
-# fraction of it (results/perf/fused.md).
+# blocks of positions; the loss maths then runs on chunks of FUSED_CHUNK_ELEMENTS inside a block.
+# A block's size comes from a memory budget (``loss.fused_block_mib``, see ``fused_block_rows``).
+# On the CPU the default, 2^24 elements (64 MiB in fp32, 128 rows at V = 128k), is chosen for
+# memory: at V >= 128k the fp32 weight gradient is most of the fused path's peak and block + chunk
+# temporaries are kept to a small fraction of it (results/perf/fused.md: peak <= 0.2x the logits
+# path). A GPU needs far more rows per block to keep its matmuls compute-bound (each one reads a
+# V x H head weight, 1 GiB at V = 128k, H = 2048, and the weight-gradient update writes one), and
+# has the memory: its default is a share of the device's memory, never below GPU_BLOCK_ROW_FLOOR rows.
 HEAD_BLOCK_ELEMENTS = 2**24
+GPU_BLOCK_SHARE = 1 / 256         # of the device's memory: 320 MiB on an 80 GB GPU (1248 rows at V = 128k, bf16)
+GPU_BLOCK_MAX_BYTES = 2**30
+GPU_BLOCK_ROW_FLOOR = 1024        # about 8 tiles of 128 rows per matmul
 FUSED_CHUNK_ELEMENTS = 2**20
+GPU_CHUNK_ELEMENTS = 2**22        # 4x the CPU chunk on a GPU (the logits path's chunk): fewer, fuller kernels
+
+
+def fused_block_budget(device_type: str, element_bytes: int = 4, device_bytes: int | None = None,
+                       setting_mib: float | None = None) -> int:
+    """Bytes of logits one block may hold: ``loss.fused_block_mib`` when set, else the device's
+    default (CPU: HEAD_BLOCK_ELEMENTS logits, today's measured setting; GPU: a share of its memory)."""
+    if setting_mib is not None:
+        return int(setting_mib * 2**20)
+    if device_type != "cuda":
+        return HEAD_BLOCK_ELEMENTS * element_bytes
+    if device_bytes is None:
+        device_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return int(min(GPU_BLOCK_MAX_BYTES, device_bytes * GPU_BLOCK_SHARE))
+
+
+def fused_block_rows(vocab: int, element_bytes: int, device_type: str, *, device_bytes: int | None = None,
+                     setting_mib: float | None = None, chunk: int | None = None) -> tuple[int, int]:
+    """``(rows per block, rows per chunk)`` for a vocabulary of ``vocab`` logits of ``element_bytes``
+    each. A block is a whole number of chunks; on a GPU it has at least GPU_BLOCK_ROW_FLOOR rows
+    unless a budget is set explicitly."""
+    if chunk is None:
+        chunk = max(1, (GPU_CHUNK_ELEMENTS if device_type == "cuda" else FUSED_CHUNK_ELEMENTS) // vocab)
+    rows = fused_block_budget(device_type, element_bytes, device_bytes, setting_mib) // (vocab * element_bytes)
+    if device_type == "cuda" and setting_mib is None:
+        rows = max(rows, GPU_BLOCK_ROW_FLOOR)
+    return max(chunk, rows // chunk * chunk), chunk
 
 
 @dataclass
@@ -88,23 +120,23 @@ class _CachedRows:
         return self.logits.index_select(dim, idx)
 
 
-def _rows(source, idx: torch.Tensor):
+def _rows(source, idx: torch.Tensor, first: int | None):
     if source is None:
         return None
-    first = int(idx[0])
-    if int(idx[-1]) - first + 1 == idx.numel():
+    if first is not None:
         return source.narrow(0, first, idx.numel())
     return source.index_select(0, idx)
 
 
 def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput | torch.Tensor | None,
                        mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-                       vocab_size: int | None = None) -> LossOutput:
-    """``loss`` evaluated on logits computed chunk by chunk from hidden states; see the module docstring."""
+                       vocab_size: int | None = None, grad_scale=None) -> LossOutput:
+    """``loss`` evaluated on logits computed chunk by chunk from hidden states; see the module
+    docstring. ``mask`` and ``grad_scale`` as in ``DistillLoss.__call__``."""
     hidden, weight = student.hidden, student.weight
     lead = hidden.shape[:-1]
     vocab = _check_inputs(loss, student, teacher, lead, vocab_size)
-    positions, labels_sel = loss.select_positions(lead, hidden.device, mask, labels, "hidden states'")
+    positions, labels_sel, host_positions = loss.select_positions(lead, hidden.device, mask, labels, "hidden states'")
 
     hidden_flat = hidden.reshape(-1, hidden.shape[-1])
     teacher_rows = None
@@ -117,15 +149,20 @@ def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput
     if n == 0:
         # Connected to both inputs so that every rank runs the same backward (ZeRO-3 reductions).
         return LossOutput(hidden_flat.sum() * 0.0 + weight.sum() * 0.0, 0, {"loss": 0.0})
-    chunk = loss.config.chunk_size or max(1, FUSED_CHUNK_ELEMENTS // vocab)
+    block, chunk = fused_block_rows(vocab, hidden.element_size(), hidden.device.type,
+                                    setting_mib=loss.config.fused_block_mib, chunk=loss.config.chunk_size)
     student_rows = _LogitRows(hidden_flat, weight, vocab)
-    union_ids, weights = loss._batch_level(student_rows, teacher_rows, positions, chunk)
-    plan = _Plan(loss, teacher_rows, positions, labels_sel, union_ids, weights, chunk, vocab)
+    union_ids, weights = loss._batch_level(student_rows, teacher_rows, positions, chunk, host_positions)
+    plan = _Plan(loss, teacher_rows, positions, labels_sel, union_ids, weights, chunk, vocab, block, host_positions,
+                 1.0 if grad_scale is None else grad_scale)
     loss_sum = _FusedHeadLoss.apply(hidden_flat, weight, plan)
     metrics = dict(plan.metrics)
-    metrics["loss"] = float(plan.per_token.sum())
+    metrics["loss"] = plan.per_token.sum()
     metrics["rank_fallback"] = float(weights.rank_fallback)
-    return LossOutput(loss_sum, n, metrics, plan.per_token)
+    out = LossOutput(loss_sum, n, metrics, plan.per_token, torch.isfinite(plan.per_token).all())
+    if not loss.defer_finite_check:
+        loss.check_finite(out, student_rows, teacher_rows, positions)
+    return out
 
 
 def _check_inputs(loss: DistillLoss, student: HeadInput, teacher, lead, vocab_size: int | None) -> int:
@@ -167,27 +204,59 @@ class _Plan:
     weights: object
     chunk: int
     vocab: int
+    block: int
+    host_positions: torch.Tensor
+    grad_scale: object = 1.0
     per_token: torch.Tensor | None = None
     metrics: dict | None = None
 
 
-def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights, want_grad, idx):
-    """``(per-token totals, logged terms, gradient w.r.t. the chunk's logits or None, rank rows)``,
-    all detached.
+def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights, want_grad, grad_scale):
+    """``(per-token totals, logged terms, grad_scale x the gradient w.r.t. the chunk's logits (fp32)
+    or None, rank rows)``, all detached.
 
     Its own function so that the chunk's autograd graph, which holds the chunk's logits (a view
-    of the whole block), is gone when it returns.
+    of the whole block), is gone when it returns. The gradient is scaled before the caller stores
+    it in the logits' dtype, so that fp16 does not round small gradients to zero.
     """
-    s_rows = student_rows.detach()
+    s_rows = student_rows.detach().to(compute_dtype(student_rows))
     with torch.enable_grad():
         s_rows.requires_grad_(want_grad)
         total, terms, rank_rows = loss._chunk(s_rows, t_rows, labels, union_ids, weights)
-        _check_finite(total, s_rows, t_rows, idx)
         g = None
         if want_grad:
             g = torch.autograd.grad(total.sum(), s_rows, allow_unused=True)[0] if total.requires_grad else None
-            g = g if g is not None else torch.zeros_like(s_rows)
+            g = g * grad_scale if g is not None else torch.zeros_like(s_rows)
     return total.detach(), {name: value.detach() for name, value in terms.items()}, g, rank_rows
+
+
+@functools.lru_cache(maxsize=None)
+def _low_precision_addmm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds ``a @ b`` of ``dtype``
+    inputs into an fp32 ``acc`` here (CUDA, torch >= 2.8): a tensor-core matmul whose fp32
+    accumulator is added unrounded, in place. Checked against an fp32 matmul on a small case."""
+    try:
+        g = torch.Generator(device=device_type).manual_seed(0)
+        a = torch.randn(64, 32, device=device_type, generator=g).to(dtype)
+        b = torch.randn(32, 48, device=device_type, generator=g).to(dtype)
+        acc = torch.ones(64, 48, device=device_type)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        expected = 1 + a.float() @ b.float()
+        return acc.dtype == torch.float32 and bool(torch.allclose(acc, expected, rtol=1e-3, atol=1e-3))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _add_weight_grad(grad_w: torch.Tensor, logits_grad: torch.Tensor, h_block: torch.Tensor) -> None:
+    """``grad_w += logits_grad.T @ h_block`` into the fp32 accumulator. On a GPU with bf16/fp16 inputs
+    the matmul runs in that dtype on the tensor cores with fp32 accumulation (an fp32 matmul would
+    use none) and no fp32 copy of the block; on the CPU, and for fp32 inputs, it is an fp32 matmul
+    as before."""
+    low = logits_grad.dtype in (torch.bfloat16, torch.float16) and logits_grad.dtype == h_block.dtype
+    if low and logits_grad.device.type == "cuda" and _low_precision_addmm("cuda", logits_grad.dtype):
+        torch.addmm(grad_w, logits_grad.t(), h_block, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w.addmm_(logits_grad.t().to(grad_w.dtype), h_block.to(grad_w.dtype))
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -204,13 +273,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if want_w else None
         sums: dict[str, torch.Tensor] = {}
-        chunk = plan.chunk
-        block = max(chunk, HEAD_BLOCK_ELEMENTS // vocab // chunk * chunk)
-        for block_start in range(0, n, block):
+        chunk, block = plan.chunk, plan.block
+        for block_start, first in zip(range(0, n, block), contiguous_starts(plan.host_positions, block)):
             block_idx = positions[block_start : block_start + block]
-            h_block = _rows(h_all, block_idx)
+            h_block = _rows(h_all, block_idx, first)
             logits = h_block @ head.t()  # overwritten by its own gradient, chunk by chunk
-            t_block = _rows(plan.teacher_rows, block_idx)
+            t_block = _rows(plan.teacher_rows, block_idx, first)
             rank_parts = []
             for offset in range(0, block_idx.numel(), chunk):
                 start = block_start + offset
@@ -219,7 +287,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
                 ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
                 total, terms, g, rank_rows = _chunk_loss_and_grad(loss, logits[rows], t_rows, lab, ids, plan.weights,
-                                                                  want_h or want_w, block_idx[rows])
+                                                                  want_h or want_w, plan.grad_scale)
                 if g is not None:
                     logits[rows] = g
                 per_token[start : start + chunk] = total
@@ -231,15 +299,16 @@ class _FusedHeadLoss(torch.autograd.Function):
                                                per_token[block_start : block_start + block_idx.numel()], block_idx, sums)
                 if g is not None:
                     rows = torch.arange(block_idx.numel(), device=logits.device).unsqueeze(-1).expand_as(ids)
-                    logits.index_put_((rows, ids), g.to(logits.dtype), accumulate=True)
+                    logits.index_put_((rows, ids), (g * plan.grad_scale).to(logits.dtype), accumulate=True)
             if want_h:
                 grad_h.index_copy_(0, block_idx, logits @ head)
             if want_w:
-                grad_w.narrow(0, 0, vocab).addmm_(logits.t().to(acc_dtype), h_block.to(acc_dtype))
+                _add_weight_grad(grad_w.narrow(0, 0, vocab), logits, h_block)
             del logits, t_block, t_rows  # free this block before the next one is allocated
         plan.per_token = per_token
-        plan.metrics = {name: float(value) for name, value in sums.items()}
+        plan.metrics = sums  # device tensors; read by the caller, once
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.grad_scale = plan.grad_scale
         return per_token.sum()
 
     @staticmethod
@@ -248,8 +317,9 @@ class _FusedHeadLoss(torch.autograd.Function):
             raise RuntimeError("fused_distill_loss: a second backward through the same loss")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
+        factor = grad_out / ctx.grad_scale  # the gradients carry grad_scale already
         if grad_h is not None:
-            grad_h = grad_h.mul_(grad_out.to(grad_h.dtype))
+            grad_h = grad_h.mul_(factor.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w = grad_w.mul_(grad_out.to(grad_w.dtype))
+            grad_w = grad_w.mul_(factor.to(grad_w.dtype))
         return grad_h, grad_w, None

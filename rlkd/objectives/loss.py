@@ -22,7 +22,7 @@ leave the loss scale unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,12 +34,36 @@ from rlkd.objectives.registry import get_objective
 CHUNK_ELEMENT_BUDGET = 2**22
 
 
-@dataclass
 class LossOutput:
-    loss_sum: torch.Tensor
-    n_tokens: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    per_token: torch.Tensor | None = None
+    """``loss_sum`` (a scalar tensor), ``n_tokens``, ``per_token`` and the logged sums.
+
+    ``device_metrics`` holds those sums as they were computed: 0-dim tensors on the logits' device.
+    Reading ``metrics`` turns them into floats, all in one host-device sync; the engine never reads
+    it and packs ``device_metrics`` into its one sync a step instead. ``finite`` is a device flag:
+    whether every per-token loss is finite (None when already checked).
+    """
+
+    def __init__(self, loss_sum: torch.Tensor, n_tokens: int, metrics: dict | None = None,
+                 per_token: torch.Tensor | None = None, finite: torch.Tensor | None = None):
+        self.loss_sum, self.n_tokens, self.per_token, self.finite = loss_sum, n_tokens, per_token, finite
+        self.device_metrics: dict[str, torch.Tensor | float] = dict(metrics or {})
+        self._metrics: dict[str, float] | None = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        if self._metrics is None:
+            self._metrics = host_values(self.device_metrics)
+        return self._metrics
+
+
+def host_values(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Floats of a dict of 0-dim tensors and numbers, with one device-to-host copy for all tensors."""
+    names = [name for name, value in values.items() if isinstance(value, torch.Tensor)]
+    out = {name: float(value) for name, value in values.items() if not isinstance(value, torch.Tensor)}
+    if names:
+        packed = torch.stack([values[n].detach().reshape(()).to(torch.float64) for n in names]).tolist()
+        out.update(zip(names, packed))
+    return {name: out[name] for name in values}
 
 
 @dataclass
@@ -72,13 +96,17 @@ class _Weights:
 class DistillLoss:
     """Callable ``(student_logits, teacher_logits, mask, labels=None) -> LossOutput``."""
 
-    def __init__(self, config: LossConfig | dict | None = None, *, retain_gradient: bool = False, **overrides):
+    def __init__(self, config: LossConfig | dict | None = None, *, retain_gradient: bool = False,
+                 defer_finite_check: bool = False, **overrides):
         if config is None or isinstance(config, dict):
             config = LossConfig(**{**(config or {}), **overrides})
         elif overrides:
             config = config.model_copy(update=overrides)
         self.config = config
         self.retain_gradient = retain_gradient
+        # A call checks that its loss is finite (one host sync) unless the caller does it for many
+        # calls at once (rlkd.engine.train: in its one sync a step) from ``LossOutput.finite``.
+        self.defer_finite_check = defer_finite_check
         self.ranking = config.ranking if config.ranking.enabled else None
         # (declaration, params, weight) of each weighted objective; empty for Rank-only.
         self.objectives = [(get_objective(t.objective), dict(t.params), t.weight)
@@ -155,9 +183,7 @@ class DistillLoss:
         caller to scatter into its logits' gradient (``grad`` None without gradient or weight)."""
         rows = RankRows.cat(parts)
         total, terms, grad = self.rank_rows(rows, weights, want_grad)
-        per_token += total
-        # A rank-only loss sees non-finite logits only here.
-        _check_finite(per_token, rows.student, rows.teacher, positions)
+        per_token += total  # (a rank-only loss sees non-finite logits only here; checked with the rest)
         add_terms(sums, terms)
         return rows.ids, grad
 
@@ -166,8 +192,14 @@ class DistillLoss:
                 "topk_overlap": overlap.to(dtype) / self.ranking.k}
 
     # ---- entry point ------------------------------------------------------------------------------
-    def __call__(self, student_logits, teacher_logits, mask=None, labels=None) -> LossOutput:
-        student_flat, teacher_flat, positions, labels_sel = self._select(student_logits, teacher_logits, mask, labels)
+    def __call__(self, student_logits, teacher_logits, mask=None, labels=None, *, grad_scale=None) -> LossOutput:
+        """``mask`` may live on the CPU (the engine passes the batch's host copy): then the loss reads
+        nothing back from the device. ``grad_scale``: the factor the caller's backward will multiply
+        ``loss_sum`` by (its normalisation times fp16's loss scale). The gradient is computed in fp32
+        during forward and stored in the logits' dtype *after* this factor is applied, as autograd
+        would, so that fp16 does not round small gradients to zero before the loss scale lifts them."""
+        student_flat, teacher_flat, positions, labels_sel, host_positions = self._select(
+            student_logits, teacher_logits, mask, labels)
         n = positions.numel()
         if n == 0:
             # A micro-batch without supervised tokens is legal (e.g. a prompt filling the context):
@@ -175,14 +207,25 @@ class DistillLoss:
             return LossOutput(student_flat.sum() * 0.0, 0, {"loss": 0.0})
         vocab = student_flat.shape[-1]
         chunk = self.config.chunk_size or max(1, CHUNK_ELEMENT_BUDGET // vocab)
-        union_ids, weights = self._batch_level(student_flat, teacher_flat, positions, chunk)
-        metrics: dict[str, float] = {}
+        union_ids, weights = self._batch_level(student_flat, teacher_flat, positions, chunk, host_positions)
+        metrics: dict[str, torch.Tensor | float] = {}
         per_token = _FusedChunkedLoss.apply(
-            student_flat, teacher_flat, positions, labels_sel, union_ids, weights, chunk, self, metrics
+            student_flat, teacher_flat, positions, labels_sel, union_ids, weights, chunk, self, metrics,
+            (host_positions, 1.0 if grad_scale is None else grad_scale)
         )
-        metrics["loss"] = float(per_token.detach().sum())
+        metrics["loss"] = per_token.detach().sum()
         metrics["rank_fallback"] = float(weights.rank_fallback)
-        return LossOutput(per_token.sum(), n, metrics, per_token)
+        out = LossOutput(per_token.sum(), n, metrics, per_token, torch.isfinite(per_token.detach()).all())
+        if not self.defer_finite_check:
+            self.check_finite(out, student_flat, teacher_flat, positions)
+        return out
+
+    def check_finite(self, out: LossOutput, student_rows, teacher_rows, positions) -> None:
+        """Raise, naming the first position, if ``out``'s loss is not finite (one host sync)."""
+        finite, out.finite = out.finite, None
+        if finite is None or bool(finite):
+            return
+        _check_finite(out.per_token.detach(), None, None, positions, student_rows, teacher_rows)
 
     # What the loss needs and how it is normalised, read from the objectives' declarations.
     @property
@@ -219,20 +262,23 @@ class DistillLoss:
                 )
         if self.ranking is not None and self.ranking.k > vocab:
             raise ValueError(f"ranking.k={self.ranking.k} exceeds the vocabulary size {vocab}")
-        positions, labels_sel = self.select_positions(student_logits.shape[:-1], student_logits.device, mask,
-                                                      labels, "logits'")
+        positions, labels_sel, host_positions = self.select_positions(student_logits.shape[:-1], student_logits.device,
+                                                                      mask, labels, "logits'")
         student_flat = student_logits.reshape(-1, vocab)
         teacher_flat = teacher_logits.reshape(-1, vocab) if teacher_logits is not None and needs_teacher else None
-        return student_flat, teacher_flat, positions, labels_sel
+        return student_flat, teacher_flat, positions, labels_sel, host_positions
 
     def select_positions(self, lead, device, mask, labels, what: str):
-        """The flattened supervised positions (all when ``mask`` is None) and their labels, with the
-        shapes checked against the inputs' leading shape ``lead`` (``what`` names those inputs)."""
+        """``(positions on device, their labels, positions on the host)``: the flattened supervised
+        positions (all when ``mask`` is None), shapes checked against the inputs' leading shape
+        ``lead`` (``what`` names those inputs). The host copy lets the chunk loop slice without
+        reading the device; a mask on the CPU costs no sync at all."""
         if mask is None:
-            mask = torch.ones(lead, dtype=torch.bool, device=device)
+            mask = torch.ones(lead, dtype=torch.bool)
         if mask.shape != lead:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match {what} leading shape {tuple(lead)}")
-        positions = mask.reshape(-1).nonzero().squeeze(-1)
+        host_positions = mask.reshape(-1).cpu().nonzero().squeeze(-1)
+        positions = host_positions.to(device, non_blocking=True)
         labels_sel = None
         if labels is not None:
             if labels.shape != lead:
@@ -241,23 +287,25 @@ class DistillLoss:
         elif self.needs_labels:
             names = [spec.name for spec, _, _ in self.objectives if spec.needs_labels]
             raise ValueError(f"objective {', '.join(map(repr, names))} needs labels")
-        return positions, labels_sel
+        return positions, labels_sel, host_positions
 
-    def _batch_level(self, student_flat, teacher_flat, positions, chunk):
-        """Weights, and for the official mode the batch-level union and its NaN fallback."""
+    def _batch_level(self, student_flat, teacher_flat, positions, chunk, host_positions):
+        """Weights, and for the official mode the batch-level union and its NaN fallback (the
+        released code's choice between two losses: one host sync, official fidelity only)."""
         r = self.ranking
         if r is None:
             return None, _Weights(rank=0.0, base=1.0)
         if r.fidelity == "paper":
             return None, _Weights(rank=r.rank_weight, base=r.base_weight if self.objectives else 0.0)
         with torch.no_grad():
-            spans = [positions[i : i + chunk] for i in range(0, positions.numel(), chunk)]
-            t_ids = torch.cat([topk_ids(_rows(teacher_flat, idx), r.k) for idx in spans])
-            s_ids = torch.cat([topk_ids(_rows(student_flat, idx), r.k) for idx in spans])
+            starts = contiguous_starts(host_positions, chunk)
+            spans = [(positions[i : i + chunk], first) for i, first in zip(range(0, positions.numel(), chunk), starts)]
+            t_ids = torch.cat([topk_ids(_rows(teacher_flat, idx, first), r.k) for idx, first in spans])
+            s_ids = torch.cat([topk_ids(_rows(student_flat, idx, first), r.k) for idx, first in spans])
             union_ids = official_batch_union(t_ids, s_ids)
-            parts = [self._chunk(_rows(student_flat, idx), _rows(teacher_flat, idx), None,
+            parts = [self._chunk(_rows(student_flat, idx, first), _rows(teacher_flat, idx, first), None,
                                  union_ids[i * chunk : (i + 1) * chunk], _Weights(1.0, 0.0))
-                     for i, idx in enumerate(spans)]
+                     for i, (idx, first) in enumerate(spans)]
             if r.scores == "logits":
                 nan = bool(torch.isnan(self.rank_rows(RankRows.cat([p[2] for p in parts]), _Weights(1.0, 0.0),
                                                       False)[0]).any())
@@ -270,7 +318,9 @@ class DistillLoss:
 
 class _FusedChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_flat, teacher_flat, positions, labels_sel, union_ids, weights, chunk, loss, metrics):
+    def forward(ctx, student_flat, teacher_flat, positions, labels_sel, union_ids, weights, chunk, loss, metrics,
+                host_and_scale):
+        host_positions, grad_scale = host_and_scale
         needs_grad = student_flat.requires_grad
         n = positions.numel()
         per_token = torch.empty(n, dtype=compute_dtype(student_flat), device=student_flat.device)
@@ -280,19 +330,21 @@ class _FusedChunkedLoss(torch.autograd.Function):
             grad_flat = alloc(student_flat, memory_format=torch.contiguous_format)
         sums: dict[str, torch.Tensor] = {}
         rank_parts: list[RankRows] = []
-        for start in range(0, n, chunk):
+        for start, first in zip(range(0, n, chunk), contiguous_starts(host_positions, chunk)):
             idx = positions[start : start + chunk]
-            s_rows, t_rows = _rows(student_flat, idx), _rows(teacher_flat, idx)
+            s_rows, t_rows = _rows(student_flat, idx, first), _rows(teacher_flat, idx, first)
             lab = labels_sel[start : start + chunk] if labels_sel is not None else None
             ids = union_ids[start : start + chunk] if union_ids is not None else None
             with torch.enable_grad():
-                s_rows.requires_grad_(needs_grad)
-                total, terms, rank_rows = loss._chunk(s_rows, t_rows, lab, ids, weights)
-                _check_finite(total, s_rows, t_rows, idx)
+                # The gradient is taken in fp32 (or wider), scaled, and only then stored in the
+                # logits' dtype: fp16 would round small gradients to zero before the loss scale.
+                leaf = s_rows.to(compute_dtype(s_rows)).detach().requires_grad_(needs_grad)
+                total, terms, rank_rows = loss._chunk(leaf, t_rows, lab, ids, weights)
                 if needs_grad:
                     # (a rank-only total with logit scores does not depend on the chunk at all)
-                    grad = torch.autograd.grad(total.sum(), s_rows, allow_unused=True)[0] if total.requires_grad else None
-                    grad_flat.index_copy_(0, idx, grad if grad is not None else torch.zeros_like(s_rows))
+                    grad = torch.autograd.grad(total.sum(), leaf, allow_unused=True)[0] if total.requires_grad else None
+                    grad_flat.index_copy_(0, idx, (grad * grad_scale).to(grad_flat.dtype) if grad is not None
+                                          else torch.zeros_like(s_rows))
             per_token[start : start + chunk] = total.detach()
             if rank_rows is not None:
                 rank_parts.append(rank_rows)
@@ -300,11 +352,11 @@ class _FusedChunkedLoss(torch.autograd.Function):
         if rank_parts:
             ids, grad = loss.finish_rank_rows(rank_parts, weights, needs_grad, per_token, positions, sums)
             if grad is not None:
-                grad_flat.index_put_((positions.unsqueeze(-1).expand_as(ids), ids), grad.to(grad_flat.dtype),
-                                     accumulate=True)
+                grad_flat.index_put_((positions.unsqueeze(-1).expand_as(ids), ids),
+                                     (grad * grad_scale).to(grad_flat.dtype), accumulate=True)
         ctx.save_for_backward(positions)
-        ctx.grad_flat, ctx.retain = grad_flat, loss.retain_gradient
-        metrics.update({name: float(value) for name, value in sums.items()})
+        ctx.grad_flat, ctx.retain, ctx.grad_scale = grad_flat, loss.retain_gradient, grad_scale
+        metrics.update(sums)  # device tensors; read by the caller, once
         return per_token
 
     @staticmethod
@@ -317,19 +369,32 @@ class _FusedChunkedLoss(torch.autograd.Function):
                 "retain_gradient=True to allow that"
             )
         row_scale = torch.zeros(grad_flat.shape[0], dtype=grad_flat.dtype, device=grad_flat.device)
-        row_scale.index_copy_(0, positions, grad_per_token.to(grad_flat.dtype))
+        # The stored gradient already carries grad_scale (the factor backward brings, when the
+        # caller announced it right): what is left is ~1 and exactly representable.
+        row_scale.index_copy_(0, positions, (grad_per_token / ctx.grad_scale).to(grad_flat.dtype))
         if ctx.retain:
-            return grad_flat * row_scale.unsqueeze(-1), None, None, None, None, None, None, None, None
+            return grad_flat * row_scale.unsqueeze(-1), None, None, None, None, None, None, None, None, None
         ctx.grad_flat = None
-        return grad_flat.mul_(row_scale.unsqueeze(-1)), None, None, None, None, None, None, None, None
+        return grad_flat.mul_(row_scale.unsqueeze(-1)), None, None, None, None, None, None, None, None, None
 
 
-def _rows(flat, idx):
-    """The rows ``idx`` of ``flat``, as a view when they are consecutive (no copy)."""
+def contiguous_starts(host_positions: torch.Tensor, chunk: int) -> list[int | None]:
+    """For each chunk of ``chunk`` positions (a CPU tensor): its first row when its rows are
+    consecutive (the chunk is then a view), else None. Computed on the host, for all chunks at
+    once, so that the chunk loop never reads the device."""
+    values = host_positions.tolist()
+    starts = []
+    for begin in range(0, len(values), chunk):
+        part = values[begin : begin + chunk]
+        starts.append(part[0] if part[-1] - part[0] + 1 == len(part) else None)
+    return starts
+
+
+def _rows(flat, idx, first: int | None):
+    """The rows ``idx`` of ``flat``: a view from ``first`` when they are consecutive (no copy)."""
     if flat is None:
         return None
-    first = int(idx[0])
-    if int(idx[-1]) - first + 1 == idx.numel():
+    if first is not None:
         return flat.detach().narrow(0, first, idx.numel())
     return flat.detach().index_select(0, idx)
 
@@ -344,12 +409,19 @@ def add_terms(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> 
         sums[name] = sums.get(name, 0.0) + value.sum()
 
 
-def _check_finite(total, s_rows, t_rows, idx):
+def _check_finite(total, s_rows, t_rows, idx, student_source=None, teacher_source=None):
+    """Raise, naming the first position whose loss is not finite and which logits are to blame.
+    The rows are ``s_rows``/``t_rows`` (aligned with ``total``), or read from ``*_source`` (flat
+    logits or rlkd.objectives.fused's row sources) at that position only."""
     if torch.isfinite(total).all():
         return
     bad = int((~torch.isfinite(total)).nonzero()[0, 0])
     where = f"flattened position {int(idx[bad])}"
-    if not torch.isfinite(s_rows[bad]).all():
+    if s_rows is None and student_source is not None:
+        at = idx[bad : bad + 1]
+        s_rows, t_rows = _rows(student_source, at, None), _rows(teacher_source, at, None)
+        bad = 0
+    if s_rows is not None and not torch.isfinite(s_rows[bad]).all():
         raise ValueError(f"student logits contain NaN/Inf at {where}")
     if t_rows is not None and not torch.isfinite(t_rows[bad]).all():
         raise ValueError(f"teacher logits contain NaN/Inf at {where}")

@@ -28,6 +28,23 @@ def torchsort_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def torchsort_runs_on(device_type: str) -> bool:
+    """Whether torchsort computes soft ranks on this kind of device. Importable is not enough: built
+    without nvcc (scripts/install.sh on a machine without the CUDA toolkit) it has no CUDA kernel
+    and raises on CUDA tensors, so one tiny call on the device decides."""
+    if not torchsort_available():
+        return False
+    import torchsort
+
+    try:
+        probe = torch.tensor([[0.3, 0.1, 0.2]], device=device_type, requires_grad=True)
+        torchsort.soft_rank(probe, regularization="l2", regularization_strength=1.0).sum().backward()
+    except Exception:  # noqa: BLE001 - any failure means "not on this device"
+        return False
+    return True
+
+
 def isotonic_decreasing(y: torch.Tensor) -> torch.Tensor:
     """argmin_v ||v - y||^2 s.t. v_1 >= v_2 >= ... >= v_n, per row, differentiable.
 
@@ -71,7 +88,10 @@ def soft_rank(
     if regularization_strength <= 0:
         raise ValueError(f"regularization_strength must be > 0, got {regularization_strength}")
     if backend == "auto":
-        backend = "torchsort" if torchsort_available() else "torch"
+        backend = "torchsort" if torchsort_runs_on(values.device.type) else "torch"
+    elif backend == "torchsort" and not torchsort_runs_on(values.device.type):
+        raise RuntimeError(f"ranking.backend=torchsort: the installed torchsort cannot rank {values.device.type} "
+                           "tensors (not installed, or built without CUDA); use backend auto or torch")
     if backend not in {"torch", "torchsort"}:
         raise ValueError(f"unknown soft-rank backend {backend!r}; use 'torch', 'torchsort' or 'auto'")
 

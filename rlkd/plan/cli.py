@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from rlkd.plan.memory import GIB, Setup, Variant, largest_micro_batch, per_gpu, student_states, teacher_partition
+from rlkd.plan.memory import (GIB, Setup, Variant, fused_block, largest_micro_batch, per_gpu, student_states,
+                              teacher_partition)
 from rlkd.plan.shapes import ModelConfigNotFound, ModelShape, model_shape
 
 VARIANTS = [Variant(offload=o, checkpointing=c, fused=f) for o in (False, True) for c in (False, True) for f in (False, True)]
@@ -59,7 +60,7 @@ def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
         needs_teacher = DistillLoss(cfg.loss).needs_teacher  # e.g. "ce" alone never loads the teacher
         settings = {"micro_batch": cfg.train.micro_batch_size, "seq_len": cfg.data.max_length,
                     "dtype": cfg.models.dtype, "checkpointing": cfg.models.gradient_checkpointing,
-                    "fused": cfg.loss.fused_lm_head,
+                    "fused": cfg.loss.fused_lm_head, "fused_block_mib": cfg.loss.fused_block_mib,
                     "offload": cfg.deepspeed.student_offload_optimizer or cfg.deepspeed.teacher_offload_params}
         return [(cfg.models.student, cfg.models.teacher if needs_teacher else None, "run")], settings
     if "tasks" in tree:  # a benchmark spec: per-cell run-config trees (older specs: flat keys)
@@ -90,6 +91,20 @@ def _gb(n: int) -> str:
     return f"{n / GIB:6.1f}"
 
 
+def runnable_variants(student: ModelShape, teacher: ModelShape | None) -> list[Variant]:
+    """The variants a run can use: the fused path only where both heads are plain ``hidden @ W.T``."""
+    plain = student.plain_head and (teacher is None or teacher.plain_head)
+    return [v for v in VARIANTS if plain or not v.fused]
+
+
+def fused_block_line(setup: Setup, vocab: int) -> str:
+    rows, _ = fused_block(setup, vocab)
+    source = (f"loss.fused_block_mib={setup.fused_block_mib:g}" if setup.fused_block_mib is not None
+              else f"{setup.device} default")
+    return (f"   fused block            {rows} rows x {vocab} = {rows * vocab * setup.dtype_bytes / 2**20:.0f} MiB "
+            f"of logits ({source})")
+
+
 def render(student: ModelShape, teacher: ModelShape | None, setup: Setup, gpu_bytes: int, label: str,
            chosen: Variant | None = None) -> str:
     head = (f"== {label}: student {student.name} ({student.params / 1e9:.2f}B params), teacher "
@@ -109,8 +124,12 @@ def render(student: ModelShape, teacher: ModelShape | None, setup: Setup, gpu_by
     ckpt = per_gpu(student, teacher, setup, Variant(False, True, True))
     lines.append(f"   student activations    no ckpt / ckpt     {_gb(base['activations'])} / {_gb(ckpt['activations']).strip()}")
     lines.append(f"   loss working set       logits / fused     {_gb(base['loss'])} / {_gb(ckpt['loss']).strip()}")
+    lines.append(fused_block_line(setup, setup.vocab or student.vocab))
+    variants = runnable_variants(student, teacher)
+    if len(variants) < len(VARIANTS):
+        lines.append("   (fused variants left out: a model's logits are not hidden @ lm_head.weight.T)")
     lines += ["", "   variant                          total GiB   fits   largest micro-batch"]
-    for variant in VARIANTS:
+    for variant in variants:
         total = per_gpu(student, teacher, setup, variant)["total"]
         best = largest_micro_batch(student, teacher, setup, variant, gpu_bytes)
         mark = " <- this config" if chosen == variant else ""
@@ -137,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pairs, settings = _pairs_from(args.config)
         dtype = settings.get("dtype", "auto")
+        gpu_bytes = int(args.gpu_mem * GIB)
         setup = Setup(gpus_per_node=args.gpus, nodes=args.nodes,
                       micro_batch=args.micro_batch or settings["micro_batch"], seq_len=args.seq_len or settings["seq_len"],
-                      dtype_bytes=4 if dtype == "float32" else 2)
-        gpu_bytes = int(args.gpu_mem * GIB)
+                      dtype_bytes=4 if dtype == "float32" else 2, device="cuda", device_bytes=gpu_bytes,
+                      fused_block_mib=settings.get("fused_block_mib"))
         chosen = None
         if "fused" in settings:
             chosen = Variant(offload=settings["offload"], checkpointing=settings["checkpointing"], fused=settings["fused"])

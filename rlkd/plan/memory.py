@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlkd.objectives.fused import FUSED_CHUNK_ELEMENTS, HEAD_BLOCK_ELEMENTS
+from rlkd.objectives.fused import fused_block_rows
 from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET
 from rlkd.plan.shapes import ModelShape
 
@@ -42,6 +42,9 @@ class Setup:
     seq_len: int = 2048
     dtype_bytes: int = 2       # 2: bf16/fp16 training, 4: fp32
     vocab: int | None = None   # compared vocabulary (shared prefix); default the student's
+    device: str = "cpu"        # whose default fused block budget applies (rlkd plan: cuda)
+    device_bytes: int | None = None     # memory of one device (the GPU block default is a share of it)
+    fused_block_mib: float | None = None  # loss.fused_block_mib of the run, if set
 
     @property
     def world(self) -> int:
@@ -103,6 +106,12 @@ def teacher_activations(teacher: ModelShape, setup: Setup) -> int:
     return setup.micro_batch * setup.seq_len * setup.dtype_bytes * (3 * teacher.intermediate + 2 * teacher.hidden)
 
 
+def fused_block(setup: Setup, vocab: int) -> tuple[int, int]:
+    """(rows per block, rows per chunk) of the fused path for this setup (rlkd.objectives.fused)."""
+    return fused_block_rows(vocab, setup.dtype_bytes, setup.device, device_bytes=setup.device_bytes,
+                            setting_mib=setup.fused_block_mib)
+
+
 def loss_working_set(student: ModelShape, teacher: ModelShape | None, setup: Setup, *, fused: bool) -> int:
     tokens = setup.micro_batch * setup.seq_len
     vocab = setup.vocab or student.vocab
@@ -113,10 +122,13 @@ def loss_working_set(student: ModelShape, teacher: ModelShape | None, setup: Set
         chunk = CHUNK_COPIES * min(tokens * vocab, CHUNK_ELEMENT_BUDGET) * 4
         head_grad = student.vocab * student.hidden * p  # full-shape before DeepSpeed reduce-scatters it
         return logits + chunk + head_grad + grad_hidden
-    chunk = CHUNK_COPIES * min(tokens * vocab, FUSED_CHUNK_ELEMENTS) * 4
-    # one block of student and teacher logits (the student's overwritten by its gradient), and the
-    # block's fp32 copy for the weight-gradient sum in 16-bit training
-    chunk += min(tokens * vocab, HEAD_BLOCK_ELEMENTS) * (2 * p + (4 if p != 4 else 0))
+    block_rows, chunk_rows = fused_block(setup, vocab)
+    chunk = CHUNK_COPIES * min(tokens, chunk_rows) * vocab * 4
+    # one block of student and teacher logits (the student's overwritten by its gradient), and, on
+    # the CPU in 16-bit training, the block's fp32 copy for the weight-gradient sum (a GPU adds the
+    # 16-bit product into the fp32 sum directly)
+    copy = 4 if p != 4 and setup.device != "cuda" else 0
+    chunk += min(tokens, block_rows) * vocab * (2 * p + copy)
     head_grad = student.vocab * student.hidden * (4 + (p if p != 4 else 0))  # fp32 sum, then its cast
     # The gathered head weights are the "largest layer" that the states and teacher partition
     # already allow for: at loss time no other layer is gathered.

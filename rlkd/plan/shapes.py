@@ -23,6 +23,7 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tied: bool
+    plain_head: bool = True   # logits are hidden @ head.T (what the fused loss computes; rlkd.engine.heads)
 
 
 def resolve_config(name: str, config_dir: str | Path | None = None):
@@ -60,7 +61,12 @@ def model_shape(name: str, config_dir: str | Path | None = None) -> ModelShape:
         params -= head.weight.numel()  # on the meta device transformers 5 leaves tying to weight loading
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     heads = text.num_attention_heads
+    # Soft-capped (Gemma 2), scaled (Cohere, Granite) or biased heads: the fused path refuses them.
+    plain_head = (head is not None and getattr(head, "bias", None) is None
+                  and not getattr(text, "final_logit_softcapping", None)
+                  and getattr(text, "logit_scale", None) in (None, 1, 1.0)
+                  and getattr(text, "logits_scaling", None) in (None, 1, 1.0))
     return ModelShape(name=name, params=params, largest_layer_params=largest, hidden=text.hidden_size,
                       intermediate=text.intermediate_size, layers=text.num_hidden_layers, heads=heads,
                       kv_heads=getattr(text, "num_key_value_heads", None) or heads, vocab=text.vocab_size,
-                      tied=tied)
+                      tied=tied, plain_head=plain_head)
