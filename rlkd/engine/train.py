@@ -93,7 +93,11 @@ def train_step(session: Session, step: int) -> dict[str, float]:
     attended = torch.stack([b.attention_mask.sum() for b in host_batches]).sum().to(torch.float64)
     global_count = all_reduce_sum(local.to(session.device, non_blocking=True))[0]  # stays on the device
     scale = session.world_size * cfg.train.grad_accum / global_count
-    grad_scale = scale * loss_scale(engine)  # what engine.backward multiplies loss_sum by
+    # fp16 only: the loss stores its gradient already multiplied by what backward brings (the
+    # normalisation times the loss scale), so that small gradients survive the cast to fp16.
+    # fp32 and bf16 have fp32's exponent range; there the gradient is stored unscaled, which
+    # keeps their steps bit-identical with the plain autograd order of operations.
+    grad_scale = scale * loss_scale(engine) if engine.fp16_enabled() else None
     lr = engine.lr_scheduler.get_last_lr()[0] if engine.lr_scheduler is not None else cfg.train.lr
 
     sums: dict[str, torch.Tensor | float] = {}
