@@ -91,14 +91,23 @@ def bounds(info: FieldInfo) -> str:
     return ", ".join(found)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as it would be written in YAML: a model inside a list as its non-default keys."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_defaults=True)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _show(value: Any) -> str:
     if isinstance(value, BaseModel):
         return "(section below)"
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if isinstance(value, tuple):
-        value = list(value)
-    return json.dumps(value, default=str)
+    return json.dumps(_plain(value), default=str)
 
 
 def field_default(info: FieldInfo) -> Any:

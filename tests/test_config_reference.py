@@ -91,6 +91,7 @@ def test_run_reference_lists_every_field_with_its_default():
 def test_spec_reference_lists_nested_sections():
     ref = spec_reference()
     assert _row(ref, "seeds")[2] == "`[72]`"
+    assert _row(ref, "variants")[2] == '`[{"name": "none"}, {"name": "R"}]`'  # models in a list, as YAML keys
     assert _row(ref, "variants[].name")[2] == "`required`"
     assert _row(ref, "tasks[].stages.teacher_sft")[2] == "`null`"
     assert _row(ref, "eval.extra_sets.<name>.slice_len")[2] == "`128`"

@@ -215,9 +215,9 @@ class GridSpec(_Strict):
     sweep: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted run-config paths (eval.* for "
                                         "evaluation settings; k for loss.ranking.k) and the values to sweep; "
                                         "cells are the product.")
-    references: list[Literal["teacher", "student"]] = Field(default_factory=list, description="Untrained "
-                                                             "reference rows to score: the teacher (Teacher) "
-                                                             "and the initial student (Start).")
+    references: list[Literal["teacher", "student"]] = Field(default_factory=list, description="Rows scored "
+                                                             "without distillation: the teacher (Teacher) and "
+                                                             "the student as the cells start from it (Start).")
     # Evaluation-only rows: {row label: model}, each scored against the teacher (the paper's Table 3
     # scores Llama-2 and OpenELM models against Llama-2-70B).
     candidates: dict[str, str] = Field(default_factory=dict, description="Evaluation-only rows, {label: model}, "
