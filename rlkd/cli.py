@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rlkd.bench.cli", "run a benchmark grid (default: the embedded offline benchmark)"),
     "table": ("rlkd.bench.table_cli", "turn a results directory into Markdown/CSV/LaTeX tables and plots"),
     "plan": ("rlkd.plan.cli", "per-GPU memory of a run or spec from model configs alone: does it fit?"),
+    "config": ("rlkd.config_reference", "print the configuration reference: every field, default, bounds (--reference [--spec])"),
 }
 
 

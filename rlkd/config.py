@@ -19,37 +19,68 @@ class _Strict(BaseModel):
 
 
 class ModelsConfig(_Strict):
-    teacher: str                      # Hub id or local path
-    student: str
-    tokenizer: str | None = None      # default: the student path, if it holds a tokenizer
-    teacher_tokenizer: str | None = None  # default: the teacher path, if it holds a tokenizer
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = False
+    teacher: str = Field(description="The teacher: a Hub id or a local folder loadable by AutoModelForCausalLM. "
+                         "It is frozen and never enters the optimizer or a checkpoint.")
+    student: str = Field(description="The student to train: a Hub id or a local folder loadable by "
+                         "AutoModelForCausalLM.")
+    tokenizer: str | None = Field(None, description="The student's tokenizer, when it is not stored with the "
+                                  "student (None: the student's folder or Hub id).")
+    teacher_tokenizer: str | None = Field(None, description="The teacher's tokenizer, when it is not stored with "
+                                          "the teacher (None: the teacher's folder or Hub id); it must agree "
+                                          "with the student's, which is checked before any compute.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and compute dtype of both models. auto: bf16 on a GPU, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute the student's activations during "
+                                         "backward: much less activation memory for extra compute (`rlkd plan` "
+                                         "shows the memory with and without).")
     # "shared": when the two vocab sizes differ only by padding rows, compare logits on the shared
     # prefix min(V_teacher, V_student); checked against both tokenizers before any compute.
-    vocab_truncation: Literal["none", "shared"] = "none"
-    student_lora: StudentLoraConfig | None = None  # train peft LoRA adapters only (rlkd.lora)
+    vocab_truncation: Literal["none", "shared"] = Field(
+        "none", description="shared: compare logits on the leading min(V_teacher, V_student) ids when the "
+        "vocabularies differ only by padding rows (32000 vs 32001); none: any difference is an error.")
+    student_lora: StudentLoraConfig | None = Field(
+        None, description="Train peft LoRA adapters instead of the whole student (needs rlkd[lora]); "
+        "None: full fine-tuning.")
 
 
 class DataConfig(_Strict):
-    task: Literal["gsm8k", "dolly", "xsum", "selfinst", "vicuna", "sni", "unni", "pretrain", "tokenized"]
-    split: str = "train"
-    path: str | None = None           # explicit JSONL file; overrides data_dir/source
-    data_dir: str | None = None       # default: RLKD_DATA_DIR or ../shared/data
-    source: Literal["auto", "local", "hub"] = "auto"
-    max_length: int = Field(512, ge=2)
-    mask_convention: Literal["shifted", "official_off_by_one"] = "shifted"
-    exclude_eval_overlap: bool = True  # Dolly: drop training rows that are in RLKD's test split
-    skip: int = Field(0, ge=0)              # rows of the source passed over first
-    limit: int | None = Field(None, ge=1)   # rows (pretrain: documents) read from the source
-    max_samples: int | None = Field(None, ge=1)  # encoded samples kept (pretrain: packed sequences)
+    task: Literal["gsm8k", "dolly", "xsum", "selfinst", "vicuna", "sni", "unni", "pretrain", "tokenized"] = Field(
+        description="The training data's format and prompt template: a paper task, pretrain (documents packed "
+        "with BOS/EOS) or tokenized (JSONL of input_ids and loss_mask).")
+    split: str = Field("train", description="Which split of the task to read, locally (a known file "
+                       "of the data folder) or on the Hub.")
+    path: str | None = Field(None, description="An explicit JSONL file to read; overrides data_dir and source.")
+    data_dir: str | None = Field(None, description="Folder laid out as ../shared/data (<task>/<split>.jsonl); "
+                                 "None: RLKD_DATA_DIR, else ../shared/data.")
+    source: Literal["auto", "local", "hub"] = Field(
+        "auto", description="Where rows come from: local (the data folder), hub (download by name), auto "
+        "(the local file when it exists, else the Hub).")
+    max_length: int = Field(512, ge=2, description="Tokens per training sample (prompt + response, or one "
+                            "packed sequence); longer samples are truncated.")
+    mask_convention: Literal["shifted", "official_off_by_one"] = Field(
+        "shifted", description="shifted: logit t is supervised when token t+1 is a response token; "
+        "official_off_by_one reproduces the released RLKD code's mask, to measure the difference.")
+    exclude_eval_overlap: bool = Field(True, description="Dolly: drop training rows that are in the paper's "
+                                       "800-row test split, so that training never sees a test row.")
+    skip: int = Field(0, ge=0, description="Rows (pretrain: documents) of the source passed over before reading, "
+                      "e.g. to keep training and held-out documents apart.")
+    limit: int | None = Field(None, ge=1, description="Rows (pretrain: documents) read from the source after "
+                              "skip; None: all.")
+    max_samples: int | None = Field(None, ge=1, description="Encoded samples kept (pretrain: packed sequences); "
+                                    "None: all.")
     # pretrain: each document's first N tokens only, so that no long document (a 34k-token arXiv
     # paper in the SlimPajama demo) makes up most of a small packed training set
-    max_document_tokens: int | None = Field(None, ge=1)
-    shuffle: bool = True
+    max_document_tokens: int | None = Field(None, ge=1, description="pretrain only: pack each document's first N "
+                                            "tokens, so that one long document cannot fill a small training "
+                                            "set; None: whole documents.")
+    shuffle: bool = Field(True, description="Shuffle the samples (seeded by `seed`); false keeps file order.")
     # Micro-batches of samples of similar length (rlkd.data.loader): less padding, same samples per epoch.
-    group_by_length: bool = False
-    on_policy: OnPolicyConfig | None = None  # GKD-style student-sampled responses (rlkd.data.onpolicy)
+    group_by_length: bool = Field(False, description="Fill each micro-batch with samples of similar length, as "
+                                  "Hugging Face's group_by_length: far less padding, the same samples per "
+                                  "epoch, no length curriculum.")
+    on_policy: OnPolicyConfig | None = Field(
+        None, description="GKD-style on-policy training: some micro-batches get the student's own sampled "
+        "responses; None: off-policy only.")
 
     @model_validator(mode="after")
     def _document_cap_is_for_packing(self) -> "DataConfig":
@@ -67,56 +98,87 @@ class DataConfig(_Strict):
 
 
 class TrainSection(_Strict):
-    micro_batch_size: int = Field(1, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_steps: int = Field(100, ge=1)   # optimizer steps
+    micro_batch_size: int = Field(1, ge=1, description="Samples per process per forward pass; raise it until "
+                                  "memory runs out (`rlkd plan` gives the largest that fits).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step; the global batch is "
+                            "micro_batch_size x grad_accum x world size.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to train; ignored when epochs is set.")
     # Passes over the training samples; when set it replaces max_steps: the engine sets
     # max_steps = ceil(epochs * samples / (micro_batch_size * grad_accum * world_size)).
-    epochs: float | None = Field(None, gt=0)
-    lr: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
-    optimizer: Literal["torch_adamw", "deepspeed_adamw"] = "torch_adamw"
+    epochs: float | None = Field(None, gt=0, description="Passes over the training samples; when set, max_steps "
+                                 "= ceil(epochs x samples / global batch).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW, reached after warmup_steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2).")
+    eps: float = Field(1e-8, description="AdamW's epsilon.")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning-rate schedule after warmup: constant, or cosine decay to "
+        "min_lr_ratio x lr at max_steps.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to lr.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of "
+                                "lr.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this value; 0 disables "
+                             "clipping.")
+    optimizer: Literal["torch_adamw", "deepspeed_adamw"] = Field(
+        "torch_adamw", description="torch_adamw: torch's AdamW; deepspeed_adamw: DeepSpeed's own AdamW, "
+        "configured in the engine's JSON from these settings.")
 
 
 class DeepSpeedSection(_Strict):
-    student_config: str | None = None  # JSON file; default ds_configs/zero3_bf16.json (GPU) or zero3_fp32_cpu.json
-    teacher_config: str | None = None  # default ds_configs/teacher_zero3_inference.json
-    teacher_offload_params: bool = False
-    student_offload_optimizer: bool = False
+    student_config: str | None = Field(None, description="The student engine's DeepSpeed JSON; None: "
+                                       "ds_configs/zero3_bf16.json on a GPU, zero3_fp32_cpu.json on CPU. Batch "
+                                       "sizes, clipping and the optimizer still come from train, precision "
+                                       "from models.dtype.")
+    teacher_config: str | None = Field(None, description="The frozen teacher's ZeRO-3 inference JSON; None: "
+                                       "ds_configs/teacher_zero3_inference.json.")
+    teacher_offload_params: bool = Field(False, description="Keep the teacher's parameters in host memory "
+                                         "(ZeRO-3 offload): saves GPU memory at the cost of time.")
+    student_offload_optimizer: bool = Field(False, description="Keep the student's optimizer states in host "
+                                            "memory (ZeRO-3 offload): the largest saving of GPU memory, slower "
+                                            "steps.")
 
 
 class CheckpointSection(_Strict):
-    every_steps: int = Field(0, ge=0)  # 0: only the final export
-    keep_last: int = Field(2, ge=1)
+    every_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N optimizer steps; "
+                             "0: none, only the final export.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints of this run's lineage kept; older ones are "
+                           "deleted, the newest never.")
 
 
 class RunConfig(_Strict):
-    output_dir: str
+    output_dir: str = Field(description="The run's folder: metrics.jsonl, checkpoints/, export/, manifest.json. "
+                            "A folder with checkpoints is refused unless --resume is given.")
     # Modules or .py files that register extra objectives (rlkd.plugins); loaded before validation.
-    plugins: list[str] = Field(default_factory=list)
-    seed: int = 72
-    models: ModelsConfig
-    data: DataConfig
-    loss: LossConfig = Field(default_factory=LossConfig)  # validated by the objective library
-    train: TrainSection = Field(default_factory=TrainSection)
-    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
-    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    plugins: list[str] = Field(default_factory=list, description="Modules or .py files (relative to the config "
+                               "file) that register extra objectives; loaded before the loss is validated.")
+    seed: int = Field(72, description="Seeds data order, torch's random state and on-policy sampling; the same "
+                      "seed and config reproduce a run.")
+    models: ModelsConfig = Field(description="Teacher, student, tokenizers and dtype.")
+    data: DataConfig = Field(description="The training data and how it is encoded and batched.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The distillation loss: objective(s) and "
+                             "the ranking term.")  # validated by the objective library
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimizer, schedule and batch "
+                                "geometry.")
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection, description="DeepSpeed engine configs "
+                                        "and offloading.")
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="Resumable checkpoints.")
     # Directory of cached teacher logits (rlkd.teacher_cache): the teacher runs once over the
     # training samples and every step, epoch and later run with the same teacher and data reads them.
-    teacher_cache: str | None = None
-    log_every: int = Field(1, ge=1)
+    teacher_cache: str | None = Field(None, description="Folder of cached teacher logits: the teacher runs once "
+                                      "over the training samples and every later step, epoch and run on the "
+                                      "same data reads them (exact). Worth it for several epochs; None: the "
+                                      "teacher runs every step.")
+    log_every: int = Field(1, ge=1, description="Write a metrics row every N optimizer steps.")
     # Sinks besides metrics.jsonl, same rows (rlkd.engine.reporting), and the period in steps of
     # CR@1-5 of student vs teacher on the training batch (rlkd.engine.agreement; 0: never).
-    report_to: list[Literal["tensorboard", "wandb", "csv"]] = Field(default_factory=list)
-    agreement_every: int = Field(0, ge=0)
-    progress_bar: bool = True
-    export: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "csv"]] = Field(
+        default_factory=list, description="Sinks that get the same rows as metrics.jsonl (their packages are "
+        "extras, e.g. rlkd[tensorboard]).")
+    agreement_every: int = Field(0, ge=0, description="Log the student's CR@1-5 against the teacher on the "
+                                 "training batch every N steps (a multiple of log_every); 0: never. Needs the "
+                                 "logits path.")
+    progress_bar: bool = Field(True, description="Show a progress bar on rank 0.")
+    export: bool = Field(True, description="Save a consolidated save_pretrained checkpoint to export/ at the end.")
 
     @field_validator("report_to")
     @classmethod

@@ -30,12 +30,15 @@ class StudentLoraConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: int = Field(8, ge=1, description="Rank of each adapter: more trainable parameters and capacity as it "
+                   "grows.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling: the update is (alpha / r) x B x A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input during training.")
     # Module-name suffixes, "all-linear", or None for peft's default for the architecture
     # (q_proj, v_proj for Llama).
-    target_modules: list[str] | Literal["all-linear"] | None = None
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module-name suffixes to adapt (e.g. [q_proj, v_proj]), all-linear, or None for "
+        "peft's default for the architecture (q_proj, v_proj for Llama).")
 
     @field_validator("target_modules")
     @classmethod

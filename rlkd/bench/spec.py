@@ -60,15 +60,22 @@ class _Strict(BaseModel):
 
 
 class AlignmentSet(_Strict):
-    source: Literal["text", "train"] = "text"
-    text_path: str | None = None
-    text_field: str = "text"
-    data_dir: str | None = None
-    skip_rows: int = Field(0, ge=0)
-    max_rows: int | None = Field(None, ge=1)   # documents read after skip_rows (None: to the end)
-    slice_len: int = Field(128, ge=2)
-    max_slices: int | None = Field(None, ge=1)
-    batch_size: int = Field(4, ge=1)
+    source: Literal["text", "train"] = Field(
+        "text", description="alignment: score on slices of a text file (text_path) or on the cell's own "
+        "training sequences (train).")
+    text_path: str | None = Field(None, description="alignment, source text: a JSONL file of documents, absolute "
+                                  "or relative to data_dir.")
+    text_field: str = Field("text", description="alignment: the JSONL key that holds each document's text.")
+    data_dir: str | None = Field(None, description="Folder that relative data paths are read from; None: "
+                                 "RLKD_DATA_DIR, else ../shared/data.")
+    skip_rows: int = Field(0, ge=0, description="alignment: documents passed over first, e.g. those the run "
+                           "trained on.")
+    max_rows: int | None = Field(None, ge=1, description="alignment: documents read after skip_rows; None: to the "
+                                 "end of the file.")   # documents read after skip_rows (None: to the end)
+    slice_len: int = Field(128, ge=2, description="alignment: tokens per scored slice of text.")
+    max_slices: int | None = Field(None, ge=1, description="alignment: slices scored at most; None: every slice "
+                                   "of the documents read.")
+    batch_size: int = Field(4, ge=1, description="alignment: slices per forward pass.")
 
 
 class EvalSpec(AlignmentSet):
@@ -76,23 +83,34 @@ class EvalSpec(AlignmentSet):
     ``rlkd eval`` task), ``alignment`` (CR/MOR/PPL against the teacher) or ``synthetic`` (the
     embedded benchmark's known source)."""
 
-    kind: Literal["task", "alignment", "synthetic"] = "task"
-    task: str | None = None
-    data_path: str | None = None
-    limit: int | None = Field(None, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    protocol: str | None = None
-    rouge_pkg: bool = False          # task: also score ROUGE with the `rouge` package (rouge_pkg_* keys)
-    extra_sets: dict[str, AlignmentSet] = Field(default_factory=dict)
-    heldout: str | None = None       # synthetic: held-out sequences
-    downstream: str | None = None    # synthetic: prompt/answer rows
-    synthetic_source: dict[str, int] | None = None  # synthetic: the source's SourceConfig
+    kind: Literal["task", "alignment", "synthetic"] = Field(
+        "task", description="task: an `rlkd eval` task's score; alignment: CR@k, MOR@k and perplexity against "
+        "the teacher; synthetic: the embedded benchmark's scores against its known source.")
+    task: str | None = Field(None, description="task: which `rlkd eval` task scores the cell; None: the spec "
+                             "task's name.")
+    data_path: str | None = Field(None, description="task: an explicit JSONL file of test rows instead of the "
+                                  "task's own.")
+    limit: int | None = Field(None, ge=1, description="task: score the first N test rows only; None: all.")
+    max_new_tokens: int | None = Field(None, ge=1, description="task: longest generated answer, in tokens; None: "
+                                       "the task's default.")
+    batch_size: int = Field(8, ge=1, description="Prompts (task) or slices (alignment) per forward pass (memory, "
+                            "not results).")
+    protocol: str | None = Field(None, description="task: greedy (the paper's) or minillm (sampling over seeds); "
+                                 "None: the task's default.")
+    rouge_pkg: bool = Field(False, description="task: also score ROUGE with the `rouge` package the paper used "
+                            "(rouge_pkg_* metrics, shown untested beside rouge-score's).")
+    extra_sets: dict[str, AlignmentSet] = Field(default_factory=dict, description="alignment: further sets to "
+                                                "score, by name; their metrics are prefixed with it (e.g. heldout_).")
+    heldout: str | None = Field(None, description="synthetic: the file of held-out sequences.")
+    downstream: str | None = Field(None, description="synthetic: the file of prompt/answer rows (exact match).")
+    synthetic_source: dict[str, int] | None = Field(None, description="synthetic: the Markov source's settings "
+                                                    "(rlkd.data.synthetic.SourceConfig).")
 
 
 class Decoding(_Strict):
-    max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="Longest teacher response generated for SeqKD/FD rows, in "
+                                "tokens.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
 
 
 class Stages(_Strict):
@@ -100,28 +118,43 @@ class Stages(_Strict):
     the task's run (defaults + task ``run``). ``teacher_sft`` fine-tunes the teacher (the paper's
     Dolly/XSum teachers); ``student_sft`` the student (e.g. healing a layer-pruned copy)."""
 
-    teacher_sft: dict[str, Any] | None = None
-    student_sft: dict[str, Any] | None = None
+    teacher_sft: dict[str, Any] | None = Field(None, description="A partial run config: cross-entropy "
+                                               "fine-tuning of the teacher on the task before any cell (the "
+                                               "paper's Dolly/XSum teachers); None: the teacher as given.")
+    student_sft: dict[str, Any] | None = Field(None, description="A partial run config: cross-entropy "
+                                               "fine-tuning of the student before distillation; None: none.")
     # A complete run config of its own (teacher, data, loss) that distils the task's student before
     # anything else, e.g. healing a layer-pruned copy on general text. Keyed by its config alone, it
     # runs once for every spec that names the same healing (kept in <results>/../.stages).
-    student_heal: dict[str, Any] | None = None
+    student_heal: dict[str, Any] | None = Field(None, description="A complete run config that distils the "
+                                                "student first (e.g. healing a layer-pruned copy), shared by "
+                                                "every spec naming the same one; None: none.")
 
 
 class ObjectiveRef(_Strict):
-    name: str | None = None  # registry name; omit when run.loss.terms composes the loss
-    params: dict[str, float] = Field(default_factory=dict)
-    label: str | None = None  # row label in tables; default: the upper-cased name (+ non-default params)
-    run: dict[str, Any] = Field(default_factory=dict)  # run-config overrides for this row
-    teacher_generations: bool = False  # train on the teacher's greedy responses (SeqKD, FD)
+    name: str | None = Field(None, description="A registered objective's name; omit when run.loss.terms "
+                             "composes the row's loss.")
+    params: dict[str, float] = Field(default_factory=dict, description="The objective's hyperparameters; "
+                                     "left-out ones take its declared defaults.")
+    label: str | None = Field(None, description="The row's label in tables and cell ids; None: the upper-cased "
+                              "name (with its non-default params).")
+    run: dict[str, Any] = Field(default_factory=dict, description="A partial run config for this row, laid over "
+                                "the defaults and the task's run.")
+    teacher_generations: bool = Field(False, description="Train on the teacher's greedy responses instead of the "
+                                      "dataset's (SeqKD, FD); generation sets their decoding.")
 
 
 class VariantSpec(_Strict):
-    name: str
-    run: dict[str, Any] = Field(default_factory=dict)  # run-config overrides (e.g. loss.ranking.k)
-    objectives: list[str] | None = None  # restrict to these objective names/labels
-    sweep: dict[str, list[Any]] = Field(default_factory=dict)
-    seeds: list[int] | None = None  # replaces the spec's seeds for this variant (e.g. extra seeds for KL)
+    name: str = Field(description="How the ranking loss is used: none, R, R_dynamic, rank_only, pearson or "
+                      "rank_only_pearson.")
+    run: dict[str, Any] = Field(default_factory=dict, description="A partial run config for this variant's "
+                                "cells (e.g. loss.ranking.k), laid over the objective's.")
+    objectives: list[str] | None = Field(None, description="Run this variant for these objective names or "
+                                         "labels only; None: every objective row.")
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted run-config paths and their "
+                                        "values swept for this variant only (k is short for loss.ranking.k).")
+    seeds: list[int] | None = Field(None, description="Seeds for this variant's cells instead of the spec's "
+                                    "(e.g. extra seeds for one pair); None: the spec's seeds.")
 
     @field_validator("name")
     @classmethod
@@ -132,10 +165,14 @@ class VariantSpec(_Strict):
 
 
 class TaskSpec(_Strict):
-    name: str
-    run: dict[str, Any] = Field(default_factory=dict)
-    stages: Stages | None = None  # replaces the spec's stages for this task
-    eval: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="The task's name in cell ids and result columns (letters, digits, _ and .); "
+                      "also the default eval task.")
+    run: dict[str, Any] = Field(default_factory=dict, description="A partial run config for this task's cells "
+                                "(data, models, train), laid over the spec's defaults.")
+    stages: Stages | None = Field(None, description="Stages for this task instead of the spec's; None: the "
+                                  "spec's stages.")
+    eval: dict[str, Any] = Field(default_factory=dict, description="Evaluation settings for this task (the eval "
+                                 "section's keys), laid over the spec's eval.")
 
     @field_validator("name")
     @classmethod
@@ -146,28 +183,49 @@ class TaskSpec(_Strict):
 
 
 class GridSpec(_Strict):
-    name: str
-    description: str = ""
-    layout: str | None = None  # table layout in rlkd.bench.layouts; default: generic
-    plugins: list[str] = Field(default_factory=list)  # modules / .py files registering objectives
-    defaults: dict[str, Any] = Field(default_factory=dict)  # partial run config shared by all cells
-    stages: Stages = Field(default_factory=Stages)
-    teacher_cache: bool = False  # teacher logits over the training samples computed once, read by every cell
-    generation: Decoding = Field(default_factory=Decoding)  # decoding of teacher generations (SeqKD/FD)
-    keep_checkpoints: bool = False
-    eval: dict[str, Any] = Field(default_factory=dict)  # evaluation settings shared by all cells
-    tasks: list[TaskSpec] = Field(min_length=1)
-    objectives: list[ObjectiveRef] = Field(default_factory=list)
-    variants: list[VariantSpec] = Field(default_factory=lambda: [VariantSpec(name="none"), VariantSpec(name="R")])
-    rank_only_objective: str = "kl"  # the base loss slot of Rank-only cells (unused by the loss)
-    seeds: list[int] = Field(default_factory=lambda: [72], min_length=1)
-    sweep: dict[str, list[Any]] = Field(default_factory=dict)
-    references: list[Literal["teacher", "student"]] = Field(default_factory=list)
+    name: str = Field(description="The spec's name: results go to results/<name>/; a spec file's name defaults "
+                      "to its file name.")
+    description: str = Field("", description="Free text describing the spec.")
+    layout: str | None = Field(None, description="The table layout `rlkd table` uses (table1 ... table8, "
+                               "mini_table1, mini_table2, default); None: generic, every metric tabulated.")
+    plugins: list[str] = Field(default_factory=list, description="Modules or .py files (relative to the spec) "
+                               "that register extra objectives.")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="A partial run config shared by every "
+                                     "cell; tasks, objectives and variants are laid over it.")
+    stages: Stages = Field(default_factory=Stages, description="Cached stages run once before the cells that "
+                           "need them (teacher/student SFT, student healing).")
+    teacher_cache: bool = Field(False, description="Compute the teacher's logits over the training samples once "
+                                "and let every cell read them (exact; saves a teacher forward per step).")
+    generation: Decoding = Field(default_factory=Decoding, description="Decoding of the teacher's responses for "
+                                 "rows with teacher_generations (SeqKD, FD).")
+    keep_checkpoints: bool = Field(False, description="Keep each cell's export and checkpoints after it is "
+                                   "evaluated; false deletes them to save disk.")
+    eval: dict[str, Any] = Field(default_factory=dict, description="Evaluation settings shared by every cell "
+                                 "(the eval section's keys); a task's eval is laid over them.")
+    tasks: list[TaskSpec] = Field(min_length=1, description="The grid's tasks; each cell belongs to one.")
+    objectives: list[ObjectiveRef] = Field(default_factory=list, description="The objective rows; each runs "
+                                           "under every variant. A bare string is a registry name.")
+    variants: list[VariantSpec] = Field(default_factory=lambda: [VariantSpec(name="none"), VariantSpec(name="R")],
+                                        description="Ranking variants each objective row runs under; the verdict "
+                                        "pairs none with each ranked one. A bare string is a name.")
+    rank_only_objective: str = Field("kl", description="The base-loss slot written in Rank-only cells' configs; "
+                                     "their loss does not use it.")
+    seeds: list[int] = Field(default_factory=lambda: [72], min_length=1, description="Training seeds of every "
+                             "cell; the seed tests of the verdict need ≥ 3 per pair.")
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted run-config paths (eval.* for "
+                                        "evaluation settings; k for loss.ranking.k) and the values to sweep; "
+                                        "cells are the product.")
+    references: list[Literal["teacher", "student"]] = Field(default_factory=list, description="Rows scored "
+                                                             "without distillation: the teacher (Teacher) and "
+                                                             "the student as the cells start from it (Start).")
     # Evaluation-only rows: {row label: model}, each scored against the teacher (the paper's Table 3
     # scores Llama-2 and OpenELM models against Llama-2-70B).
-    candidates: dict[str, str] = Field(default_factory=dict)
-    tiny: dict[str, Any] = Field(default_factory=dict)  # deep-merged over the spec by --tiny
-    paper: dict[str, Any] = Field(default_factory=dict)  # the paper's setup, for the preset test
+    candidates: dict[str, str] = Field(default_factory=dict, description="Evaluation-only rows, {label: model}, "
+                                       "each scored against the teacher (the paper's Table 3).")
+    tiny: dict[str, Any] = Field(default_factory=dict, description="Overrides deep-merged over the spec by "
+                                 "--tiny: small local models and few rows, for a CPU check.")
+    paper: dict[str, Any] = Field(default_factory=dict, description="The paper's setup for this preset, checked "
+                                  "by the preset tests; not used to run cells.")
 
     @field_validator("objectives", "variants", mode="before")
     @classmethod

@@ -33,12 +33,14 @@ from rlkd.data.loader import Batch, collate
 class OnPolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="probability that a micro-batch is student-generated")
-    max_new_tokens: int = Field(128, ge=1)
-    do_sample: bool = True            # False: greedy continuations
-    temperature: float = Field(0.9, gt=0.0)  # GKD's default
-    top_k: int = Field(0, ge=0)       # 0: no top-k filter
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="Probability that a micro-batch's responses are "
+                         "replaced by the student's own (GKD's lambda); 0: off-policy, 1: always on-policy.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest student continuation, in tokens (it also stops "
+                                "at EOS).")
+    do_sample: bool = Field(True, description="Sample the continuations; false: greedy.")
+    temperature: float = Field(0.9, gt=0.0, description="Sampling temperature (GKD's default 0.9).")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only; 0: no top-k filter.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold; 1: no filter.")
 
 
 def is_on_policy(seed: int, draw: int, lmbda: float) -> bool:

@@ -24,16 +24,31 @@ class RankingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
-    k: int = Field(5, ge=1, description="top-k of teacher and of student whose union is ranked")
-    rank_weight: float = Field(2.0, ge=0.0)
-    base_weight: float = Field(1.0, ge=0.0)
-    mode: Literal["fixed", "dynamic", "rank_only"] = "fixed"
-    correlation: Literal["spearman", "pearson"] = "spearman"
-    scores: Literal["logits", "probs"] = "logits"
-    regularization_strength: float = Field(1.0, gt=0.0, description="l2 soft-rank strength (torchsort default 1.0)")
-    backend: Literal["auto", "torch", "torchsort"] = "auto"
-    fidelity: Literal["paper", "official"] = "paper"
+    enabled: bool = Field(True, description="Add the ranking term. A run config's loss.ranking is off unless "
+                          "set (the loss builds it with enabled=false).")
+    k: int = Field(5, ge=1, description="Top-k of the teacher and of the student whose union is ranked per "
+                   "position (the paper: 5 downstream, 15 in pre-training); must not exceed the vocabulary.")
+    rank_weight: float = Field(2.0, ge=0.0, description="Weight of L_rank (the paper: 2).")
+    base_weight: float = Field(1.0, ge=0.0, description="Weight of the base objective(s) (the paper: 1).")
+    mode: Literal["fixed", "dynamic", "rank_only"] = Field(
+        "fixed", description="fixed: rank_weight x L_rank + base_weight x L_base; dynamic: the base term scaled "
+        "by the top-k overlap |topk_T ∩ topk_S|/k (App. D); rank_only: L_rank alone ('Rank-k').")
+    correlation: Literal["spearman", "pearson"] = Field(
+        "spearman", description="spearman: correlation of soft ranks (the paper); pearson: of the scores "
+        "themselves (Table 8).")
+    scores: Literal["logits", "probs"] = Field(
+        "logits", description="What is ranked: logits (what the released code ranks) or probabilities (what "
+        "the paper writes).")
+    regularization_strength: float = Field(1.0, gt=0.0, description="Strength of Blondel et al.'s l2 soft "
+                                           "ranks (torchsort's default 1.0); smaller is closer to hard ranks, "
+                                           "with sparser gradients.")
+    backend: Literal["auto", "torch", "torchsort"] = Field(
+        "auto", description="Soft-rank implementation: torchsort when installed (auto) or the pure-PyTorch "
+        "one; they agree to 1e-5.")
+    fidelity: Literal["paper", "official"] = Field(
+        "paper", description="paper: Eq. 1 (exact per-token union, NaN-safe); official: reproduces the "
+        "released code (batch-level union, rank + base/2 weighting, NaN fallback), to measure the "
+        "difference; needs mode fixed.")
 
     @model_validator(mode="after")
     def _official_is_fixed(self) -> "RankingConfig":
@@ -47,9 +62,11 @@ class ObjectiveTerm(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    objective: str
-    params: dict[str, float] = Field(default_factory=dict)
-    weight: float = Field(1.0, ge=0.0)
+    objective: str = Field(description="A registered objective's name (`rlkd objectives` lists them).")
+    params: dict[str, float] = Field(default_factory=dict, description="The objective's hyperparameters "
+                                     "(e.g. beta of jsd); left-out ones take its declared defaults, and its "
+                                     "bounds are checked.")
+    weight: float = Field(1.0, ge=0.0, description="This term's weight in the sum of objective terms.")
 
     @model_validator(mode="after")
     def _resolve(self) -> "ObjectiveTerm":
@@ -74,8 +91,9 @@ class RankingTerm(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ranking: dict = Field(default_factory=dict)
-    weight: float = Field(2.0, ge=0.0)
+    ranking: dict = Field(default_factory=dict, description="Settings of the ranking term, as in loss.ranking "
+                          "(k, mode, correlation, ...).")
+    weight: float = Field(2.0, ge=0.0, description="The ranking term's weight (becomes loss.ranking.rank_weight).")
 
 
 def _term_kind(item) -> str | None:
@@ -100,18 +118,28 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    objective: str | None = "kl"
-    params: dict[str, float] = Field(default_factory=dict)
+    objective: str | None = Field("kl", description="The base objective in the shorthand form (`rlkd "
+                                  "objectives` lists them); give terms instead to compose several.")
+    params: dict[str, float] = Field(default_factory=dict, description="Hyperparameters of the shorthand "
+                                     "objective; left-out ones take its declared defaults.")
     terms: list[Annotated[Union[Annotated[ObjectiveTerm, Tag("objective term")], Annotated[RankingTerm, Tag("ranking term")]],
-                          Discriminator(_term_kind)]] | None = None
-    temperature: float = Field(1.0, gt=0.0)
-    chunk_size: int | None = Field(None, ge=1, description="positions per chunk; None = as many as fit 2^22 logits (16 MiB in fp32)")
-    ranking: RankingConfig = Field(default_factory=lambda: RankingConfig(enabled=False))
-    fused_lm_head: bool = Field(False, description="compute logits from final hidden states chunk by chunk "
-                                "(rlkd.objectives.fused): no N x V tensor for either model")
-    fused_block_mib: float | None = Field(None, gt=0, description="memory for one block of logits on the fused "
-                                          "path, in MiB (the block size); None = the device's default "
-                                          "(rlkd.objectives.fused.fused_block_budget)")
+                          Discriminator(_term_kind)]] | None = Field(
+        None, description="A composed loss: weighted objective terms and at most one ranking term, instead of "
+        "objective/params.")
+    temperature: float = Field(1.0, gt=0.0, description="Both models' logits are divided by it before every "
+                               "objective (1: the paper's).")
+    chunk_size: int | None = Field(None, ge=1, description="Positions per chunk of the loss; None: as many as fit "
+                                   "2^22 logits (16 MiB in fp32). Smaller saves memory at some speed.")
+    ranking: RankingConfig = Field(default_factory=lambda: RankingConfig(enabled=False),
+                                   description="The RLKD ranking term; off unless enabled.")
+    fused_lm_head: bool = Field(False, description="Compute the logits from both models' final hidden states "
+                                "and head weights one block at a time (rlkd.objectives.fused): no tokens x V "
+                                "tensor for either model. Pays at large vocabularies; needs logits = hidden @ "
+                                "W.T.")
+    fused_block_mib: float | None = Field(None, gt=0, description="Memory for one block of logits on the fused "
+                                          "path, in MiB (sets the block's rows): larger is faster and uses more "
+                                          "memory. None: the device's default (CPU 2^24 logits; GPU 1/256 of its "
+                                          "memory, at most 1 GiB, at least 1024 rows).")
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
