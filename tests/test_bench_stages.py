@@ -71,7 +71,7 @@ def test_tiny_models_are_named_in_dry_runs_and_built_otherwise(tmp_path):
 def test_teacher_generations_replace_responses_once_and_are_reused(tmp_path, monkeypatch):
     from rlkd.config import DataConfig
     from rlkd.data.jsonl import DataError
-    from rlkd.data.teacher_generations import ensure_teacher_generations
+    from rlkd.eval.teacher_generations import ensure_teacher_generations
     from rlkd.factory import resolve_model
 
     if shared_tokenizer() is None:
