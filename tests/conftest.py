@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
+from rlkd.objectives import RankingConfig  # noqa: E402
+from rlkd.objectives.fused import HeadInput, fused_distill_loss  # noqa: E402
 from rlkd.paths import default_data_dir  # noqa: E402
 
 TINY_VOCAB = 96
@@ -112,3 +116,96 @@ def run_with_free_port(make_command, attempts: int = 3, **run_kwargs):
         done = subprocess.run(make_command(port), **run_kwargs)
         if done.returncode == 0 or "EADDRINUSE" not in (done.stderr or "") or attempt == attempts - 1:
             return done
+
+
+# ---- child processes ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def cli_env():
+    """``cli_env(**extra)``: the environment of a test's child rlkd process (rlkd's own
+    :func:`rlkd.engine.distributed.child_env`: without this process's rendezvous variables, this rlkd
+    first on PYTHONPATH), plus ``extra``; ``drop_prefixes=("SLURM_",)`` drops more."""
+    from rlkd.engine.distributed import child_env
+
+    return functools.partial(child_env, rlkd_on_path=True)
+
+
+@pytest.fixture
+def launch_run(tmp_path, cli_env):
+    """``launch_run(launcher, config, nproc=2)``: ``rlkd train`` on ``nproc`` CPU ranks under torchrun
+    or the deepspeed launcher, with a free rendezvous port; fails the test if it fails."""
+    import sys
+
+    import yaml
+
+    def launch(launcher: str, config: dict, nproc: int = 2) -> None:
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+
+        def command(port: int) -> list[str]:
+            if launcher == "torchrun":
+                return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                        "--master_addr", "127.0.0.1", "--master_port", str(port),
+                        "-m", "rlkd.cli", "train", "--config", str(path)]
+            # the deepspeed launcher; --no_local_rank keeps its --local_rank flag out of our argv
+            return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--no_local_rank",
+                    "--master_port", str(port), "--module", "rlkd.cli", "train", "--config", str(path)]
+
+        done = run_with_free_port(command, env=cli_env(), capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    return launch
+
+
+# ---- the fused path against the logits path (objectives/test_fused.py on CPU, test_gpu.py on CUDA) ----
+
+FUSED_H, FUSED_V = 12, 40
+# Every ranking configuration the loss has: the paper's fixed weighting, App. D's dynamic one and
+# the released code's fidelity (batch-level union, its own weights and NaN fallback).
+RANKINGS = {
+    "none": RankingConfig(enabled=False),
+    "R": RankingConfig(k=4, backend="torch"),
+    "R_dynamic": RankingConfig(k=4, mode="dynamic", backend="torch"),
+    "R_official": RankingConfig(k=4, fidelity="official", backend="torch"),
+}
+
+
+def fused_inputs(b=3, l=11, h=FUSED_H, v=FUSED_V, t_h=16, t_v=None, seed=0, dtype=None):
+    """(student hidden, student head, teacher hidden, teacher head, mask, labels), random but fixed."""
+    dtype = dtype or torch.float32
+    g = torch.Generator().manual_seed(seed)
+    s_hidden = torch.randn(b, l, h, generator=g).to(dtype)
+    s_weight = (torch.randn(v, h, generator=g) / h**0.5 * 3).to(dtype)
+    t_hidden = torch.randn(b, l, t_h, generator=g).to(dtype)
+    t_weight = (torch.randn(t_v or v, t_h, generator=g) / t_h**0.5 * 3).to(dtype)
+    mask = torch.rand(b, l, generator=g) > 0.3
+    labels = torch.randint(0, v, (b, l), generator=g)
+    return s_hidden, s_weight, t_hidden, t_weight, mask, labels
+
+
+def fused_and_logits_paths(loss_fn, s_hidden, s_weight, t_hidden, t_weight, mask, labels, vocab=None,
+                           teacher_as_logits=False):
+    """(fused output, its grads), (logits-path output, its grads) on identical inputs."""
+    vocab = vocab or s_weight.shape[0]
+    h1, w1 = s_hidden.clone().requires_grad_(True), s_weight.clone().requires_grad_(True)
+    t_logits = t_hidden @ t_weight.t()
+    teacher = t_logits if teacher_as_logits else HeadInput(t_hidden, t_weight)
+    fused = fused_distill_loss(loss_fn, HeadInput(h1, w1), teacher, mask, labels, vocab_size=vocab)
+    fused_grads = torch.autograd.grad(fused.loss_sum, (h1, w1))
+    h2, w2 = s_hidden.clone().requires_grad_(True), s_weight.clone().requires_grad_(True)
+    ref = loss_fn((h2 @ w2.t())[..., :vocab], t_logits[..., :vocab], mask, labels)
+    ref_grads = torch.autograd.grad(ref.loss_sum, (h2, w2))
+    return (fused, fused_grads), (ref, ref_grads)
+
+
+def assert_same_outputs(fused, ref, rtol=1e-5, atol=1e-5):
+    """The two paths' values, per-token losses, gradients and logged metrics agree."""
+    (out, grads), (ref_out, ref_grads) = fused, ref
+    torch.testing.assert_close(out.loss_sum, ref_out.loss_sum, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.per_token, ref_out.per_token.detach(), rtol=rtol, atol=atol)
+    for name, a, b in zip(("hidden", "head weight"), grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"grad wrt {name}: {m}")
+    assert out.n_tokens == ref_out.n_tokens
+    assert out.metrics.keys() == ref_out.metrics.keys()
+    for key in ref_out.metrics:
+        assert out.metrics[key] == pytest.approx(ref_out.metrics[key], rel=1e-5, abs=1e-5), key

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlkd.objectives import DistillLoss, list_objectives
-from test_fused import RANKINGS, _assert_same, _both_paths, _inputs
+from conftest import RANKINGS, assert_same_outputs, fused_and_logits_paths, fused_inputs
 
 # rlkd's own device decision (rlkd.device), not torch alone: with DS_ACCELERATOR=cpu exported
 # (tests/conftest.py's default) rlkd and DeepSpeed run on the CPU even where a GPU is present.
@@ -28,15 +28,15 @@ def _cuda(tensors):
 def test_fused_equals_logits_path_on_cuda_fp32(objective, ranking):
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 matmuls
     loss_fn = DistillLoss(objective=objective, ranking=RANKINGS[ranking], chunk_size=5)
-    _assert_same(*_both_paths(loss_fn, *_cuda(_inputs(b=4, l=33, h=64, v=512, t_h=96))))
+    assert_same_outputs(*fused_and_logits_paths(loss_fn, *_cuda(fused_inputs(b=4, l=33, h=64, v=512, t_h=96))))
 
 
 @pytest.mark.parametrize("objective", list_objectives())
 def test_fused_close_to_logits_path_on_cuda_bf16(objective):
     """bf16 logits on both paths, fp32 loss maths; tolerance: a few bf16 ulps of the largest gradient."""
     loss_fn = DistillLoss(objective=objective, ranking=RANKINGS["R"], chunk_size=16)
-    inputs = _cuda(_inputs(b=4, l=33, h=64, v=512, t_h=96, dtype=torch.bfloat16))
-    (out, grads), (ref, ref_grads) = _both_paths(loss_fn, *inputs)
+    inputs = _cuda(fused_inputs(b=4, l=33, h=64, v=512, t_h=96, dtype=torch.bfloat16))
+    (out, grads), (ref, ref_grads) = fused_and_logits_paths(loss_fn, *inputs)
     torch.testing.assert_close(out.loss_sum.float(), ref.loss_sum.float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(grads, ref_grads):
         assert (a.float() - b.float()).abs().max() <= 3e-2 * b.float().abs().max()

@@ -49,6 +49,7 @@ def plugin_file(tmp_path):
     _REGISTRY.pop("sqprob", None)
 
 
+@pytest.mark.slow
 def test_objectives_lists_a_plugin_given_by_flag(plugin_file):
     out = _rlkd("objectives", "--plugin", str(plugin_file), "--json")
     assert out.returncode == 0, out.stderr

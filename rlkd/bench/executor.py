@@ -22,6 +22,7 @@ from typing import Any
 from rlkd.bench.store import kill_point
 from rlkd.bench.stages import engine_tree, generation_data, stage_models, teacher_cache_dir, train
 from rlkd.device import device_type
+from rlkd.engine.distributed import child_env
 from rlkd.factory import resolve_model
 from rlkd.provenance import atomic_write_json, atomic_write_jsonl
 
@@ -142,12 +143,6 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
     return metrics, per_example
 
 
-# A process group set up in the runner (e.g. by training the embedded benchmark's teacher in-process)
-# must not leak into the cell processes, which each start their own one-process group.
-_LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
-
-
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b(:|$)")
 
@@ -188,7 +183,9 @@ class LocalExecutor:
         self._busy_slots: set[int] = set()
 
     def _env(self, slot: int | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+        # A process group set up in the runner (e.g. by training the embedded benchmark's teacher
+        # in-process) must not leak into the cell processes, which each start their own.
+        env = child_env()
         env["DS_ACCELERATOR"] = device_type()  # rlkd's one decision, inherited by every cell
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)

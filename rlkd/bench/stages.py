@@ -213,7 +213,7 @@ def finished_stage_models(cell: dict[str, Any], shared_dir: Path) -> tuple[dict[
 def generation_data(cell: dict[str, Any], teacher: str, shared_dir: Path) -> dict[str, Any]:
     """The cell's ``run`` with its data replaced by the teacher's generations for the same rows."""
     from rlkd.config import DataConfig
-    from rlkd.data.teacher_generations import ensure_teacher_generations
+    from rlkd.eval.teacher_generations import ensure_teacher_generations
     from rlkd.device import device_type
 
     run = copy.deepcopy(cell["run"])

@@ -1,6 +1,6 @@
 """Live CR@k of the student against the teacher on the training batch (`agreement_every: N`).
 
-CR@k is the paper's definition (rlkd.eval.alignment): a position counts when the student's
+CR@k is the paper's definition (rlkd.objectives.agreement, aggregated by rlkd.eval.alignment): a position counts when the student's
 ordered top-k ids equal the teacher's. Here it is measured on the supervised positions of the
 step's own micro-batches, from the logits the loss already received, and returned as *sums* of
 per-position percentages: the training loop adds them up over micro-batches and ranks and divides
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlkd.eval.alignment import CR_KS, position_agreement
+from rlkd.objectives.agreement import CR_KS, position_agreement
 
 
 def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,

@@ -10,6 +10,23 @@ import torch
 import torch.distributed as dist
 
 from rlkd.device import agree_with_deepspeed, collective_device, distributed_backend, local_device
+from rlkd.paths import REPO_ROOT
+
+# What a launcher (torchrun, deepspeed) or ensure_distributed's own one-process group puts in the
+# environment: a child process that inherits them tries to join this process's group.
+LAUNCHER_VARS = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                           "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"})
+
+
+def child_env(*, rlkd_on_path: bool = False, drop_prefixes: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """The environment of a child rlkd process that starts its own process group: this one's without
+    LAUNCHER_VARS (nor variables starting with ``drop_prefixes``), plus ``extra``. ``rlkd_on_path``
+    puts this rlkd's source tree first on PYTHONPATH, so that the child imports the same code."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith(drop_prefixes)}
+    if rlkd_on_path:
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
 
 
 def _free_port() -> int:

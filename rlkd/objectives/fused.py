@@ -3,9 +3,10 @@
 ``fused_distill_loss(loss, student, teacher, mask, labels)`` gives the same ``LossOutput`` as
 ``loss(student_hidden @ W_s.T, teacher_hidden @ W_t.T, mask, labels)`` without any N x V tensor:
 for each block of supervised positions (a memory budget's worth of logits) it computes both models'
-logits, runs the unchanged per-chunk maths (``DistillLoss._chunk``: every objective, the ranking
-term in every mode, temperature) on the logits path's chunks inside the block (and the ranking
-term of logit scores once for the whole block, ``DistillLoss.rank_rows``), overwrites the
+logits, runs the loss's public per-chunk seam (``DistillLoss.chunk_loss_and_grad``: every objective,
+the ranking term in every mode, temperature; the logits path runs the same) on the logits path's
+chunks inside the block (and the ranking term of logit scores once for the whole block,
+``DistillLoss.finish_rank_rows``), overwrites the
 block's student logits with their gradient, and folds that into the gradients of the student's
 hidden states (block x H rows) and head weight (V x H, accumulated in fp32). Working memory is
 O(block x V) plus those two gradients.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from rlkd.objectives.common import compute_dtype
-from rlkd.objectives.loss import DistillLoss, LossOutput, add_terms, contiguous_starts
+from rlkd.objectives.loss import DistillLoss, LossOutput, add_terms, chunk_spans, contiguous_starts
 
 # Logits are computed (and their gradients folded into the hidden-state and weight gradients) for
 # blocks of positions; the loss maths then runs on chunks of FUSED_CHUNK_ELEMENTS inside a block.
@@ -86,16 +87,13 @@ class HeadInput:
 class _LogitRows:
     """Rows of ``hidden @ weight[:vocab].T`` computed on demand.
 
-    Quacks like the flattened logits tensor that ``DistillLoss._batch_level`` slices (``detach``,
-    ``narrow``, ``index_select``), so the official fidelity's batch-level union and NaN fallback
-    run unchanged on logits that never exist in full.
+    Read through :func:`_rows` like a flattened logits tensor (``narrow``, ``index_select``), so the
+    official fidelity's batch-level union and NaN fallback (``DistillLoss.batch_level``) and the
+    non-finite check read rows of logits that never exist in full.
     """
 
     def __init__(self, hidden_flat: torch.Tensor, weight: torch.Tensor, vocab: int):
         self.hidden, self.weight = hidden_flat.detach(), weight.detach().narrow(0, 0, vocab)
-
-    def detach(self) -> "_LogitRows":
-        return self
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         return self.hidden.narrow(dim, start, length) @ self.weight.t()
@@ -109,9 +107,6 @@ class _CachedRows:
 
     def __init__(self, logits_flat: torch.Tensor, vocab: int):
         self.logits = logits_flat.detach().narrow(-1, 0, vocab)
-
-    def detach(self) -> "_CachedRows":
-        return self
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         return self.logits.narrow(dim, start, length)
@@ -152,7 +147,9 @@ def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput
     block, chunk = fused_block_rows(vocab, hidden.element_size(), hidden.device.type,
                                     setting_mib=loss.config.fused_block_mib, chunk=loss.config.chunk_size)
     student_rows = _LogitRows(hidden_flat, weight, vocab)
-    union_ids, weights = loss._batch_level(student_rows, teacher_rows, positions, chunk, host_positions)
+    spans = functools.cache(lambda: chunk_spans(positions, host_positions, chunk))  # read by the official fidelity only
+    union_ids, weights = loss.batch_level(lambda i: _rows(student_rows, *spans()[i]),
+                                          lambda i: _rows(teacher_rows, *spans()[i]), -(-n // chunk))
     plan = _Plan(loss, teacher_rows, positions, labels_sel, union_ids, weights, chunk, vocab, block, host_positions,
                  1.0 if grad_scale is None else grad_scale)
     loss_sum = _FusedHeadLoss.apply(hidden_flat, weight, plan)
@@ -161,7 +158,7 @@ def fused_distill_loss(loss: DistillLoss, student: HeadInput, teacher: HeadInput
     metrics["rank_fallback"] = float(weights.rank_fallback)
     out = LossOutput(loss_sum, n, metrics, plan.per_token, torch.isfinite(plan.per_token).all())
     if not loss.defer_finite_check:
-        loss.check_finite(out, student_rows, teacher_rows, positions)
+        loss.check_finite(out, positions, lambda at: (_rows(student_rows, at, None), _rows(teacher_rows, at, None)))
     return out
 
 
@@ -209,25 +206,6 @@ class _Plan:
     grad_scale: object = 1.0
     per_token: torch.Tensor | None = None
     metrics: dict | None = None
-
-
-def _chunk_loss_and_grad(loss, student_rows, t_rows, labels, union_ids, weights, want_grad, grad_scale):
-    """``(per-token totals, logged terms, grad_scale x the gradient w.r.t. the chunk's logits (fp32)
-    or None, rank rows)``, all detached.
-
-    Its own function so that the chunk's autograd graph, which holds the chunk's logits (a view
-    of the whole block), is gone when it returns. The gradient is scaled before the caller stores
-    it in the logits' dtype, so that fp16 does not round small gradients to zero.
-    """
-    s_rows = student_rows.detach().to(compute_dtype(student_rows))
-    with torch.enable_grad():
-        s_rows.requires_grad_(want_grad)
-        total, terms, rank_rows = loss._chunk(s_rows, t_rows, labels, union_ids, weights)
-        g = None
-        if want_grad:
-            g = torch.autograd.grad(total.sum(), s_rows, allow_unused=True)[0] if total.requires_grad else None
-            g = g * grad_scale if g is not None else torch.zeros_like(s_rows)
-    return total.detach(), {name: value.detach() for name, value in terms.items()}, g, rank_rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,14 +264,14 @@ class _FusedHeadLoss(torch.autograd.Function):
                 t_rows = t_block[rows] if t_block is not None else None
                 lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
                 ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
-                total, terms, g, rank_rows = _chunk_loss_and_grad(loss, logits[rows], t_rows, lab, ids, plan.weights,
-                                                                  want_h or want_w, plan.grad_scale)
-                if g is not None:
-                    logits[rows] = g
-                per_token[start : start + chunk] = total
-                if rank_rows is not None:
-                    rank_parts.append(rank_rows)
-                add_terms(sums, terms)
+                part = loss.chunk_loss_and_grad(logits[rows], t_rows, lab, ids, plan.weights,
+                                                want_grad=want_h or want_w, grad_scale=plan.grad_scale)
+                if part.grad is not None:
+                    logits[rows] = part.grad
+                per_token[start : start + chunk] = part.total
+                if part.rank_rows is not None:
+                    rank_parts.append(part.rank_rows)
+                add_terms(sums, part.terms)
             if rank_parts:  # the ranking term of the whole block at once (logit scores)
                 ids, g = loss.finish_rank_rows(rank_parts, plan.weights, want_h or want_w,
                                                per_token[block_start : block_start + block_idx.numel()], block_idx, sums)

@@ -22,6 +22,7 @@ leave the loss scale unchanged.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -87,10 +88,26 @@ class RankRows:
 
 
 @dataclass
-class _Weights:
+class ChunkWeights:
+    """The weights of the ranking term and of the base objectives for one batch (``DistillLoss.batch_level``);
+    ``rank_fallback``: the official fidelity fell back to the base objectives (a NaN rank)."""
+
     rank: float
     base: float
     rank_fallback: bool = False
+
+
+@dataclass
+class ChunkResult:
+    """One chunk's per-token ``total`` [rows], its logged ``terms`` and ``grad``: ``grad_scale`` x the
+    gradient of ``total.sum()`` with respect to the chunk's student logits, in the compute dtype (fp32
+    or wider; None when not asked for). ``rank_rows``: what the ranking term of logit scores needs,
+    for :meth:`DistillLoss.finish_rank_rows` (that term is then not in ``total`` yet). All detached."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    grad: torch.Tensor | None
+    rank_rows: RankRows | None
 
 
 class DistillLoss:
@@ -113,7 +130,31 @@ class DistillLoss:
                            for t in config.objective_terms()] if config.uses_base else []
 
     # ---- the per-chunk computation -----------------------------------------------------------
-    def _chunk(self, student, teacher, labels, union_ids, weights: _Weights):
+    def chunk_loss_and_grad(self, student_rows: torch.Tensor, teacher_rows: torch.Tensor | None,
+                            labels: torch.Tensor | None, union_ids: torch.Tensor | None, weights: ChunkWeights, *,
+                            want_grad: bool = True, grad_scale=1.0) -> ChunkResult:
+        """The loss of one chunk of supervised rows and its gradient with respect to those rows' logits:
+        the public per-chunk seam that the logits path (``__call__``) and the fused path
+        (:mod:`rlkd.objectives.fused`) both run, chunk by chunk.
+
+        ``student_rows``/``teacher_rows``: ``[rows, V]`` logits (teacher None when no term needs it);
+        ``labels``: their next tokens or None; ``union_ids`` and ``weights``: this chunk's slice of
+        :meth:`batch_level`'s result. The gradient is taken in fp32 (or wider) and multiplied by
+        ``grad_scale`` before the caller stores it in the logits' dtype, so that fp16 does not round
+        small gradients to zero. A separate call, so the chunk's autograd graph is gone on return.
+        """
+        leaf = student_rows.detach().to(compute_dtype(student_rows))
+        with torch.enable_grad():
+            leaf.requires_grad_(want_grad)
+            total, terms, rank_rows = self._chunk(leaf, teacher_rows, labels, union_ids, weights)
+            grad = None
+            if want_grad:
+                # (a rank-only total with logit scores does not depend on the chunk at all)
+                grad = torch.autograd.grad(total.sum(), leaf, allow_unused=True)[0] if total.requires_grad else None
+                grad = grad * grad_scale if grad is not None else torch.zeros_like(leaf)
+        return ChunkResult(total.detach(), {name: value.detach() for name, value in terms.items()}, grad, rank_rows)
+
+    def _chunk(self, student, teacher, labels, union_ids, weights: ChunkWeights):
         """Per-token totals and logged terms for one chunk of rows.
 
         Returns ``(total, terms, rank_rows)``. With logit scores the ranking term is left out of
@@ -154,7 +195,7 @@ class DistillLoss:
             total = total + base_weight * base
         return total, terms, rank_rows
 
-    def rank_rows(self, rows: RankRows, weights: _Weights, want_grad: bool):
+    def rank_rows(self, rows: RankRows, weights: ChunkWeights, want_grad: bool):
         """The ranking term of logit scores over many rows at once.
 
         Returns ``(total, terms, grad)``: ``weights.rank`` x the per-row loss, the logged terms, and
@@ -176,7 +217,7 @@ class DistillLoss:
                                      regularization_strength=r.regularization_strength, backend=r.backend,
                                      official=r.fidelity == "official")
 
-    def finish_rank_rows(self, parts: list[RankRows], weights: _Weights, want_grad: bool, per_token, positions,
+    def finish_rank_rows(self, parts: list[RankRows], weights: ChunkWeights, want_grad: bool, per_token, positions,
                          sums) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ranking term of the rows whose chunks gathered ``parts``: added to ``per_token`` (their
         slice of it, in place) and to the logged ``sums``, checked; returns ``(ids, grad)`` for the
@@ -207,7 +248,9 @@ class DistillLoss:
             return LossOutput(student_flat.sum() * 0.0, 0, {"loss": 0.0})
         vocab = student_flat.shape[-1]
         chunk = self.config.chunk_size or max(1, CHUNK_ELEMENT_BUDGET // vocab)
-        union_ids, weights = self._batch_level(student_flat, teacher_flat, positions, chunk, host_positions)
+        spans = functools.cache(lambda: chunk_spans(positions, host_positions, chunk))  # read by the official fidelity only
+        union_ids, weights = self.batch_level(lambda i: _rows(student_flat, *spans()[i]),
+                                              lambda i: _rows(teacher_flat, *spans()[i]), -(-n // chunk))
         metrics: dict[str, torch.Tensor | float] = {}
         per_token = _FusedChunkedLoss.apply(
             student_flat, teacher_flat, positions, labels_sel, union_ids, weights, chunk, self, metrics,
@@ -217,15 +260,17 @@ class DistillLoss:
         metrics["rank_fallback"] = float(weights.rank_fallback)
         out = LossOutput(per_token.sum(), n, metrics, per_token, torch.isfinite(per_token.detach()).all())
         if not self.defer_finite_check:
-            self.check_finite(out, student_flat, teacher_flat, positions)
+            self.check_finite(out, positions, lambda at: (_rows(student_flat, at, None), _rows(teacher_flat, at, None)))
         return out
 
-    def check_finite(self, out: LossOutput, student_rows, teacher_rows, positions) -> None:
-        """Raise, naming the first position, if ``out``'s loss is not finite (one host sync)."""
+    def check_finite(self, out: LossOutput, positions: torch.Tensor, rows_at) -> None:
+        """Raise, naming the first position, if ``out``'s loss is not finite (one host sync).
+        ``rows_at(idx)``: the ``(student, teacher)`` logits of the flattened positions ``idx`` (teacher
+        may be None), read only when the loss is not finite, to say which logits are to blame."""
         finite, out.finite = out.finite, None
         if finite is None or bool(finite):
             return
-        _check_finite(out.per_token.detach(), None, None, positions, student_rows, teacher_rows)
+        _check_finite(out.per_token.detach(), positions, rows_at)
 
     # What the loss needs and how it is normalised, read from the objectives' declarations.
     @property
@@ -289,30 +334,34 @@ class DistillLoss:
             raise ValueError(f"objective {', '.join(map(repr, names))} needs labels")
         return positions, labels_sel, host_positions
 
-    def _batch_level(self, student_flat, teacher_flat, positions, chunk, host_positions):
-        """Weights, and for the official mode the batch-level union and its NaN fallback (the
-        released code's choice between two losses: one host sync, official fidelity only)."""
+    def batch_level(self, student_chunk, teacher_chunk, n_chunks: int) -> tuple[torch.Tensor | None, ChunkWeights]:
+        """``(union_ids, weights)`` of a batch whose supervised rows come in ``n_chunks`` chunks:
+        ``student_chunk(i)``/``teacher_chunk(i)`` return chunk ``i``'s ``[rows, V]`` logits (read only
+        by the official fidelity). Weights, and for the official mode the batch-level union and its
+        NaN fallback (the released code's choice between two losses: one host sync, official
+        fidelity only); ``union_ids`` [N, u] is sliced like the rows, chunk by chunk."""
         r = self.ranking
         if r is None:
-            return None, _Weights(rank=0.0, base=1.0)
+            return None, ChunkWeights(rank=0.0, base=1.0)
         if r.fidelity == "paper":
-            return None, _Weights(rank=r.rank_weight, base=r.base_weight if self.objectives else 0.0)
+            return None, ChunkWeights(rank=r.rank_weight, base=r.base_weight if self.objectives else 0.0)
         with torch.no_grad():
-            starts = contiguous_starts(host_positions, chunk)
-            spans = [(positions[i : i + chunk], first) for i, first in zip(range(0, positions.numel(), chunk), starts)]
-            t_ids = torch.cat([topk_ids(_rows(teacher_flat, idx, first), r.k) for idx, first in spans])
-            s_ids = torch.cat([topk_ids(_rows(student_flat, idx, first), r.k) for idx, first in spans])
+            t_ids = torch.cat([topk_ids(teacher_chunk(i), r.k) for i in range(n_chunks)])
+            s_ids = torch.cat([topk_ids(student_chunk(i), r.k) for i in range(n_chunks)])
             union_ids = official_batch_union(t_ids, s_ids)
-            parts = [self._chunk(_rows(student_flat, idx, first), _rows(teacher_flat, idx, first), None,
-                                 union_ids[i * chunk : (i + 1) * chunk], _Weights(1.0, 0.0))
-                     for i, (idx, first) in enumerate(spans)]
+            parts, start = [], 0
+            for i in range(n_chunks):
+                s_rows = student_chunk(i)
+                parts.append(self._chunk(s_rows, teacher_chunk(i), None, union_ids[start : start + s_rows.shape[0]],
+                                         ChunkWeights(1.0, 0.0)))
+                start += s_rows.shape[0]
             if r.scores == "logits":
-                nan = bool(torch.isnan(self.rank_rows(RankRows.cat([p[2] for p in parts]), _Weights(1.0, 0.0),
+                nan = bool(torch.isnan(self.rank_rows(RankRows.cat([p[2] for p in parts]), ChunkWeights(1.0, 0.0),
                                                       False)[0]).any())
             else:
                 nan = any(bool(torch.isnan(p[0]).any()) for p in parts)
         # Released code: loss = rank + base / magnification, or base alone if rank is NaN.
-        weights = _Weights(rank=0.0, base=1.0, rank_fallback=True) if nan else _Weights(rank=1.0, base=1.0 / 2.0)
+        weights = ChunkWeights(rank=0.0, base=1.0, rank_fallback=True) if nan else ChunkWeights(rank=1.0, base=1.0 / 2.0)
         return union_ids, weights
 
 
@@ -335,20 +384,14 @@ class _FusedChunkedLoss(torch.autograd.Function):
             s_rows, t_rows = _rows(student_flat, idx, first), _rows(teacher_flat, idx, first)
             lab = labels_sel[start : start + chunk] if labels_sel is not None else None
             ids = union_ids[start : start + chunk] if union_ids is not None else None
-            with torch.enable_grad():
-                # The gradient is taken in fp32 (or wider), scaled, and only then stored in the
-                # logits' dtype: fp16 would round small gradients to zero before the loss scale.
-                leaf = s_rows.to(compute_dtype(s_rows)).detach().requires_grad_(needs_grad)
-                total, terms, rank_rows = loss._chunk(leaf, t_rows, lab, ids, weights)
-                if needs_grad:
-                    # (a rank-only total with logit scores does not depend on the chunk at all)
-                    grad = torch.autograd.grad(total.sum(), leaf, allow_unused=True)[0] if total.requires_grad else None
-                    grad_flat.index_copy_(0, idx, (grad * grad_scale).to(grad_flat.dtype) if grad is not None
-                                          else torch.zeros_like(s_rows))
-            per_token[start : start + chunk] = total.detach()
-            if rank_rows is not None:
-                rank_parts.append(rank_rows)
-            add_terms(sums, terms)
+            part = loss.chunk_loss_and_grad(s_rows, t_rows, lab, ids, weights, want_grad=needs_grad,
+                                            grad_scale=grad_scale)
+            if needs_grad:
+                grad_flat.index_copy_(0, idx, part.grad.to(grad_flat.dtype))
+            per_token[start : start + chunk] = part.total
+            if part.rank_rows is not None:
+                rank_parts.append(part.rank_rows)
+            add_terms(sums, part.terms)
         if rank_parts:
             ids, grad = loss.finish_rank_rows(rank_parts, weights, needs_grad, per_token, positions, sums)
             if grad is not None:
@@ -390,6 +433,13 @@ def contiguous_starts(host_positions: torch.Tensor, chunk: int) -> list[int | No
     return starts
 
 
+def chunk_spans(positions: torch.Tensor, host_positions: torch.Tensor, chunk: int) -> list[tuple[torch.Tensor, int | None]]:
+    """``(positions of the chunk, its first row when consecutive else None)`` for each chunk of ``chunk``
+    supervised positions: how both paths cut a batch (see :func:`contiguous_starts`)."""
+    starts = contiguous_starts(host_positions, chunk)
+    return [(positions[i : i + chunk], first) for i, first in zip(range(0, positions.numel(), chunk), starts)]
+
+
 def _rows(flat, idx, first: int | None):
     """The rows ``idx`` of ``flat``: a view from ``first`` when they are consecutive (no copy)."""
     if flat is None:
@@ -409,20 +459,16 @@ def add_terms(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> 
         sums[name] = sums.get(name, 0.0) + value.sum()
 
 
-def _check_finite(total, s_rows, t_rows, idx, student_source=None, teacher_source=None):
-    """Raise, naming the first position whose loss is not finite and which logits are to blame.
-    The rows are ``s_rows``/``t_rows`` (aligned with ``total``), or read from ``*_source`` (flat
-    logits or rlkd.objectives.fused's row sources) at that position only."""
+def _check_finite(total, idx, rows_at):
+    """Raise, naming the first position whose loss is not finite and which logits are to blame
+    (read with ``rows_at`` at that position only)."""
     if torch.isfinite(total).all():
         return
     bad = int((~torch.isfinite(total)).nonzero()[0, 0])
     where = f"flattened position {int(idx[bad])}"
-    if s_rows is None and student_source is not None:
-        at = idx[bad : bad + 1]
-        s_rows, t_rows = _rows(student_source, at, None), _rows(teacher_source, at, None)
-        bad = 0
-    if s_rows is not None and not torch.isfinite(s_rows[bad]).all():
+    s_rows, t_rows = rows_at(idx[bad : bad + 1])
+    if s_rows is not None and not torch.isfinite(s_rows[0]).all():
         raise ValueError(f"student logits contain NaN/Inf at {where}")
-    if t_rows is not None and not torch.isfinite(t_rows[bad]).all():
+    if t_rows is not None and not torch.isfinite(t_rows[0]).all():
         raise ValueError(f"teacher logits contain NaN/Inf at {where}")
     raise FloatingPointError(f"the loss is not finite at {where} although the logits are")

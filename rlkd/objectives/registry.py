@@ -95,7 +95,7 @@ def register_objective(
 
 
 def is_builtin(spec: ObjectiveSpec) -> bool:
-    """rlkd's own objectives, whose values and gradients tests/test_loss.py checks; only plug-ins are
+    """rlkd's own objectives, whose values and gradients tests/objectives/ checks; only plug-ins are
     probed (a probe at import would also warm up autograd before the memory probes' baselines)."""
     return spec.fn.__module__.startswith("rlkd.objectives.")
 

@@ -27,8 +27,8 @@ from rlkd.objectives.loss import CHUNK_ELEMENT_BUDGET
 from rlkd.plan.shapes import ModelShape
 
 GIB = 1024**3
-# fp32 chunk x V temporaries alive at once inside DistillLoss._chunk and its backward (softmaxes,
-# log-softmaxes, products, the gradient): counted for KL+R on CPU (tests/test_plan.py measures it).
+# fp32 chunk x V temporaries alive at once inside DistillLoss.chunk_loss_and_grad, forward and backward (softmaxes,
+# log-softmaxes, products, the gradient): counted for KL+R on CPU (tests/plan/test_plan.py measures it).
 CHUNK_COPIES = 8
 # CUDA context, NCCL buffers and allocator slack on a GPU; nothing on CPU.
 GPU_RUNTIME_OVERHEAD = 2 * GIB

@@ -18,7 +18,7 @@ from rlkd.config import load_config
 from rlkd.bench.paper import paper_table
 from rlkd.bench.spec import expand, load_spec
 
-PRESETS = Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
+PRESETS = Path(__file__).resolve().parents[2] / "benchmarks" / "paper"
 TINYLLAMA = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
 LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
 RFT_TEACHER = "OFA-Sys/gsm8k-rft-llama7b2-u13b"

@@ -13,6 +13,8 @@ import textwrap
 import threading
 import time
 
+import pytest
+
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
 from rlkd.bench.store import STAGING, load_cells
@@ -150,6 +152,7 @@ _KILLABLE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(_KILLABLE)
@@ -192,6 +195,7 @@ def test_two_runners_on_one_folder_do_every_cell_exactly_once_and_both_succeed(t
     assert sum(len(s.elsewhere) for s in summaries) >= 1  # the second runner waited for the first's cell
 
 
+@pytest.mark.slow
 def test_a_failed_cell_process_reports_its_last_error_line(tmp_path):
     from rlkd.bench.executor import LocalExecutor, last_error_line
 

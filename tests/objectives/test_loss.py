@@ -3,11 +3,7 @@
 import pytest
 import torch
 
-from rlkd.objectives import DistillLoss, LossConfig, RankingConfig, get_objective, list_objectives, ranking_terms
-
-# Every registered teacher-based objective (built-ins and installed plug-ins): a new one is tested here
-# with no edit of this file.
-ALL = [n for n in list_objectives() if get_objective(n).needs_teacher and not get_objective(n).needs_labels]
+from rlkd.objectives import DistillLoss, LossConfig, RankingConfig, get_objective, ranking_terms
 
 
 def _batch(b=3, l=9, v=64, seed=0, dtype=torch.float32):
@@ -28,9 +24,12 @@ def _plain_autograd(objective, s, t, mask, ranking=None, params=None):
     return total.sum()
 
 
-@pytest.mark.parametrize("objective", ALL)
+@pytest.mark.parametrize("objective", ["kl", "tvd", "akl"])  # akl: weights without gradient
 @pytest.mark.parametrize("with_rank", [False, True])
 def test_fused_gradients_equal_plain_autograd(objective, with_rank):
+    """The gradient DistillLoss writes during forward, chunk by chunk, is autograd's over all rows at
+    once (the ranking term's too). Whether an objective's own gradient is right is checked against
+    finite differences, for every registered objective, in test_divergence_properties.py."""
     s, t, mask = _batch()
     ranking = RankingConfig(k=5, backend="torch") if with_rank else RankingConfig(enabled=False)
     s1 = s.clone().requires_grad_(True)

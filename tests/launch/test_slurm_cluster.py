@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_with_free_port
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import run_with_free_port
+from rlkd.engine.distributed import child_env
+
+REPO = Path(__file__).resolve().parents[2]
 SLURM_BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
 pytestmark = pytest.mark.slow
 
@@ -50,12 +52,9 @@ def _free_port_base() -> int:
 
 
 def _child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
+    """The tests' child environment (conftest's ``cli_env``) without an enclosing job's SLURM_ variables;
+    a function, for the module-scoped cluster fixture and the helpers below."""
+    return child_env(rlkd_on_path=True, drop_prefixes=("SLURM_",), **extra)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +151,7 @@ def _log_times(log: str) -> list[float]:
 
 
 def _assert_weights_match(exported: Path, reference: Path) -> None:
-    """The tolerance of the 2-rank torchrun test (tests/test_engine_multiproc.py)."""
+    """The tolerance of the 2-rank torchrun test (tests/engine/test_multiproc.py)."""
     from safetensors.torch import load_file
 
     a, b = load_file(str(exported)), load_file(str(reference))

@@ -71,7 +71,7 @@ def test_tiny_models_are_named_in_dry_runs_and_built_otherwise(tmp_path):
 def test_teacher_generations_replace_responses_once_and_are_reused(tmp_path, monkeypatch):
     from rlkd.config import DataConfig
     from rlkd.data.jsonl import DataError
-    from rlkd.data.teacher_generations import ensure_teacher_generations
+    from rlkd.eval.teacher_generations import ensure_teacher_generations
     from rlkd.factory import resolve_model
 
     if shared_tokenizer() is None:
@@ -129,6 +129,7 @@ def test_reference_rows_carry_the_training_keys_only_when_staged():
     assert staged[0]["config_hash"] != staged[1]["config_hash"]
 
 
+@pytest.mark.slow
 def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path, monkeypatch):
     import torch
 
@@ -173,6 +174,7 @@ def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path,
     assert teacher_row["cr@5"] == 100.0 and teacher_row["ppl"] == pytest.approx(teacher_row["teacher_ppl"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_cell_trained_by_its_slurm_job_is_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
     import yaml
 
@@ -224,6 +226,7 @@ def _healed_spec(docs: Path, name: str, heal: dict, **stages):
     return {**raw, "name": name, "stages": {"student_heal": heal, **stages}}
 
 
+@pytest.mark.slow
 def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(tmp_path, monkeypatch):
     import torch
 

@@ -85,6 +85,7 @@ def test_sampled_responses_come_from_the_student(run_config, tiny_models, do_sam
             assert batch.input_ids[row, len(q):n].tolist() == new
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_half_on_policy_mix(run_config):
     run_config["data"]["on_policy"] = {"lmbda": 0.5, "max_new_tokens": 8}
     run_config["loss"] = {"objective": "kl", "ranking": {"enabled": True, "k": 5}}
@@ -117,7 +118,7 @@ def test_the_lambda_grid_spec_gives_each_cell_its_on_policy_block(tmp_path):
 
     from rlkd.bench.spec import expand, load_spec
 
-    spec = load_spec(Path(__file__).resolve().parents[1] / "benchmarks" / "onpolicy" / "gkd_lambda.yaml")
+    spec = load_spec(Path(__file__).resolve().parents[2] / "benchmarks" / "onpolicy" / "gkd_lambda.yaml")
     trained = [c for c in expand(spec) if c["kind"] == "distill"]
     assert len(trained) == 2 * 2 * 3  # (KL, JSD) x (none, R) x three lmbda values
     seen = set()

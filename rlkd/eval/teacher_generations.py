@@ -27,7 +27,7 @@ def _key(payload: dict[str, Any]) -> str:
 def ensure_teacher_generations(data, teacher_path: str, out_dir: Path, *, max_new_tokens: int = 256,
                                batch_size: int = 8, device: str = "cpu") -> Path:
     """The JSONL file of ``data``'s rows (a ``rlkd.config.DataConfig``) with the teacher's responses."""
-    from rlkd.eval.generate import generate_texts, greedy, load_checkpoint
+    from rlkd.eval.generate import generate_texts, greedy, load_checkpoint  # same layer: generation
 
     decoding = greedy(max_new_tokens=max_new_tokens, batch_size=batch_size)
     items = load_rows(data.task, data.split, path=data.path, data_dir=data.data_dir, source=data.source,

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_with_free_port
 import yaml
 
+from conftest import run_with_free_port
 from rlkd.engine.train import run_training
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
@@ -26,42 +25,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _launch(launcher: str, config: dict, tmp_path: Path, nproc: int = 2) -> None:
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    def command(port: int) -> list[str]:
-        if launcher == "torchrun":
-            return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_addr", "127.0.0.1", "--master_port", str(port),
-                    "-m", "rlkd.cli", "train", "--config", str(path)]
-        # the deepspeed launcher; --no_local_rank keeps its --local_rank flag out of our argv
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--no_local_rank",
-                "--master_port", str(port), "--module", "rlkd.cli", "train", "--config", str(path)]
-
-    done = run_with_free_port(command, env=_child_env(), capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 def _losses(path: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("ranking, launcher", [(False, "torchrun"), (True, "deepspeed")],
                          ids=["KL-torchrun", "KL+R-deepspeed"])
-def test_two_ranks_train_like_one_rank_with_the_same_global_batch(run_config, tmp_path, ranking, launcher):
+def test_two_ranks_train_like_one_rank_with_the_same_global_batch(run_config, tmp_path, ranking, launcher,
+                                                                  launch_run):
     """2 ranks x micro-batch 2 sees the same 4 samples per step as 1 rank x 4 (rank-strided order),
     so with global-token normalisation the two runs must agree; and the loss must fall."""
     run_config["loss"] = {"objective": "kl", "ranking": {"enabled": ranking, "k": 5}}
     run_config["train"].update(max_steps=20, lr=3e-3)
     two = dict(run_config, output_dir=str(tmp_path / "two"), train=dict(run_config["train"], micro_batch_size=2))
-    _launch(launcher, two, tmp_path)
+    launch_run(launcher, two)
     one = run_training(dict(run_config, output_dir=str(tmp_path / "one"),
                             train=dict(run_config["train"], micro_batch_size=4)))
 
@@ -80,7 +57,7 @@ def test_two_ranks_train_like_one_rank_with_the_same_global_batch(run_config, tm
     assert manifest["world_size"] == 2 and manifest["status"] == "finished"
 
 
-def test_two_rank_run_killed_after_a_checkpoint_resumes_bit_exact(run_config, tmp_path):
+def test_two_rank_run_killed_after_a_checkpoint_resumes_bit_exact(run_config, tmp_path, launch_run, cli_env):
     """Each rank keeps its own optimizer partition and RNG state; SIGKILL the whole launch after a
     checkpoint, resume with the same world size, and the result equals an uninterrupted run."""
     import signal
@@ -97,7 +74,7 @@ def test_two_rank_run_killed_after_a_checkpoint_resumes_bit_exact(run_config, tm
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "rlkd.cli", "train", "--config", str(path)]
     latest = Path(killed["output_dir"]) / "checkpoints" / "latest"
-    proc = subprocess.Popen(command, env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 300
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -107,13 +84,13 @@ def test_two_rank_run_killed_after_a_checkpoint_resumes_bit_exact(run_config, tm
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
 
     resumed = run_with_free_port(lambda port: command[:8] + [str(port)] + command[9:] + ["--resume"],
-                                 env=_child_env(), capture_output=True, text=True, timeout=400)
+                                 env=cli_env(), capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     manifest = json.loads((Path(killed["output_dir"]) / "manifest.json").read_text())
     assert 0 < manifest["resumed_from"] < 40
 
     straight = dict(run_config, output_dir=str(tmp_path / "straight"))
-    _launch("torchrun", straight, tmp_path)
+    launch_run("torchrun", straight)
     a = load_file(str(Path(killed["output_dir"]) / "export" / "model.safetensors"))
     b = load_file(str(Path(straight["output_dir"]) / "export" / "model.safetensors"))
     for key in b:

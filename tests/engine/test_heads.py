@@ -40,6 +40,7 @@ def _assert_same_training(logits_run, fused_run):
             assert fused_run.last_metrics[key] == pytest.approx(logits_run.last_metrics[key], rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_fused_training_matches_the_logits_path(run_config, tmp_path, tiny_models):
     run_config["loss"] = {"objective": "kl", "ranking": {"enabled": True, "k": 5}}
     logits_run, fused_run = _train_both(run_config, tmp_path)
@@ -64,6 +65,7 @@ def tied_student(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_tied_embeddings_a_padded_teacher_vocabulary_and_checkpointing(run_config, tmp_path, tiny_models, tied_student):
     """The head is the embedding matrix (both gradients meet in one ZeRO-3 parameter); the teacher has
     8 padding rows, cut by vocab_truncation=shared; the student recomputes its layers in backward."""
@@ -74,6 +76,7 @@ def test_tied_embeddings_a_padded_teacher_vocabulary_and_checkpointing(run_confi
     _assert_same_training(logits_run, fused_run)
 
 
+@pytest.mark.slow
 def test_teacher_cache_and_gradient_accumulation(run_config, tmp_path):
     run_config["loss"] = {"objective": "akl", "ranking": {"enabled": True, "k": 4, "mode": "dynamic"}}
     run_config["train"] = dict(run_config["train"], micro_batch_size=2, grad_accum=2)
@@ -97,16 +100,14 @@ def test_the_flag_is_validated_with_the_loss_config():
 
 
 @pytest.mark.slow
-def test_two_rank_fused_training_matches_one_rank_logits_path(run_config, tmp_path):
+def test_two_rank_fused_training_matches_one_rank_logits_path(run_config, tmp_path, launch_run):
     """2 ranks x micro-batch 2 on the fused path (head weights partitioned over both ranks) against
     1 rank x 4 on the logits path: the same global batches, so the same weights."""
-    from test_engine_multiproc import _launch
-
     run_config["loss"] = {"objective": "kl", "ranking": {"enabled": True, "k": 5}}
     run_config["train"].update(max_steps=4)
     two = dict(run_config, output_dir=str(tmp_path / "two"), train=dict(run_config["train"], micro_batch_size=2),
                loss=dict(run_config["loss"], fused_lm_head=True))
-    _launch("torchrun", two, tmp_path)
+    launch_run("torchrun", two)
     one = run_training(dict(run_config, output_dir=str(tmp_path / "one")))
     a, b = _weights(Path(two["output_dir"]) / "export"), _weights(one.export_dir)
     for key in b:

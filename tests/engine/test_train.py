@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from rlkd.data import DataError
 from rlkd.engine.train import run_training
 from rlkd.models import VocabMismatchError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _losses(metrics_path: Path) -> list[float]:
@@ -40,6 +39,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("ranking", [False, True], ids=["KL", "KL+R"])
+@pytest.mark.slow
 def test_loss_falls_over_training(run_config, ranking):
     from rlkd.engine.schedule import lr_multiplier
 
@@ -222,17 +222,8 @@ def test_bad_config_key_is_named(run_config, tmp_path, capsys):
         load_config(base=run_config, overrides=["train.max_steps=zero"])
 
 
-def _cli_env() -> dict[str, str]:
-    """The environment for a child run; drops the rendezvous variables this process's own one-rank
-    group put there, or the child would try to join it."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.mark.slow
-def test_sigkill_after_checkpoint_then_resume_is_bit_exact(run_config, tmp_path):
+def test_sigkill_after_checkpoint_then_resume_is_bit_exact(run_config, tmp_path, cli_env):
     run_config["train"].update(max_steps=40, micro_batch_size=2, schedule="cosine", warmup_steps=3)
     run_config["loss"] = {"objective": "kl", "ranking": {"enabled": True, "k": 5}}
     run_config["checkpoint"] = {"every_steps": 5, "keep_last": 2}
@@ -242,7 +233,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(run_config, tmp_path)
     config_path.write_text(yaml.safe_dump(killed))
     command = [sys.executable, "-m", "rlkd.cli", "train", "--config", str(config_path)]
     latest = Path(killed["output_dir"]) / "checkpoints" / "latest"
-    proc = subprocess.Popen(command, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -251,7 +242,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(run_config, tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     assert not (Path(killed["output_dir"]) / "export").exists()
 
-    resumed = subprocess.run(command + ["--resume"], env=_cli_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command + ["--resume"], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads((Path(killed["output_dir"]) / "manifest.json").read_text())
     assert manifest["resumed_from"] is not None and 0 < manifest["resumed_from"] < 40

@@ -12,9 +12,10 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from rlkd.engine.distributed import child_env
 
 PROBE = r"""
 import json, resource, torch
@@ -39,13 +40,13 @@ print(json.dumps({"took": took, "faults": faults, "values": values}))
 
 
 def _probe(**env) -> dict:
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env}
+    env = child_env(rlkd_on_path=True, **env)
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@pytest.mark.slow
 def test_kept_memory_stops_the_page_faults_of_every_loss_call_and_changes_no_value():
     gradient_pages = 512 * 32000 * 4 // os.sysconf("SC_PAGE_SIZE")
     kept, default = _probe(), _probe(RLKD_HOST_MALLOC="default")

@@ -6,105 +6,62 @@ import torch
 from rlkd.objectives import DistillLoss, RankingConfig, list_objectives
 from rlkd.objectives.fused import HeadInput, fused_distill_loss
 
-H, V = 12, 40
-# Every ranking configuration the loss has: the paper's fixed weighting, App. D's dynamic one and
-# the released code's fidelity (batch-level union, its own weights and NaN fallback).
-RANKINGS = {
-    "none": RankingConfig(enabled=False),
-    "R": RankingConfig(k=4, backend="torch"),
-    "R_dynamic": RankingConfig(k=4, mode="dynamic", backend="torch"),
-    "R_official": RankingConfig(k=4, fidelity="official", backend="torch"),
-}
+from conftest import FUSED_H, FUSED_V, RANKINGS, assert_same_outputs, fused_and_logits_paths, fused_inputs
 
-
-def _inputs(b=3, l=11, h=H, v=V, t_h=16, t_v=None, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    s_hidden = torch.randn(b, l, h, generator=g).to(dtype)
-    s_weight = (torch.randn(v, h, generator=g) / h**0.5 * 3).to(dtype)
-    t_hidden = torch.randn(b, l, t_h, generator=g).to(dtype)
-    t_weight = (torch.randn(t_v or v, t_h, generator=g) / t_h**0.5 * 3).to(dtype)
-    mask = torch.rand(b, l, generator=g) > 0.3
-    labels = torch.randint(0, v, (b, l), generator=g)
-    return s_hidden, s_weight, t_hidden, t_weight, mask, labels
-
-
-def _both_paths(loss_fn, s_hidden, s_weight, t_hidden, t_weight, mask, labels, vocab=None, teacher_as_logits=False):
-    """(fused output, its grads), (logits-path output, its grads) on identical inputs."""
-    vocab = vocab or s_weight.shape[0]
-    h1, w1 = s_hidden.clone().requires_grad_(True), s_weight.clone().requires_grad_(True)
-    t_logits = t_hidden @ t_weight.t()
-    teacher = t_logits if teacher_as_logits else HeadInput(t_hidden, t_weight)
-    fused = fused_distill_loss(loss_fn, HeadInput(h1, w1), teacher, mask, labels, vocab_size=vocab)
-    fused_grads = torch.autograd.grad(fused.loss_sum, (h1, w1))
-    h2, w2 = s_hidden.clone().requires_grad_(True), s_weight.clone().requires_grad_(True)
-    ref = loss_fn((h2 @ w2.t())[..., :vocab], t_logits[..., :vocab], mask, labels)
-    ref_grads = torch.autograd.grad(ref.loss_sum, (h2, w2))
-    return (fused, fused_grads), (ref, ref_grads)
-
-
-def _assert_same(fused, ref, rtol=1e-5, atol=1e-5):
-    (out, grads), (ref_out, ref_grads) = fused, ref
-    torch.testing.assert_close(out.loss_sum, ref_out.loss_sum, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out.per_token, ref_out.per_token.detach(), rtol=rtol, atol=atol)
-    for name, a, b in zip(("hidden", "head weight"), grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"grad wrt {name}: {m}")
-    assert out.n_tokens == ref_out.n_tokens
-    assert out.metrics.keys() == ref_out.metrics.keys()
-    for key in ref_out.metrics:
-        assert out.metrics[key] == pytest.approx(ref_out.metrics[key], rel=1e-5, abs=1e-5), key
+H, V = FUSED_H, FUSED_V
 
 
 @pytest.mark.parametrize("ranking", list(RANKINGS))
 @pytest.mark.parametrize("objective", list_objectives())
 def test_fused_equals_logits_path_for_every_objective(objective, ranking):
     loss_fn = DistillLoss(objective=objective, ranking=RANKINGS[ranking], chunk_size=5)
-    _assert_same(*_both_paths(loss_fn, *_inputs()))
+    assert_same_outputs(*fused_and_logits_paths(loss_fn, *fused_inputs()))
 
 
 def test_rank_only_pearson_probs_and_temperature():
     for ranking, temperature in ((RankingConfig(k=4, mode="rank_only", backend="torch"), 1.0),
                                  (RankingConfig(k=3, correlation="pearson", scores="probs", backend="torch"), 2.0)):
         loss_fn = DistillLoss(objective="kl", ranking=ranking, temperature=temperature, chunk_size=4)
-        _assert_same(*_both_paths(loss_fn, *_inputs(seed=3)))
+        assert_same_outputs(*fused_and_logits_paths(loss_fn, *fused_inputs(seed=3)))
 
 
 def test_official_fallback_is_taken_on_the_fused_path_too():
     """A row whose teacher logits are all equal has no ranking spread: the released code's NaN
     makes the whole micro-batch fall back to the base loss; both paths must see it."""
-    s_hidden, s_weight, t_hidden, t_weight, mask, labels = _inputs(seed=5)
+    s_hidden, s_weight, t_hidden, t_weight, mask, labels = fused_inputs(seed=5)
     t_hidden[0, 0] = 0.0
     mask[0, 0] = True
     loss_fn = DistillLoss(objective="kl", ranking=RANKINGS["R_official"], chunk_size=4)
-    fused, ref = _both_paths(loss_fn, s_hidden, s_weight, t_hidden, t_weight, mask, labels)
+    fused, ref = fused_and_logits_paths(loss_fn, s_hidden, s_weight, t_hidden, t_weight, mask, labels)
     assert ref[0].metrics["rank_fallback"] == 1.0
-    _assert_same(fused, ref)
+    assert_same_outputs(fused, ref)
 
 
 def test_padded_vocabularies_are_cut_to_the_shared_prefix():
     """Teacher head with 8 padding rows; the student's head rows past the shared size get no gradient."""
-    s_hidden, s_weight, t_hidden, t_weight, mask, labels = _inputs(v=V + 3, t_v=V + 8, seed=1)
+    s_hidden, s_weight, t_hidden, t_weight, mask, labels = fused_inputs(v=V + 3, t_v=V + 8, seed=1)
     loss_fn = DistillLoss(objective="jsd", ranking=RANKINGS["R"], chunk_size=7)
-    fused, ref = _both_paths(loss_fn, s_hidden, s_weight, t_hidden, t_weight, mask, labels.clamp(max=V - 1), vocab=V)
-    _assert_same(fused, ref)
+    fused, ref = fused_and_logits_paths(loss_fn, s_hidden, s_weight, t_hidden, t_weight, mask, labels.clamp(max=V - 1), vocab=V)
+    assert_same_outputs(fused, ref)
     assert torch.count_nonzero(fused[1][1][V:]) == 0
 
 
 def test_teacher_given_as_cached_logits():
     loss_fn = DistillLoss(objective="akl", ranking=RANKINGS["R"], chunk_size=6)
-    _assert_same(*_both_paths(loss_fn, *_inputs(seed=2), teacher_as_logits=True))
+    assert_same_outputs(*fused_and_logits_paths(loss_fn, *fused_inputs(seed=2), teacher_as_logits=True))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, None])
 def test_chunk_size_does_not_change_the_result(chunk):
     loss_fn = DistillLoss(objective="kl", ranking=RANKINGS["R"], chunk_size=chunk)
-    _assert_same(*_both_paths(loss_fn, *_inputs(seed=4)))
+    assert_same_outputs(*fused_and_logits_paths(loss_fn, *fused_inputs(seed=4)))
 
 
 def test_bf16_agrees_with_the_logits_path_within_bf16_rounding():
     """bf16 inputs: both paths compute logits in bf16 and the loss in fp32; the fused path sums the
     weight gradient over chunks in fp32. Tolerance: a few bf16 ulps (2^-8 relative) of the values."""
     loss_fn = DistillLoss(objective="kl", ranking=RANKINGS["R"], chunk_size=5)
-    fused, ref = _both_paths(loss_fn, *_inputs(seed=6, dtype=torch.bfloat16))
+    fused, ref = fused_and_logits_paths(loss_fn, *fused_inputs(seed=6, dtype=torch.bfloat16))
     torch.testing.assert_close(fused[0].loss_sum, ref[0].loss_sum.to(fused[0].loss_sum.dtype), rtol=2e-2, atol=2e-2)
     for a, b in zip(fused[1], ref[1]):
         assert a.dtype == b.dtype == torch.bfloat16
@@ -112,8 +69,8 @@ def test_bf16_agrees_with_the_logits_path_within_bf16_rounding():
         assert (a.float() - b.float()).abs().max() <= 3e-2 * scale
 
 
-def test_no_supervised_position_still_reaches_both_inputs():
-    s_hidden, s_weight, t_hidden, t_weight, _, labels = _inputs()
+def test_no_supervised_position_still_reaches_bothfused_inputs():
+    s_hidden, s_weight, t_hidden, t_weight, _, labels = fused_inputs()
     h, w = s_hidden.clone().requires_grad_(True), s_weight.clone().requires_grad_(True)
     out = fused_distill_loss(DistillLoss(objective="kl"), HeadInput(h, w), HeadInput(t_hidden, t_weight),
                              torch.zeros(s_hidden.shape[:-1], dtype=torch.bool))
@@ -125,7 +82,7 @@ def test_no_supervised_position_still_reaches_both_inputs():
 def test_a_scaled_backward_scales_both_gradients():
     """train_step backpropagates loss_sum * (world * accum / global count): the scalar must reach both."""
     loss_fn = DistillLoss(objective="rkl", ranking=RANKINGS["R"], chunk_size=5)
-    s_hidden, s_weight, t_hidden, t_weight, mask, labels = _inputs(seed=7)
+    s_hidden, s_weight, t_hidden, t_weight, mask, labels = fused_inputs(seed=7)
     grads = []
     for scale in (1.0, 0.25):
         h, w = s_hidden.clone().requires_grad_(True), s_weight.clone().requires_grad_(True)
@@ -137,7 +94,7 @@ def test_a_scaled_backward_scales_both_gradients():
 
 
 def test_bad_input_names_what_is_wrong():
-    s_hidden, s_weight, t_hidden, t_weight, mask, labels = _inputs()
+    s_hidden, s_weight, t_hidden, t_weight, mask, labels = fused_inputs()
     kl = DistillLoss(objective="kl")
     with pytest.raises(ValueError, match="needs the teacher"):
         fused_distill_loss(kl, HeadInput(s_hidden, s_weight), None, mask)
@@ -161,7 +118,7 @@ def test_logit_blocks_of_any_size_give_the_same_result(monkeypatch, chunks_per_b
 
     monkeypatch.setattr(fused, "HEAD_BLOCK_ELEMENTS", V * 4 * chunks_per_block)
     loss_fn = DistillLoss(objective="jsd", ranking=RANKINGS["R"], chunk_size=4)
-    _assert_same(*_both_paths(loss_fn, *_inputs(b=4, l=13, seed=8)))
+    assert_same_outputs(*fused_and_logits_paths(loss_fn, *fused_inputs(b=4, l=13, seed=8)))
 
 
 def test_composed_terms_with_ranking():
@@ -170,4 +127,4 @@ def test_composed_terms_with_ranking():
 
     config = LossConfig(terms=[{"objective": "kl"}, {"objective": "ce", "weight": 0.5},
                                {"ranking": {"k": 4, "backend": "torch"}, "weight": 2.0}], chunk_size=5)
-    _assert_same(*_both_paths(DistillLoss(config), *_inputs(seed=9)))
+    assert_same_outputs(*fused_and_logits_paths(DistillLoss(config), *fused_inputs(seed=9)))

@@ -20,7 +20,7 @@ from rlkd.data import DataError
 from rlkd.engine import checkpoint
 from rlkd.engine.train import run_training
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(run_config, out: Path, **train) -> dict:
@@ -281,23 +281,14 @@ def test_bare_rlkd_prints_help_and_exits_2_and_version_prints_the_version():
 # A real kill: the resumed run says where it resumed, keeps its own lineage and a history
 
 
-def _cli_env() -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.mark.slow
-def test_sigkilled_run_resumes_in_its_lineage_and_says_so(run_config, tmp_path):
+def test_sigkilled_run_resumes_in_its_lineage_and_says_so(run_config, tmp_path, cli_env):
     out = tmp_path / "killed"
     config = _cfg(run_config, out, max_steps=400)
     config_path = tmp_path / "killed.yaml"
     config_path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "rlkd.cli", "train", "--config", str(config_path)]
-    proc = subprocess.Popen(command, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while len(_tags(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -306,10 +297,10 @@ def test_sigkilled_run_resumes_in_its_lineage_and_says_so(run_config, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     latest = _latest(out)
     assert latest is not None
-    fresh = subprocess.run(command, env=_cli_env(), capture_output=True, text=True, timeout=300)
+    fresh = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 2 and "already holds checkpoints" in fresh.stderr, fresh.stderr[-2000:]
     resumed = subprocess.run(command + ["--resume", f"train.max_steps={int(latest[len('step'):]) + 3}"],
-                             env=_cli_env(), capture_output=True, text=True, timeout=300)
+                             env=cli_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     step = int(latest[len("step"):])
     assert f"resuming from step {step} of {step + 3} (checkpoint {out / 'checkpoints' / latest})" in resumed.stdout

@@ -52,6 +52,7 @@ def test_unknown_sink_is_a_config_error_naming_the_key(run_config):
         load_config(base=dict(run_config, report_to=["mlflow"]))
 
 
+@pytest.mark.slow
 def test_tensorboard_and_csv_carry_the_jsonl_rows_and_survive_a_resume(run_config, monkeypatch):
     pytest.importorskip("tensorboard")
     run_config.update(report_to=["tensorboard", "csv"], agreement_every=2,

@@ -29,6 +29,7 @@ def _agree(rank: int, world: int, init_file: str, stop_file: str, out: str) -> N
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_ranks_agree_when_any_rank_sees_the_stop_file(tmp_path):
     """The batch shell leaves the file on node 0 only; every rank must still stop at the same step."""
     stop_file = tmp_path / "stop"
@@ -46,6 +47,7 @@ def test_no_stop_file_configured_never_stops(monkeypatch):
     assert request.stop_file is None and not request.requested(torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_a_stop_request_checkpoints_the_step_and_resume_ends_where_an_uninterrupted_run_does(
         run_config, tmp_path, monkeypatch):
     from safetensors.torch import load_file

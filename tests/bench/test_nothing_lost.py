@@ -22,7 +22,7 @@ from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
 from rlkd.bench.store import KILL_ENV, KILL_POINTS, STAGING, is_done, load_cells
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TIMINGS = {"train_seconds", "train_step_seconds"}  # wall times: the only metrics a rerun may change
 
 
@@ -202,6 +202,7 @@ def _tiny_spec(**extra) -> dict:
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_a_cell_rerun_after_its_export_was_deleted_is_not_refused(tmp_path, capsys):
     """The executor used to delete the export before the runner published the cell: a rerun retrained,
     and the first evaluation folder refused the new export on every later run."""
@@ -230,9 +231,9 @@ def test_a_cell_rerun_after_its_export_was_deleted_is_not_refused(tmp_path, caps
 # requirement 3: kill anywhere, rerun, same results
 
 
-def _bench(spec: Path, results: Path, kill_at: str | None = None, kill_after_s: float | None = None):
-    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+def _bench(spec: Path, results: Path, env: dict[str, str], kill_at: str | None = None,
+           kill_after_s: float | None = None):
+    env = {k: v for k, v in env.items() if k != KILL_ENV}
     if kill_at:
         env[KILL_ENV] = kill_at
     proc = subprocess.Popen([sys.executable, "-m", "rlkd.cli", "bench", str(spec), "--results-dir", str(results),
@@ -254,7 +255,7 @@ def _metrics(results: Path) -> dict[str, dict[str, float]]:
 
 @pytest.mark.slow
 @pytest.mark.data
-def test_kill_anywhere_rerun_same_results(tmp_path):
+def test_kill_anywhere_rerun_same_results(tmp_path, cli_env):
     """Kills `rlkd bench` (runner and cell processes) at points drawn by a seeded schedule, reruns
     after each with no cleanup, and ends with the metrics of an uninterrupted run."""
     from rlkd.paths import default_data_dir
@@ -271,18 +272,18 @@ def test_kill_anywhere_rerun_same_results(tmp_path):
     results = tmp_path / "killed"
     killed = []
     for point in schedule:
-        code, out = _bench(spec, results, kill_at=point)
+        code, out = _bench(spec, results, cli_env(), kill_at=point)
         assert code in (0, -signal.SIGKILL), out
         if code == -signal.SIGKILL:
             killed.append(point)
-    code, out = _bench(spec, results, kill_after_s=rng.uniform(3.0, 12.0))
+    code, out = _bench(spec, results, cli_env(), kill_after_s=rng.uniform(3.0, 12.0))
     assert code in (0, -signal.SIGKILL), out
-    code, out = _bench(spec, results)
+    code, out = _bench(spec, results, cli_env())
     assert code == 0, out
     # A point no cell reaches any more lets that run finish the grid: the kills are a prefix of the schedule.
     assert killed == schedule[:len(killed)] and len(killed) >= 4 and "before-publish" in killed, (schedule, killed)
 
-    assert _bench(spec, tmp_path / "straight")[0] == 0
+    assert _bench(spec, tmp_path / "straight", cli_env())[0] == 0
     straight = _metrics(tmp_path / "straight")
     assert len(straight) == 2 and all("final_train_loss" in m for m in straight.values())
     assert _metrics(results) == straight

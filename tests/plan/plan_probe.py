@@ -1,8 +1,8 @@
 """Measures what `rlkd plan` predicts, in a fresh process: the growth of the resident-set high-water
 mark (VmHWM, reset through /proc/self/clear_refs) over the inputs. Prints one JSON line.
 
-    python tests/plan_probe.py loss --tokens 1024 --vocab 8000 --hidden 256 [--fused] [--rank]
-    python tests/plan_probe.py activations --hidden 256 --layers 4 --batch 4 --seq 256 [--checkpointing]
+    python tests/plan/plan_probe.py loss --tokens 1024 --vocab 8000 --hidden 256 [--fused] [--rank]
+    python tests/plan/plan_probe.py activations --hidden 256 --layers 4 --batch 4 --seq 256 [--checkpointing]
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ def _expected_accuracy(model, tokenizer, docs):
     return correct / len(docs)
 
 
+@pytest.mark.slow
 def test_lm_eval_runs_offline_on_a_local_task(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlkd.engine.distributed import child_env
 from rlkd.plan.memory import (GIB, Setup, Variant, largest_micro_batch, loss_working_set, per_gpu, student_activations,
                               student_states)
 from rlkd.plan.shapes import ModelShape, model_shape
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "tests" / "data" / "model_configs"
 # Stated tolerance of the planner against measured peaks (RSS high-water growth on CPU, fp32):
 # allocator slack and small temporaries the counts leave out.
@@ -52,9 +52,8 @@ def test_student_states_follow_deepspeeds_zero3_accounting():
 
 
 def _probe(*args: str) -> int:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "plan_probe.py"), *args], capture_output=True,
+    env = child_env(rlkd_on_path=True, MALLOC_MMAP_THRESHOLD_="1048576", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "plan_probe.py"), *args], capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -111,7 +110,7 @@ def test_largest_micro_batch_is_the_boundary():
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = child_env(rlkd_on_path=True)
     return subprocess.run([sys.executable, "-m", "rlkd.cli", "plan", *args], capture_output=True, text=True,
                           env=env, timeout=300, cwd=REPO)
 
@@ -137,6 +136,7 @@ def test_cli_on_a_run_config_marks_its_variant(tmp_path, run_config):
     assert len(marked) == 1 and "no offload, ckpt, fused" in marked[0]
 
 
+@pytest.mark.slow
 def test_cli_names_a_model_it_cannot_find():
     done = _plan("benchmarks/paper/table2.yaml", "--gpus", "2", "--gpu-mem", "80", "--config-dir", "/nonexistent")
     assert done.returncode == 2

@@ -182,6 +182,7 @@ def _distributed_worker(rank, world, init_file, prompts, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_generate_distributed_merges_ranks_in_input_order(tmp_path):
     import torch.multiprocessing as mp
 

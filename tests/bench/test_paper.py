@@ -9,7 +9,7 @@ import pytest
 
 from rlkd.bench.paper import leading_number, load_paper_tables, paper_table, parse_markdown_tables
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _paper_markdown() -> Path | None:
