@@ -54,6 +54,7 @@ LAYERS: dict[str, str] = {
     "rlkd.cli": "cli", "rlkd.bench.cli": "cli", "rlkd.bench.table_cli": "cli", "rlkd.bench.orchestrate": "cli",
     "rlkd.bench.default": "cli", "rlkd.engine.cli": "cli", "rlkd.eval.cli": "cli", "rlkd.objectives.cli": "cli",
     "rlkd.plan.cli": "cli", "rlkd.launch.cli": "cli",
+    "rlkd.config_reference": "cli",  # `rlkd config --reference`: reads the run config and the spec
 }
 
 
