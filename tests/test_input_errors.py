@@ -67,6 +67,26 @@ def test_an_objective_parameter_that_makes_it_nan_is_refused_at_config_time(run_
     assert "objective 'log_scale'" in text and "{'scale': 0.0}" in text and "not finite" in text
 
 
+def test_an_objective_nan_only_on_real_logits_is_named_when_training_meets_it(tmp_path, forget_plugins):
+    """W2 at run time: a plug-in finite on the probe's random input but NaN where a logit is large.
+    The step's error names the objective and its plug-in file, not only "the loss is not finite"."""
+    import torch
+
+    from rlkd.objectives import DistillLoss
+    from rlkd.plugins import load_plugins
+
+    path = _plugin(tmp_path, "large_nan", "torch.where(student_logits.amax(-1) > 50, float('nan'), 1.0) "
+                                          "* per_token.sum(-1)")
+    load_plugins([str(path)])
+    student, teacher = torch.randn(6, 11), torch.randn(6, 11)
+    student[4, 3] = 80.0  # finite, but the plug-in's NaN branch
+    loss = DistillLoss({"terms": [{"objective": "kl", "weight": 1.0}, {"objective": "large_nan", "weight": 1.0}]})
+    with pytest.raises(FloatingPointError) as info:
+        loss(student.requires_grad_(), teacher)
+    text = str(info.value)
+    assert "position 4" in text and f"objective 'large_nan' ({path}:" in text and "'kl'" not in text
+
+
 @pytest.mark.parametrize("loss", [
     {"terms": [{"objective": "kl", "weight": 0}]},                                          # F6
     {"terms": [{"objective": "kl", "weight": 0}, {"ranking": {"k": 5}, "weight": 0}]},

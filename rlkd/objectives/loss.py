@@ -30,7 +30,7 @@ import torch
 from rlkd.objectives.common import compute_dtype
 from rlkd.objectives.config import LossConfig
 from rlkd.objectives.ranking import gather_scores, official_batch_union, rank_loss_from_scores, topk_ids, union_ids_for
-from rlkd.objectives.registry import get_objective
+from rlkd.objectives.registry import get_objective, objective_origin
 
 CHUNK_ELEMENT_BUDGET = 2**22
 
@@ -270,7 +270,27 @@ class DistillLoss:
         finite, out.finite = out.finite, None
         if finite is None or bool(finite):
             return
-        _check_finite(out.per_token.detach(), positions, rows_at)
+        _check_finite(out.per_token.detach(), positions, rows_at, self._blame)
+
+    def _blame(self, student_row, teacher_row) -> str:
+        """The terms to blame for a non-finite loss at one position whose logits are finite: each
+        objective that needs no labels is recomputed on that row, and named (with its source file
+        and line, so a plug-in is found) if it is not finite there; otherwise every term is named."""
+        s = student_row.to(compute_dtype(student_row))
+        t = teacher_row.to(s.dtype) if teacher_row is not None else None
+        if self.config.temperature != 1.0:
+            s, t = s / self.config.temperature, (t / self.config.temperature if t is not None else None)
+        culprits, every = [], []
+        for spec, params, _ in self.objectives:
+            named = f"{spec.name!r} ({objective_origin(spec.fn)})"
+            every.append(named)
+            if not spec.needs_labels and (t is not None or not spec.needs_teacher):
+                with torch.no_grad():
+                    if not torch.isfinite(spec.fn(s, t, None, **params)).all():
+                        culprits.append(named)
+        if self.ranking is not None:
+            every.append("the ranking term")
+        return f"objective {', '.join(culprits)}" if culprits else f"one of: {', '.join(every)}"
 
     # What the loss needs and how it is normalised, read from the objectives' declarations.
     @property
@@ -459,9 +479,10 @@ def add_terms(sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> 
         sums[name] = sums.get(name, 0.0) + value.sum()
 
 
-def _check_finite(total, idx, rows_at):
+def _check_finite(total, idx, rows_at, blame=None):
     """Raise, naming the first position whose loss is not finite and which logits are to blame
-    (read with ``rows_at`` at that position only)."""
+    (read with ``rows_at`` at that position only), or, with finite logits, ``blame(student_row,
+    teacher_row)``: which terms."""
     if torch.isfinite(total).all():
         return
     bad = int((~torch.isfinite(total)).nonzero()[0, 0])
@@ -471,4 +492,5 @@ def _check_finite(total, idx, rows_at):
         raise ValueError(f"student logits contain NaN/Inf at {where}")
     if t_rows is not None and not torch.isfinite(t_rows[0]).all():
         raise ValueError(f"teacher logits contain NaN/Inf at {where}")
-    raise FloatingPointError(f"the loss is not finite at {where} although the logits are")
+    culprit = f": {blame(s_rows, t_rows)} is not finite there" if blame is not None else ""
+    raise FloatingPointError(f"the loss is not finite at {where} although the logits are{culprit}")

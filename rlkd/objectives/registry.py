@@ -107,7 +107,8 @@ class ObjectiveCheckError(ValueError):
 PROBE_ROWS, PROBE_VOCAB = 4, 7
 
 
-def _origin(fn: ObjectiveFn) -> str:
+def objective_origin(fn: ObjectiveFn) -> str:
+    """Where an objective's function is defined (file:line), to name a plug-in in messages."""
     try:
         return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
     except (OSError, TypeError):
@@ -126,7 +127,7 @@ def check_objective(spec: ObjectiveSpec, params: Mapping[str, float] | None = No
     labels = torch.randint(0, PROBE_VOCAB, (PROBE_ROWS,), generator=generator)
     resolved = dict(spec.defaults) | dict(params or {})
     shown = f" with {resolved}" if params else ""
-    where = f"objective {spec.name!r} ({_origin(spec.fn)}){shown}"
+    where = f"objective {spec.name!r} ({objective_origin(spec.fn)}){shown}"
     with torch.enable_grad():
         try:
             value = spec.fn(student, teacher, labels, **resolved)
