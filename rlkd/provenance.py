@@ -178,13 +178,32 @@ def load_average() -> str:
         return "unknown"
 
 
+def cpu_identity() -> dict[str, str]:
+    """The CPU's model name and the instruction set torch dispatches its CPU kernels to (``AVX2``,
+    ``AVX512``, ...). fp32 results on the CPU are bit-identical only where both agree: the same
+    healing stage, same code and config, gave different exports on machines of different kinds."""
+    import torch  # lazily, as in benchmark_meta
+
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_model": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def benchmark_meta(script: str, argv: list[str] | None = None) -> dict[str, Any]:
     """What every benchmark report says about its run: the machine, torch, the code version and the
     command that re-runs it (``script`` relative to the repository, ``argv`` its arguments: by
     default the process's own, ``sys.argv[1:]``)."""
     import torch  # lazily: importing torch takes seconds, and most of this module's callers never need it
 
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+    cpu = cpu_identity()
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu['cpu_model']} "
+                       f"({cpu['torch_cpu_capability']})", "torch": torch.__version__,
             "git": git_state(), "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])}  # quoted: pastes back into a shell
 
 

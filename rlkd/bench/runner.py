@@ -19,7 +19,7 @@ from tqdm import tqdm
 from rlkd.bench.stages import stage_fingerprints
 from rlkd.bench.store import STAGING, cell_status, invalid_done_record, is_done, kill_point, publish, write_json_atomic
 from rlkd.plugins import current_hashes
-from rlkd.provenance import git_state, package_versions, removable_lock
+from rlkd.provenance import cpu_identity, git_state, package_versions, removable_lock
 
 
 class CellExecutor(Protocol):
@@ -47,7 +47,8 @@ def code_provenance() -> dict[str, Any]:
     """What ran a cell: git sha and dirty flag of rlkd, package versions, the machine's kind."""
     code = git_state()
     return {"git_sha": code["sha"], "git_dirty": code["dirty"], "versions": package_versions(),
-            "machine": {"system": platform.system(), "arch": platform.machine(), "cpus": os.cpu_count()}}
+            "machine": {"system": platform.system(), "arch": platform.machine(), "cpus": os.cpu_count(),
+                        **cpu_identity()}}
 
 
 class ResultsNotWritable(OSError):

@@ -21,7 +21,8 @@ from typing import Any
 from rlkd.bench.spec import HEAL, canonical_run, config_hash, stage_key
 from rlkd.bench.store import kill_point
 from rlkd.factory import resolve_model
-from rlkd.provenance import atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, removable_lock
+from rlkd.provenance import (atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, cpu_identity,
+                             removable_lock)
 
 
 def teacher_cache_dir(cache_dir: Path) -> Path:
@@ -137,7 +138,8 @@ def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: P
         kill_point("stage-trained")
         atomic_write_jsonl(out / "train_log.jsonl", log)
         atomic_write_json(out / "done.json", {"config": canonical_run(tree), "seconds": time.perf_counter() - started,
-                                              "export_sha256": checkpoint_fingerprint(export_dir)["sha256"]},
+                                              "export_sha256": checkpoint_fingerprint(export_dir)["sha256"],
+                                              "machine": cpu_identity()},
                           sort_keys=True)
         return str(export_dir)
 

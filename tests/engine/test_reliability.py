@@ -366,8 +366,23 @@ def test_benchmark_meta_names_the_commit_the_command_and_the_load(tmp_path, monk
     assert meta["command"] == "python benchmarks/x.py --tokens 64 --out 'a b'"
     monkeypatch.setattr(sys, "argv", ["benchmarks/x.py", "--quick"])  # argv=None: the process's own arguments
     assert provenance.benchmark_meta("benchmarks/x.py")["command"] == "python benchmarks/x.py --quick"
-    assert meta["torch"] == torch.__version__ and meta["machine"].endswith(f"{os.cpu_count()} cores")
+    assert meta["torch"] == torch.__version__ and f"{os.cpu_count()} cores, " in meta["machine"]
     loads = provenance.load_average().split()
     assert len(loads) == 3 and all(float(x) >= 0 for x in loads)
     monkeypatch.setattr(os, "getloadavg", lambda: (_ for _ in ()).throw(OSError("no /proc/loadavg")))
     assert provenance.load_average() == "unknown"
+
+
+def test_cells_and_benchmarks_record_the_cpu_kind_their_fp32_bits_depend_on():
+    """A healing stage gave a different export on another kind of CPU: a cell's provenance and a
+    benchmark report name the CPU model and torch's kernel instruction set."""
+    import torch
+
+    from rlkd import provenance
+    from rlkd.bench.runner import code_provenance
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    machine = code_provenance()["machine"]
+    assert machine["torch_cpu_capability"] == capability and machine["cpu_model"] == names[0]
+    assert f"{names[0]} ({capability})" in provenance.benchmark_meta("benchmarks/x.py", [])["machine"]
