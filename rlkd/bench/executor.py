@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from rlkd.bench.store import kill_point
-from rlkd.bench.stages import engine_tree, generation_data, stage_models, teacher_cache_dir, train
+from rlkd.bench.stages import (check_stage_exports, engine_tree, generation_data, stage_models, teacher_cache_dir,
+                               train)
 from rlkd.device import device_type
 from rlkd.engine.distributed import child_env
 from rlkd.factory import resolve_model
@@ -115,6 +116,7 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
         return earlier
     if cell["kind"] == "reference":
         teacher, student = stage_models(cell, shared_dir, cache_dir)
+        check_stage_exports(cell, shared_dir, cache_dir.parent)
         model = {"teacher": teacher, "student": student}.get(cell["reference"]) \
             or resolve_model(cell["candidate"], cache_dir)
         metrics, per_example = _evaluate(cell, model, workdir, teacher, cache_dir)
@@ -122,6 +124,7 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
         write_result(workdir, metrics, per_example)
         return metrics, per_example
     tree = cell_engine_tree(cell, workdir / "train", cache_dir=cache_dir, shared_dir=shared_dir)
+    check_stage_exports(cell, shared_dir, cache_dir.parent)
     started = time.perf_counter()
     export_dir, log = train(tree)
     train_seconds = time.perf_counter() - started

@@ -165,6 +165,32 @@ def stage_fingerprints(cell: dict[str, Any], shared_dir: Path) -> dict[str, str]
     return found
 
 
+class StageExportMismatch(RuntimeError):
+    """A cell's stage export differs from the one the results folder's finished cells started from."""
+
+
+def check_stage_exports(cell: dict[str, Any], shared_dir: Path, results_dir: Path) -> None:
+    """Refuse to run a cell from a stage export (e.g. the healed student) other than the one the
+    finished cells of its results folder recorded in their provenance: a stage is keyed by its
+    config, but a re-run on another kind of CPU gives other bits, and a table mixing the two would
+    compare cells that did not start from the same model."""
+    mine = stage_fingerprints(cell, shared_dir)
+    if not mine:
+        return
+    for provenance in sorted(results_dir.glob("*/provenance.json")):
+        try:
+            recorded = json.loads(provenance.read_text()).get("stages") or {}
+        except (OSError, ValueError):
+            continue  # an unreadable record is the store's to report and re-run
+        for key, sha in sorted(mine.items()):
+            if recorded.get(key) not in (None, sha):
+                raise StageExportMismatch(
+                    f"stage {key}: this machine's export is {sha[:12]}..., but the finished cell "
+                    f"{provenance.parent.name} started from {recorded[key][:12]}...; a cell from this export "
+                    f"would be a different experiment. Run on a machine whose {key} reproduces "
+                    f"{recorded[key][:12]}..., or re-run the whole table on one export (rlkd bench --from-scratch)")
+
+
 def stage_seconds(cell: dict[str, Any], shared_dir: Path) -> dict[str, float]:
     """Measured wall time of each of the cell's finished stages (``{"student_heal": 1234.5, ...}``)."""
     seconds = {}

@@ -390,3 +390,24 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
     notes = code_version_notes(load_cells(out))
     assert notes[0].startswith("These cells ran on 2 different code versions")
     assert notes[2] == f"ffffffffff (uncommitted changes): 1 cell(s): `{cells[1]['id']}`"
+
+
+def test_a_cell_from_another_stage_export_than_the_tables_is_refused(tmp_path, monkeypatch):
+    """A healing re-run on another kind of CPU gave another export: a new cell started from it must
+    not join the cells that started from the first one."""
+    from rlkd.bench import stages as stages_module
+
+    first, other = "a" * 64, "b" * 64
+    (tmp_path / "dolly-KL-s1-x").mkdir()
+    (tmp_path / "dolly-KL-s1-x" / "provenance.json").write_text(json.dumps({"stages": {"student_heal": first}}))
+    (tmp_path / "old-cell").mkdir()
+    (tmp_path / "old-cell" / "provenance.json").write_text(json.dumps({"git_sha": "0"}))  # before stages were recorded
+    (tmp_path / "torn-cell").mkdir()
+    (tmp_path / "torn-cell" / "provenance.json").write_text('{"stages": ')
+    monkeypatch.setattr(stages_module, "stage_fingerprints", lambda cell, shared: {"student_heal": first})
+    stages_module.check_stage_exports({}, tmp_path / ".shared", tmp_path)  # the same export: runs
+    monkeypatch.setattr(stages_module, "stage_fingerprints", lambda cell, shared: {"student_heal": other})
+    with pytest.raises(stages_module.StageExportMismatch) as info:
+        stages_module.check_stage_exports({}, tmp_path / ".shared", tmp_path)
+    text = str(info.value)
+    assert "dolly-KL-s1-x" in text and first[:12] in text and other[:12] in text and "student_heal" in text
