@@ -188,7 +188,7 @@ def check_stage_exports(cell: dict[str, Any], shared_dir: Path, results_dir: Pat
                     f"stage {key}: this machine's export is {sha[:12]}..., but the finished cell "
                     f"{provenance.parent.name} started from {recorded[key][:12]}...; a cell from this export "
                     f"would be a different experiment. Run on a machine whose {key} reproduces "
-                    f"{recorded[key][:12]}..., or re-run the whole table on one export (rlkd bench --from-scratch)")
+                    f"{recorded[key][:12]}..., or run the whole table from this export into another folder (--results-dir)")
 
 
 def stage_seconds(cell: dict[str, Any], shared_dir: Path) -> dict[str, float]:
