@@ -52,7 +52,7 @@ def _head_gap(p_sorted: torch.Tensor, gap_sorted: torch.Tensor, mu: float) -> to
     return (gap_sorted * head).sum(-1)
 
 
-@register_objective("akl", bounds={"mu": (0.0, 1.0)})
+@register_objective("akl", bounds={"mu": (0.0, 1.0)}, sparse_teacher=True)
 def adaptive_kl(student_logits, teacher_logits, labels=None, *, mu=0.5):
     """Head-gap-weighted forward KL plus tail-gap-weighted reverse KL (mu = 0.5, gap |p_T - p_S|)."""
     log_t, log_s = log_probs(teacher_logits), log_probs(student_logits)

@@ -15,7 +15,7 @@ from rlkd.objectives.common import kl_from_log_probs, log_probs
 from rlkd.objectives.registry import register_objective
 
 
-@register_objective("jsd", bounds={"beta": (0.0, 1.0)})
+@register_objective("jsd", bounds={"beta": (0.0, 1.0)}, sparse_teacher=True)
 def generalized_jsd(student_logits, teacher_logits, labels=None, *, beta=0.5):
     """beta*KL(T||M) + (1-beta)*KL(S||M), M = beta*T + (1-beta)*S; beta=0/1 give forward/reverse KL."""
     log_t, log_s = log_probs(teacher_logits), log_probs(student_logits)

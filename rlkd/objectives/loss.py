@@ -31,6 +31,7 @@ from rlkd.objectives.common import compute_dtype
 from rlkd.objectives.config import LossConfig
 from rlkd.objectives.ranking import gather_scores, official_batch_union, rank_loss_from_scores, topk_ids, union_ids_for
 from rlkd.objectives.registry import get_objective, objective_origin
+from rlkd.objectives.sparse_teacher import SparseTeacher
 
 CHUNK_ELEMENT_BUDGET = 2**22
 
@@ -239,6 +240,11 @@ class DistillLoss:
         ``loss_sum`` by (its normalisation times fp16's loss scale). The gradient is computed in fp32
         during forward and stored in the logits' dtype *after* this factor is applied, as autograd
         would, so that fp16 does not round small gradients to zero before the loss scale lifts them."""
+        if isinstance(teacher_logits, SparseTeacher):  # a top-K teacher cache: rlkd.objectives.sparse_loss
+            from rlkd.objectives.sparse_loss import sparse_distill_loss
+
+            return sparse_distill_loss(self, student_logits, teacher_logits, mask, labels, grad_scale=grad_scale,
+                                       output_type=LossOutput)
         student_flat, teacher_flat, positions, labels_sel, host_positions = self._select(
             student_logits, teacher_logits, mask, labels)
         n = positions.numel()

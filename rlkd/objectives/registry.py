@@ -31,6 +31,15 @@ class ObjectiveSpec:
     # "labelled" (only those whose next token is known; cross-entropy has nothing to learn elsewhere).
     counts: str = "supervised"
     summary: str = ""
+    # A divergence of the two next-token distributions that stays one between coarser distributions:
+    # applied to the top-K-plus-tail buckets of a sparse teacher (rlkd.objectives.sparse_teacher) it
+    # is the mass-preserving sparse loss.
+    sparse_teacher: bool = False
+
+    @property
+    def supports_sparse_teacher(self) -> bool:
+        """Whether it can train against a top-K teacher cache (one that reads no teacher always can)."""
+        return self.sparse_teacher or not self.needs_teacher
 
     def resolve_params(self, params: Mapping[str, object] | None) -> dict[str, float]:
         """Defaults overlaid with ``params``, each checked against its declared bounds."""
@@ -61,12 +70,16 @@ def register_objective(
     needs_teacher: bool = True,
     needs_labels: bool = False,
     counts: str = "supervised",
+    sparse_teacher: bool = False,
 ) -> Callable[[ObjectiveFn], ObjectiveFn]:
     """Register ``fn`` under ``name``; its keyword-only arguments are its hyperparameters.
 
     The declaration tells the engine what the objective needs: ``needs_teacher`` (teacher logits),
     ``needs_labels`` (the next token at each position) and ``counts`` (which positions its mean is
-    over: ``"supervised"`` or ``"labelled"``)."""
+    over: ``"supervised"`` or ``"labelled"``) and ``sparse_teacher`` (its function, given the
+    log-probabilities of a sparse teacher's top-K ids plus one tail bucket and the student's on the same
+    buckets, computes the loss against that teacher: true of a divergence between two distributions
+    that reads nothing but their probabilities)."""
     if counts not in ("supervised", "labelled"):
         raise ValueError(f"objective {name!r}: counts must be 'supervised' or 'labelled', got {counts!r}")
 
@@ -84,7 +97,8 @@ def register_objective(
         if unknown_bounds:
             raise TypeError(f"objective {name!r}: bounds for unknown parameters {sorted(unknown_bounds)}")
         summary = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-        spec = ObjectiveSpec(name, fn, defaults, dict(bounds or {}), needs_teacher, needs_labels, counts, summary)
+        spec = ObjectiveSpec(name, fn, defaults, dict(bounds or {}), needs_teacher, needs_labels, counts, summary,
+                             sparse_teacher=sparse_teacher)
         spec.resolve_params({})  # the defaults themselves must satisfy the bounds
         if not is_builtin(spec):
             check_objective(spec)

@@ -21,14 +21,14 @@ def _skewed(log_a, log_b, alpha):
     return torch.logaddexp(log_a + math.log(alpha), log_b + math.log1p(-alpha))
 
 
-@register_objective("skew_kl", bounds={"alpha": (0.0, 1.0)})
+@register_objective("skew_kl", bounds={"alpha": (0.0, 1.0)}, sparse_teacher=True)
 def skew_forward_kl(student_logits, teacher_logits, labels=None, *, alpha=0.1):
     """KL(p_T || alpha*p_T + (1-alpha)*p_S)."""
     log_t, log_s = log_probs(teacher_logits), log_probs(student_logits)
     return kl_from_log_probs(log_t, _skewed(log_t, log_s, alpha))
 
 
-@register_objective("skew_rkl", bounds={"alpha": (0.0, 1.0)})
+@register_objective("skew_rkl", bounds={"alpha": (0.0, 1.0)}, sparse_teacher=True)
 def skew_reverse_kl(student_logits, teacher_logits, labels=None, *, alpha=0.1):
     """KL(p_S || alpha*p_S + (1-alpha)*p_T)."""
     log_t, log_s = log_probs(teacher_logits), log_probs(student_logits)
