@@ -168,6 +168,16 @@ class RunConfig(_Strict):
                                       "over the training samples and every later step, epoch and run on the "
                                       "same data reads them (exact). Worth it for several epochs; None: the "
                                       "teacher runs every step.")
+    # A sparse teacher cache (rlkd.teacher_topk_cache): the top-K ids per position and their tail bucket.
+    teacher_cache_top_k: int | None = Field(None, ge=1, description="Keep only the teacher's K most likely ids "
+                                            "per position in teacher_cache: their log-probabilities at "
+                                            "loss.temperature and the log of the remaining mass (K x (id + value) "
+                                            "bytes + 4 a position instead of 4 x vocabulary). The loss then compares "
+                                            "the K ids plus one tail bucket (mass-preserving; exact when K >= the "
+                                            "vocabulary). None: every logit.")
+    teacher_cache_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Storage dtype of the cached top-K log-probabilities (the tail log-mass stays "
+        "float32); with teacher_cache_top_k only.")
     log_every: int = Field(1, ge=1, description="Write a metrics row every N optimizer steps.")
     # Sinks besides metrics.jsonl, same rows (rlkd.engine.reporting), and the period in steps of
     # CR@1-5 of student vs teacher on the training batch (rlkd.engine.agreement; 0: never).
@@ -193,6 +203,25 @@ class RunConfig(_Strict):
         if self.data.on_policy is not None and self.teacher_cache:
             raise ValueError("data.on_policy: student-sampled sequences are not in teacher_cache; "
                              "drop one of the two")
+        return self
+
+    @model_validator(mode="after")
+    def _sparse_teacher_cache(self) -> "RunConfig":
+        if self.teacher_cache_top_k is None:
+            if self.teacher_cache_dtype != "float32":
+                raise ValueError("teacher_cache_dtype: the exact cache stores float32 logits; a storage dtype needs "
+                                 "teacher_cache_top_k")
+            return self
+        if not self.teacher_cache:
+            raise ValueError("teacher_cache_top_k: set teacher_cache (the folder of the cache) too")
+        from rlkd.objectives.sparse_loss import sparse_teacher_refusal
+
+        refusal = sparse_teacher_refusal(self.loss, self.teacher_cache_top_k)
+        if refusal:
+            raise ValueError(f"teacher_cache_top_k={self.teacher_cache_top_k}: {refusal}")
+        if self.agreement_every:
+            raise ValueError("agreement_every: CR@k compares full teacher logits, which teacher_cache_top_k does "
+                             "not keep; set agreement_every=0")
         return self
 
     @model_validator(mode="after")

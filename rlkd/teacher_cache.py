@@ -14,6 +14,9 @@ its own rows into its own file (``logits.rank<r>.npy``). One file written by eve
 two ranks share a page: on a network filesystem each node writes back whole dirty pages, so one
 rank's stale copy of a shared page could overwrite the other's rows. ``layout.npy`` says where each
 sequence is (file, first row). Entries written in the older one-file layout (``logits.npy``) are read as before.
+
+What a row holds is the entry's format: :class:`ExactLogits` (this module, the default) or the top-K
+format of rlkd.teacher_topk_cache, which reuses the keying, lock, per-rank files and layout here.
 """
 
 from __future__ import annotations
@@ -46,27 +49,31 @@ def sequence_key(ids: Sequence[int]) -> bytes:
     return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
-class TeacherLogitCache:
-    """Read side: ``logits(input_ids, attention_mask)`` for sequences the entry holds."""
+class SequenceIndex:
+    """Where each sequence of an entry is: ``find(row_ids) -> (rank file, first row, length)``, and the
+    entry's per-rank ``.npy`` files of one kind opened read-only (:meth:`rank_files`)."""
 
     def __init__(self, directory: Path):
-        meta = json.loads((directory / "meta.json").read_text())
         self.directory = directory
-        self.vocab_size = int(meta["vocab_size"])
-        self.meta = meta
+        self.meta = json.loads((directory / "meta.json").read_text())
         offsets = np.load(directory / "offsets.npy")
         ids = np.load(directory / "ids.npy")
-        if (directory / "layout.npy").is_file():  # one file per writing rank
+        self._per_rank = (directory / "layout.npy").is_file()  # one file per writing rank
+        if self._per_rank:
             layout = np.load(directory / "layout.npy")
-            self._files = {int(r): np.load(directory / f"logits.rank{int(r)}.npy", mmap_mode="r")
-                           for r in np.unique(layout[:, 0])}
+            self._ranks = [int(r) for r in np.unique(layout[:, 0])]
             places = [(int(r), int(row)) for r, row in layout]
         else:  # the older layout: one file, rows in sequence order
-            self._files = {0: np.load(directory / "logits.npy", mmap_mode="r")}
+            self._ranks = [0]
             places = [(0, int(start)) for start in offsets[:-1]]
         self._where: dict[bytes, tuple[int, int, int]] = {}
         for (file, row), start, stop in zip(places, offsets[:-1], offsets[1:]):
             self._where[sequence_key(ids[start:stop])] = (file, row, int(stop - start))
+
+    def rank_files(self, stem: str) -> dict[int, np.ndarray]:
+        if not self._per_rank:
+            return {0: np.load(self.directory / f"{stem}.npy", mmap_mode="r")}
+        return {r: np.load(self.directory / f"{stem}.rank{r}.npy", mmap_mode="r") for r in self._ranks}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -74,12 +81,10 @@ class TeacherLogitCache:
     def __contains__(self, ids: Sequence[int]) -> bool:
         return sequence_key(ids) in self._where
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``[B, L, V]`` teacher logits for right-padded rows; padded positions are zero (the loss
-        never reads them). A row the entry does not hold is an error naming it."""
+    def rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """``(batch row, rank file, first row, length)`` of each right-padded row of a batch; a row the
+        entry does not hold is an error naming it."""
         batch, length = input_ids.shape
-        out = torch.zeros(batch, length, self.vocab_size, dtype=torch.float32)
         ids = input_ids.cpu()
         lengths = attention_mask.sum(dim=1).tolist() if attention_mask is not None else [length] * batch
         for row, n in enumerate(lengths):
@@ -89,7 +94,24 @@ class TeacherLogitCache:
                 raise KeyError(f"teacher logit cache {self.directory}: row {row} (first ids {row_ids[:8]}, "
                                f"length {int(n)}) is not among its {len(self)} sequences; the cache was built "
                                f"for other data")
-            file, start, count = found
+            yield (row, *found)
+
+
+class TeacherLogitCache(SequenceIndex):
+    """Read side: ``logits(input_ids, attention_mask)`` for sequences the entry holds."""
+
+    def __init__(self, directory: Path):
+        super().__init__(directory)
+        self.vocab_size = int(self.meta["vocab_size"])
+        self._files = self.rank_files("logits")
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[B, L, V]`` teacher logits for right-padded rows; padded positions are zero (the loss
+        never reads them). A row the entry does not hold is an error naming it."""
+        batch, length = input_ids.shape
+        out = torch.zeros(batch, length, self.vocab_size, dtype=torch.float32)
+        for row, file, start, count in self.rows(input_ids, attention_mask):
             out.numpy()[row, :count] = self._files[file][start:start + count]
         return out.to(device=input_ids.device, dtype=dtype)
 
@@ -107,6 +129,29 @@ class CachedTeacherModel:
         from types import SimpleNamespace
 
         return SimpleNamespace(logits=self.cache.logits(input_ids, attention_mask))
+
+
+class ExactLogits:
+    """The exact format: every logit of a position, float32, in ``logits.rank<r>.npy``."""
+
+    key_suffix = ""  # entries of other formats add theirs to the directory's name
+
+    def bytes_per_position(self, vocab_size: int) -> int:
+        return 4 * vocab_size
+
+    def create(self, staging: Path, rank: int, rows: int, vocab_size: int) -> dict[str, np.ndarray]:
+        return {"logits": np.lib.format.open_memmap(staging / f"logits.rank{rank}.npy", mode="w+", dtype=np.float32,
+                                                    shape=(rows, vocab_size))}
+
+    def write(self, stores: dict[str, np.ndarray], start: int, logits: torch.Tensor) -> None:
+        """Store the fp32 logits ``[n, V]`` of one sequence from row ``start`` on."""
+        stores["logits"][start:start + logits.shape[0]] = logits.numpy()
+
+    def meta(self, vocab_size: int) -> dict:
+        return {"dtype": "float32", "bytes_per_position": self.bytes_per_position(vocab_size)}
+
+    def open(self, directory: Path) -> TeacherLogitCache:
+        return TeacherLogitCache(directory)
 
 
 def entry_key(teacher_id: str, sequences: Sequence[Sequence[int]], vocab_size: int) -> str:
@@ -144,10 +189,12 @@ def _agree(dist, flag: bool) -> bool:
 
 def open_or_build(root: str | Path, teacher: str | Path, sequences: Sequence[Sequence[int]], vocab_size: int,
                   load_teacher: LoadTeacher | None, *, batch_size: int = 4, pad_id: int = 0,
-                  device: torch.device | str = "cpu", teacher_id: str | None = None) -> TeacherLogitCache:
-    """The cache entry under ``root`` for (teacher, sequences, vocab), built first with the model
-    ``load_teacher()`` returns if it does not exist yet. Collective under torch.distributed: every
-    rank must call it."""
+                  device: torch.device | str = "cpu", teacher_id: str | None = None, fmt=None):
+    """The cache entry under ``root`` for (teacher, sequences, vocab, format), built first with the model
+    ``load_teacher()`` returns if it does not exist yet. ``fmt``: what a row holds (default
+    :class:`ExactLogits`; its ``key_suffix`` is part of the entry's key); returns ``fmt.open(entry)``.
+    Collective under torch.distributed: every rank must call it."""
+    fmt = fmt or ExactLogits()
     dist, rank, world = _dist()
     device = torch.device(device)
     unique: dict[bytes, list[int]] = {}
@@ -157,15 +204,15 @@ def open_or_build(root: str | Path, teacher: str | Path, sequences: Sequence[Seq
     if not seqs:
         raise ValueError("teacher logit cache: no sequence to cache")
     teacher_id = teacher_id or teacher_identity(teacher)
-    directory = Path(root) / entry_key(teacher_id, seqs, vocab_size)
+    directory = Path(root) / (entry_key(teacher_id, seqs, vocab_size) + fmt.key_suffix)
     with _locked(Path(root) / f".{directory.name}.lock", enabled=rank == 0):
         ready = _agree(dist, (directory / "meta.json").is_file())
         if not ready:
             if load_teacher is None:
                 raise FileNotFoundError(f"teacher logit cache {directory} does not exist and no teacher was given")
             _build(directory, teacher, teacher_id, seqs, vocab_size, load_teacher(), batch_size, pad_id, device,
-                   dist, rank, world)
-    return TeacherLogitCache(directory)
+                   dist, rank, world, fmt)
+    return fmt.open(directory)
 
 
 def shard_layout(lengths: Sequence[int], world: int) -> np.ndarray:
@@ -182,7 +229,7 @@ def shard_layout(lengths: Sequence[int], world: int) -> np.ndarray:
 
 def _build(directory: Path, teacher, teacher_id: str, seqs: list[list[int]], vocab_size: int,
            model, batch_size: int, pad_id: int, device: torch.device, dist, rank: int,
-           world: int) -> None:
+           world: int, fmt) -> None:
     staging = directory.with_name(directory.name + ".building")
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -197,8 +244,7 @@ def _build(directory: Path, teacher, teacher_id: str, seqs: list[list[int]], voc
     mine = list(range(rank, len(seqs), world))
     my_rows = int(lengths[mine].sum()) if mine else 0
     # This rank's own file: no page of it is ever written by another rank (or node).
-    store = np.lib.format.open_memmap(staging / f"logits.rank{rank}.npy", mode="w+", dtype=np.float32,
-                                      shape=(my_rows, vocab_size)) if my_rows else None
+    store = fmt.create(staging, rank, my_rows, vocab_size) if my_rows else None
     per_rank = -(-len(seqs) // world)
     calls = -(-per_rank // batch_size)  # equal forward count on every rank
     for call in range(calls):
@@ -211,20 +257,19 @@ def _build(directory: Path, teacher, teacher_id: str, seqs: list[list[int]], voc
             attention[row, :len(seqs[index])] = 1
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-        logits = logits[..., :vocab_size].float().cpu().numpy()
+        logits = logits[..., :vocab_size].float().cpu()
         for row, index in enumerate(picked):
             if index % world != rank:  # a rank without sequences only keeps the collectives in step
                 continue
-            start = int(layout[index, 1])
-            store[start:start + lengths[index]] = logits[row, :lengths[index]]
+            fmt.write(store, int(layout[index, 1]), logits[row, :lengths[index]])
     if store is not None:
-        store.flush()
-        del store
+        while store:  # flushed, then unmapped (no reference left)
+            store.popitem()[1].flush()
     if dist is not None:
         dist.barrier()
     if rank == 0:
         atomic_write_json(staging / "meta.json", {
-            "teacher": str(teacher), "teacher_id": teacher_id, "vocab_size": vocab_size, "dtype": "float32",
+            "teacher": str(teacher), "teacher_id": teacher_id, "vocab_size": vocab_size, **fmt.meta(vocab_size),
             "sequences": len(seqs), "positions": int(offsets[-1]), "layout": "one file per writing rank",
             "created": utc_now()})
         os.replace(staging, directory)

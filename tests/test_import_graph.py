@@ -33,6 +33,7 @@ LAYERS: dict[str, str] = {
     "rlkd.data": "data",
     # models: loading and building models, LoRA students, the teacher-logits cache
     "rlkd.models": "models", "rlkd.factory": "models", "rlkd.lora": "models", "rlkd.teacher_cache": "models",
+    "rlkd.teacher_topk_cache": "models",
     # objectives: the registry, every divergence, the ranking term, DistillLoss and its fused path,
     # the top-k agreement of two distributions (CR@k, OR@k)
     "rlkd.objectives": "objectives",

@@ -83,6 +83,12 @@ class Session:
             return None
         if self.teacher_cache is not None:
             source = host if host is not None else batch
+            if self.cfg.teacher_cache_top_k is not None:  # rlkd.objectives.sparse_teacher
+                from rlkd.objectives.sparse_teacher import SparseTeacher
+
+                ids, log_probs, tail = self.teacher_cache.sparse(source.input_ids, source.attention_mask)
+                return SparseTeacher(ids, log_probs, tail, self.teacher_cache.temperature,
+                                     self.teacher_cache.vocab_size).to(self.device)
             logits = self.teacher_cache.logits(source.input_ids, source.attention_mask, dtype=self.dtype)
             return logits[..., : self.vocab.shared_size].to(self.device, non_blocking=True)
         with torch.no_grad():
@@ -157,9 +163,18 @@ def build_session(cfg: RunConfig) -> Session:
         # The ZeRO-3 teacher is built only if the cache entry is new, and dropped once it is written.
         from rlkd import teacher_cache
 
+        fmt = None
+        if cfg.teacher_cache_top_k is not None:
+            from rlkd.teacher_topk_cache import TopKLogProbs
+
+            fmt = TopKLogProbs(cfg.teacher_cache_top_k, cfg.teacher_cache_dtype, cfg.loss.temperature)
         cache = teacher_cache.open_or_build(cfg.teacher_cache, cfg.models.teacher, [s.input_ids for s in samples],
                                             vocab.shared_size, build_teacher,
-                                            batch_size=cfg.train.micro_batch_size, device=device)
+                                            batch_size=cfg.train.micro_batch_size, device=device, fmt=fmt)
+        if rank == 0:
+            size = cache.meta.get("bytes_per_position", 4 * vocab.shared_size)
+            print(f"rlkd: teacher cache {cache.directory}: {size:,} bytes per position "
+                  f"(every logit in float32: {4 * vocab.shared_size:,})", flush=True)
     elif loss_fn.needs_teacher:
         teacher_engine = build_teacher()
 
