@@ -123,7 +123,7 @@ class TopKTeacherCache(SequenceIndex):
         tail = torch.zeros(batch, length, dtype=torch.float32)
         for row, file, start, count in self.rows(input_ids, attention_mask):
             ids[row, :count] = torch.from_numpy(self._ids[file][start:start + count].astype(np.int64))
-            stored = np.ascontiguousarray(self._values[file][start:start + count])
+            stored = np.array(self._values[file][start:start + count])  # a writable copy for torch
             if self.value_dtype == "bfloat16":
                 values[row, :count] = torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float()
             else:

@@ -17,7 +17,9 @@ import yaml
 
 from rlkd.plan.memory import (GIB, Setup, Variant, fused_block, largest_micro_batch, per_gpu, student_states,
                               teacher_partition)
+from rlkd.plan.cache_size import DEFAULT_TOP_KS, cache_size_lines
 from rlkd.plan.shapes import ModelConfigNotFound, ModelShape, model_shape
+from rlkd.teacher_topk_cache import VALUE_DTYPES
 
 VARIANTS = [Variant(offload=o, checkpointing=c, fused=f) for o in (False, True) for c in (False, True) for f in (False, True)]
 
@@ -61,12 +63,15 @@ def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
         settings = {"micro_batch": cfg.train.micro_batch_size, "seq_len": cfg.data.max_length,
                     "dtype": cfg.models.dtype, "checkpointing": cfg.models.gradient_checkpointing,
                     "fused": cfg.loss.fused_lm_head, "fused_block_mib": cfg.loss.fused_block_mib,
-                    "offload": cfg.deepspeed.student_offload_optimizer or cfg.deepspeed.teacher_offload_params}
+                    "offload": cfg.deepspeed.student_offload_optimizer or cfg.deepspeed.teacher_offload_params,
+                    "samples": {"run": cfg.data.limit}, "cache_dtype": cfg.teacher_cache_dtype,
+                    "cache_top_ks": (cfg.teacher_cache_top_k,) if cfg.teacher_cache_top_k else None}
         return [(cfg.models.student, cfg.models.teacher if needs_teacher else None, "run")], settings
     if "tasks" in tree:  # a benchmark spec: per-cell run-config trees (older specs: flat keys)
         defaults = tree.get("defaults") or {}
         student = _dig(defaults, "models", "student") or defaults.get("student")
         pairs: list[tuple[str, str | None, str]] = []
+        samples: dict[str, int | None] = {}  # a pair's label -> its tasks' sample caps summed (None: one has none)
         for task in tree["tasks"]:
             task = task or {}
             run = task.get("run") or task.get("train") or {}
@@ -75,14 +80,19 @@ def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
             if pair[0] is None:
                 raise PlanInputError(f"{path}: task {task.get('name')!r} has no student (defaults.models.student)")
             known = [p[:2] for p in pairs]
+            limit = _dig(run, "data", "limit")
             if pair in known:
                 index = known.index(pair)
+                before = samples.pop(pairs[index][2])
                 pairs[index] = (*pair, f"{pairs[index][2]}, {task.get('name')}")
+                samples[pairs[index][2]] = before + limit if before and limit else None
             else:
                 pairs.append((*pair, str(task.get("name"))))
+                samples[pairs[-1][2]] = limit
         settings = {"micro_batch": int(_dig(defaults, "train", "micro_batch_size") or defaults.get("micro_batch") or 1),
                     "seq_len": int(_dig(defaults, "data", "max_length") or defaults.get("seq_len") or 2048),
-                    "dtype": _dig(defaults, "models", "dtype") or defaults.get("precision") or "auto"}
+                    "dtype": _dig(defaults, "models", "dtype") or defaults.get("precision") or "auto",
+                    "samples": samples}
         return pairs, settings
     raise PlanInputError(f"{path}: neither a run config (no `models:`) nor a benchmark spec (no `tasks:`)")
 
@@ -147,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder holding <org>/<name>/config.json for Hub ids (offline); e.g. tests/data/model_configs")
     parser.add_argument("--micro-batch", type=int, default=None, help="override the config's micro-batch")
     parser.add_argument("--seq-len", type=int, default=None, help="override the config's sequence length")
+    parser.add_argument("--cache-top-k", type=int, nargs="+", default=None,
+                        help="top-K sizes of the teacher cache to report (default: the run config's "
+                             f"teacher_cache_top_k, else {' '.join(map(str, DEFAULT_TOP_KS))})")
+    parser.add_argument("--cache-dtype", choices=sorted(VALUE_DTYPES), default=None,
+                        help="value dtype of the top-K cache (default: the run config's, else bfloat16)")
     args = parser.parse_args(argv)
     for key in ("gpus", "nodes"):
         if getattr(args, key) < 1:
@@ -169,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             student = model_shape(student_name, args.config_dir)
             teacher = model_shape(teacher_name, args.config_dir) if teacher_name else None
             vocab = min(student.vocab, teacher.vocab) if teacher else student.vocab
-            blocks.append(render(student, teacher, replace(setup, vocab=vocab), gpu_bytes, label, chosen))
+            block = render(student, teacher, replace(setup, vocab=vocab), gpu_bytes, label, chosen)
+            if teacher is not None:
+                top_ks = tuple(args.cache_top_k or settings.get("cache_top_ks") or DEFAULT_TOP_KS)
+                dtype_name = args.cache_dtype or settings.get("cache_dtype") or "bfloat16"
+                block += "\n\n" + "\n".join(cache_size_lines(vocab, top_ks, dtype_name, setup.seq_len,
+                                                             (settings.get("samples") or {}).get(label)))
+            blocks.append(block)
     except (PlanInputError, ModelConfigNotFound, ValueError) as err:
         print(f"rlkd plan: {err}", file=sys.stderr)
         return 2
