@@ -17,11 +17,12 @@ and, for the base objective alone, what the tail bucket buys over two ways of dr
   ``max(0, .)`` guard would zero the loss and its gradient. Written out per objective below (AKL,
   a weighted mix, has no per-id form: n/a).
 
-Real run (a few minutes on one thread): teacher SmolLM2-135M-Instruct
-(``bash ../shared/tools/prepare_smollm2.sh /tmp/smollm2``), student the same model pruned to
-15 of its 30 layers (rlkd.factory.prune_layers), 4 Dolly dev rows of up to 96 tokens
-(``../shared/data/dolly/minillm_dev.jsonl``). Everything is deterministic on CPU, so the result
-files may be committed.
+Real run (about five minutes on one thread): teacher SmolLM2-135M-Instruct
+(``bash ../shared/tools/prepare_smollm2.sh /tmp/smollm2``), three students: the same model pruned
+(rlkd.factory.prune_layers, no healing) to 28, 24 and 15 of its 30 layers, from near the teacher
+to far from it, since the bias depends on how much of the student's mass lies outside the
+teacher's top-K; 4 Dolly dev rows of up to 96 tokens (``../shared/data/dolly/minillm_dev.jsonl``).
+Everything is deterministic on CPU, so the result files may be committed.
 
     python benchmarks/sparse_bias.py                  # -> results/sparse_teacher/bias.{md,json}
     python benchmarks/sparse_bias.py --quick --out D  # tiny random models, seconds (the test)
@@ -126,28 +127,35 @@ def measure(student: torch.Tensor, teacher: torch.Tensor, top_ks=TOP_KS) -> dict
     return {"positions": student.shape[0], "vocab": vocab, "rows": rows, "truncation": truncation}
 
 
-def render(result: dict, source: str) -> str:
-    lines = [f"# Sparse teacher: bias of the top-K + tail-bucket loss against the exact one", "",
-             f"{source}; {result['positions']} supervised positions, vocabulary {result['vocab']}, temperature 1, "
-             f"ranking k={RANK_K}. Made by `python benchmarks/sparse_bias.py` (see its docstring for the definitions).",
-             "", "## Sparse vs exact", "",
+def render(students: list[dict], source: str) -> str:
+    lines = ["# Sparse teacher: bias of the top-K + tail-bucket loss against the exact one", "",
+             f"{source}; temperature 1, ranking k={RANK_K}. Made by `python benchmarks/sparse_bias.py` (its "
+             "docstring defines every column)."]
+    for student in students:
+        lines += ["", f"## Student: {student['student']}", "", *render_student(student)]
+    return "\n".join(lines) + "\n"
+
+
+def render_student(result: dict) -> list[str]:
+    lines = [f"{result['positions']} positions, vocabulary {result['vocab']}.", "", "### Sparse vs exact", "",
              "| objective | K | exact | sparse − exact | relative | grad cosine | per-position cosine, 5th pct |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         label = r["objective"] + ("+R" if r["ranking"] else "")
         lines.append(f"| {label} | {r['k']} | {r['exact']:.4f} | {r['diff']:+.2e} | {r['relative_diff']:+.2%} | "
                      f"{r['grad_cosine']:.5f} | {r['grad_cosine_p5']:.4f} |")
-    lines += ["", "## Without the tail bucket", "",
+    lines += ["", "### Without the tail bucket", "",
               f"`lost`: top-K renormalised loss < {ZERO:g} where the exact one is > {NONZERO:g} (share of positions); "
               "`clamped`: the tail-dropped sum is negative (share of positions).", "",
               "| objective | K | lost | renormalised grad cosine | clamped |", "|---|---:|---:|---:|---:|"]
     for r in result["truncation"]:
         clamped = "n/a" if r["clamped"] is None else f"{r['clamped']:.1%}"
         lines.append(f"| {r['objective']} | {r['k']} | {r['lost']:.1%} | {r['renormalised_grad_cosine']:.4f} | {clamped} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def real_logits(teacher_dir: Path, data: Path, rows: int, length: int, keep_layers: int):
+def real_logits(teacher_dir: Path, data: Path, rows: int, length: int, keep_layers: list[int]):
+    """``(teacher logits, {students' label: logits})``, all ``[N, V]`` over the same positions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlkd.factory import prune_layers
@@ -158,15 +166,18 @@ def real_logits(teacher_dir: Path, data: Path, rows: int, length: int, keep_laye
         row = json.loads(line)
         texts.append(f"{row['instruction']}\n{row.get('input') or ''}\n{row['output']}")
     ids = [tokenizer(t)["input_ids"][:length] for t in texts]
+
+    def logits_of(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return torch.cat([model(input_ids=torch.tensor([x])).logits[0] for x in ids])
+
+    students = {}
     with tempfile.TemporaryDirectory() as tmp:
-        student_dir = prune_layers(teacher_dir, Path(tmp) / "student", keep_layers)
-        logits = []
-        for path in (student_dir, teacher_dir):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            with torch.no_grad():
-                logits.append(torch.cat([model(input_ids=torch.tensor([x])).logits[0] for x in ids]))
-            del model
-    return logits[0], logits[1]
+        for keep in keep_layers:
+            label = f"SmolLM2-135M-Instruct pruned to {keep} of 30 layers"
+            students[label] = logits_of(prune_layers(teacher_dir, Path(tmp) / f"student{keep}", keep))
+    return logits_of(teacher_dir), students
 
 
 def tiny_logits():
@@ -180,7 +191,7 @@ def tiny_logits():
                                  pad_token_id=None).eval()
         with torch.no_grad():
             out.append(model(input_ids=tokens).logits.reshape(-1, 512) * 4.0)  # a random model's logits are flat
-    return out[0], out[1]
+    return out[1], {"tiny random LLaMA, 1 layer": out[0]}
 
 
 def main(argv=None) -> int:
@@ -190,30 +201,33 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/dolly/minillm_dev.jsonl")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=96)
-    parser.add_argument("--keep-layers", type=int, default=15)
+    parser.add_argument("--keep-layers", type=int, nargs="+", default=[28, 24, 15],
+                        help="students: the teacher pruned to these many layers")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "sparse_teacher")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.quick:
-        student, teacher = tiny_logits()
+        teacher, students = tiny_logits()
         source = "Tiny random models (--quick: 1 vs 2 layers, vocabulary 512, logits x4), 2 random rows of 24 tokens"
     else:
         if not (args.teacher / "config.json").is_file():
             print(f"sparse_bias: no teacher at {args.teacher}; run bash ../shared/tools/prepare_smollm2.sh "
                   f"{args.teacher}", file=sys.stderr)
             return 2
-        student, teacher = real_logits(args.teacher, args.data, args.rows, args.length, args.keep_layers)
-        source = (f"Teacher SmolLM2-135M-Instruct ({args.teacher}), student it pruned to {args.keep_layers} layers; "
-                  f"{args.rows} rows of {args.data.name}, up to {args.length} tokens each")
-    result = measure(student, teacher)
+        teacher, students = real_logits(args.teacher, args.data, args.rows, args.length, args.keep_layers)
+        source = (f"Teacher SmolLM2-135M-Instruct (the 4-bit GGUF release dequantised by "
+                  f"../shared/tools/prepare_smollm2.sh); {args.rows} rows of {args.data.name}, up to {args.length} "
+                  f"tokens each")
+    results = [{"student": label, **measure(logits, teacher)} for label, logits in students.items()]
     args.out.mkdir(parents=True, exist_ok=True)
     from rlkd.provenance import benchmark_meta
 
     # The figures are deterministic on CPU; the meta (machine, code version) says where they came from.
     meta = benchmark_meta("benchmarks/sparse_bias.py", argv)
-    (args.out / "bias.json").write_text(json.dumps({"source": source, **result, "meta": meta}, indent=1) + "\n")
-    (args.out / "bias.md").write_text(render(result, source))
-    print(render(result, source))
+    (args.out / "bias.json").write_text(json.dumps({"source": source, "students": results, "meta": meta}, indent=1)
+                                        + "\n")
+    (args.out / "bias.md").write_text(render(results, source))
+    print(render(results, source))
     return 0
 
 
