@@ -151,3 +151,71 @@ def test_training_on_a_top_k_cache_runs_end_to_end_and_with_k_equal_to_v_equals_
     # first step starts from the same student, so this also shows the top-8 run read the sparse entry
     assert sparse_rows[0]["base"] < rows(exact)[0]["base"]
     assert (top8.export_dir / "model.safetensors").is_file()
+
+
+class _ThreadRanks:
+    """torch.distributed's barrier and broadcast for ranks that are threads of this process."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world, self._barrier, self._local, self._box = world, threading.Barrier(world), threading.local(), {}
+
+    def as_rank(self, rank: int):
+        self._local.rank = rank
+
+    def dist(self):
+        return self, self._local.rank, self.world
+
+    def barrier(self):
+        self._barrier.wait()
+
+    def broadcast(self, tensor, src=0):
+        if self._local.rank == src:
+            self._box["value"] = tensor.clone()
+        self._barrier.wait()
+        tensor.copy_(self._box["value"])
+        self._barrier.wait()
+
+
+def test_two_ranks_build_one_entry_each_writing_its_own_files(tmp_path, monkeypatch):
+    import threading
+
+    vocab, world, k = 37, 2, 5
+    sequences = [[1 + (5 * i + 3 * j) % 90 for j in range(3 + i % 9)] for i in range(11)]
+
+    def teacher(input_ids, attention_mask=None, **_):  # logits depend on the ids up to each position
+        from types import SimpleNamespace
+
+        prefix = input_ids.double().cumsum(-1).unsqueeze(-1)
+        return SimpleNamespace(logits=torch.sin(prefix * 0.37 + torch.arange(vocab) * 0.11).float())
+
+    ranks = _ThreadRanks(world)
+    monkeypatch.setattr(teacher_cache, "_dist", ranks.dist)
+    errors = []
+
+    def build(rank):
+        ranks.as_rank(rank)
+        try:
+            teacher_cache.open_or_build(tmp_path, "teacher", sequences, vocab, lambda: teacher, batch_size=2,
+                                        teacher_id="fixed", fmt=TopKLogProbs(k))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            ranks._barrier.abort()
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    monkeypatch.undo()
+    cache = teacher_cache.open_or_build(tmp_path, "teacher", sequences, vocab, None, teacher_id="fixed",
+                                        fmt=TopKLogProbs(k))
+    assert {p.name for p in cache.directory.glob("topk_ids.rank*.npy")} == {"topk_ids.rank0.npy", "topk_ids.rank1.npy"}
+    for ids in sequences:
+        row = torch.tensor([ids])
+        exact = torch.log_softmax(teacher(row).logits[0].double(), -1)
+        got_ids, got_values, _ = cache.sparse(row)
+        torch.testing.assert_close(got_values[0].double(), exact.topk(k, -1).values, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_values[0].double(), exact.gather(-1, got_ids[0]), rtol=0, atol=1e-6)
