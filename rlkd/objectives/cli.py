@@ -19,7 +19,8 @@ def describe() -> list[dict]:
             for key, default in spec.defaults.items()
         }
         rows.append({"name": name, "summary": spec.summary, "params": params, "module": spec.fn.__module__,
-                     "needs_teacher": spec.needs_teacher, "needs_labels": spec.needs_labels, "counts": spec.counts})
+                     "needs_teacher": spec.needs_teacher, "needs_labels": spec.needs_labels, "counts": spec.counts,
+                     "sparse_teacher": spec.supports_sparse_teacher})
     return rows
 
 

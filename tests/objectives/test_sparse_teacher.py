@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlkd.objectives import DistillLoss, RankingConfig, register_objective
+from rlkd.objectives.cli import describe
 from rlkd.objectives.config import LossConfig
 from rlkd.objectives.registry import _REGISTRY
 from rlkd.objectives.sparse_loss import sparse_teacher_refusal
@@ -182,6 +183,8 @@ def test_an_objective_that_does_not_declare_sparse_support_is_refused_by_name():
         refusal = sparse_teacher_refusal(LossConfig(objective="test_dense_only_l2"), 8)
         assert "test_dense_only_l2" in refusal and "sparse" in refusal
         assert sparse_teacher_refusal(LossConfig(terms=[{"objective": "kl"}, {"objective": "ce"}]), 8) is None
+        listed = {row["name"]: row["sparse_teacher"] for row in describe()}  # `rlkd objectives --json`
+        assert listed["test_dense_only_l2"] is False and listed["kl"] is True and listed["ce"] is True
         assert "ranking.k=9" in sparse_teacher_refusal(LossConfig(objective="kl", ranking=RankingConfig(k=9)), 8)
         assert "official" in sparse_teacher_refusal(
             LossConfig(objective="kl", ranking=RankingConfig(k=5, fidelity="official")), 8)
