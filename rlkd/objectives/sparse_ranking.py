@@ -36,7 +36,8 @@ def sparse_rank_loss(student: torch.Tensor, teacher: SparseTeacher, ranking) -> 
         # Where each union id sits in the cache (-1: not cached).
         match = ids.unsqueeze(-1) == teacher.ids.unsqueeze(-2)  # [N, u, K]
         cached = match.any(-1)
-        slot = match.to(torch.int8).argmax(-1)
+        # a row's cached ids are distinct, so at most one slot matches (0 where none does, masked below)
+        slot = (match.long() * torch.arange(teacher.k, device=ids.device)).sum(-1)
         log_p = teacher.log_probs.to(student.dtype)
         fill = uncached_teacher_score(teacher).to(student.dtype).unsqueeze(-1)
         p = torch.where(cached, log_p.gather(-1, slot), fill.expand_as(ids))
