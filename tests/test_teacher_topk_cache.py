@@ -130,6 +130,7 @@ def test_a_loss_that_cannot_use_a_sparse_teacher_is_refused_at_config_time(run_c
         RunConfig.model_validate(run_config)
 
 
+@pytest.mark.slow
 def test_training_on_a_top_k_cache_runs_end_to_end_and_with_k_equal_to_v_equals_the_exact_cache(run_config, tmp_path):
     run_config["loss"] = {"objective": "kl", "ranking": {"enabled": True, "k": 3}}
     run_config["train"].update(max_steps=3, micro_batch_size=4)
