@@ -129,6 +129,22 @@ def test_a_loss_that_cannot_use_a_sparse_teacher_is_refused_at_config_time(run_c
     with pytest.raises(ValueError, match="set teacher_cache"):
         RunConfig.model_validate(run_config)
 
+    from rlkd.objectives import register_objective
+    from rlkd.objectives.registry import _REGISTRY
+
+    @register_objective("test_logit_mse")
+    def logit_mse(student_logits, teacher_logits, labels=None):
+        """Mean squared logit gap: needs the teacher's raw logits, which a top-K cache drops."""
+        return (student_logits - teacher_logits).pow(2).mean(-1)
+
+    try:
+        run_config.update(teacher_cache=str(tmp_path / "tc"))
+        run_config["loss"] = {"terms": [{"objective": "kl"}, {"objective": "test_logit_mse"}]}
+        with pytest.raises(ValueError, match="objective 'test_logit_mse' does not support a sparse"):
+            RunConfig.model_validate(run_config)
+    finally:
+        del _REGISTRY["test_logit_mse"]
+
 
 @pytest.mark.slow
 def test_training_on_a_top_k_cache_runs_end_to_end_and_with_k_equal_to_v_equals_the_exact_cache(run_config, tmp_path):
