@@ -19,16 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlkd.bench.store import kill_point
+from rlkd.bench.store import kill_point, read_cell_result, write_cell_result, write_train_log
 from rlkd.bench.stages import (check_stage_exports, engine_tree, generation_data, stage_models, teacher_cache_dir,
                                train)
 from rlkd.device import device_type
 from rlkd.engine.distributed import child_env
 from rlkd.factory import resolve_model
-from rlkd.provenance import atomic_write_json, atomic_write_jsonl
 
 RESULTS_REF = "@results/"
-METRICS_FILE = "cell_result.json"
 
 
 def resolve_results_refs(value: Any, results_dir: Path) -> Any:
@@ -91,27 +89,16 @@ def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_d
         return run()
 
 
-def _read_result(workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]] | None:
-    """The result an earlier run of this cell wrote before it was killed (None if there is none, or
-    it is torn): the staging folder is keyed by the config hash, so it is this config's result."""
-    try:
-        result = json.loads((workdir / METRICS_FILE).read_text(encoding="utf-8"))
-        metrics, per_example = result["metrics"], result["per_example"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return (metrics, per_example) if isinstance(metrics, dict) and metrics and isinstance(per_example, dict) else None
-
-
 def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
                        shared_dir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Metrics and per-example scores of one cell (training it first unless it is a reference row),
-    also written to ``workdir/cell_result.json`` before the training's export is deleted: a run
+    also written to the staging folder (:func:`rlkd.bench.store.write_cell_result`) before the training's export is deleted: a run
     killed after that point reuses the result instead of training and evaluating again."""
     cell = resolve_results_refs(cell, cache_dir.parent)
     from rlkd.plugins import load_plugins
 
     load_plugins(cell["run"].get("plugins") or [])
-    earlier = _read_result(workdir)
+    earlier = read_cell_result(workdir)
     if earlier is not None:
         return earlier
     if cell["kind"] == "reference":
@@ -121,7 +108,7 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
             or resolve_model(cell["candidate"], cache_dir)
         metrics, per_example = _evaluate(cell, model, workdir, teacher, cache_dir)
         kill_point("cell-evaluated")
-        write_result(workdir, metrics, per_example)
+        write_cell_result(workdir, metrics, per_example)
         return metrics, per_example
     tree = cell_engine_tree(cell, workdir / "train", cache_dir=cache_dir, shared_dir=shared_dir)
     check_stage_exports(cell, shared_dir, cache_dir.parent)
@@ -129,7 +116,7 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
     export_dir, log = train(tree)
     train_seconds = time.perf_counter() - started
     kill_point("cell-trained")
-    atomic_write_jsonl(workdir / "train_log.jsonl", log)
+    write_train_log(workdir, log)
     metrics, per_example = _evaluate(cell, str(export_dir), workdir, tree["models"]["teacher"], cache_dir)
     kill_point("cell-evaluated")
     metrics["train_seconds"] = train_seconds
@@ -138,7 +125,7 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
         metrics["final_train_loss"] = float(log[-1]["loss"])
     # The result first, then the export goes: a kill between the two must not leave a cell whose
     # evaluation is done but whose export, which a rerun would evaluate again, is gone.
-    write_result(workdir, metrics, per_example)
+    write_cell_result(workdir, metrics, per_example)
     kill_point("cell-result-written")
     if not cell.get("keep_checkpoints", False):
         shutil.rmtree(export_dir, ignore_errors=True)
@@ -210,9 +197,8 @@ class LocalExecutor:
     def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
         if not self.subprocess_per_cell:
             return run_cell_inprocess(cell, workdir, cache_dir=self.cache_dir, shared_dir=self.shared_dir)
-        out = workdir / METRICS_FILE  # kept if a killed run wrote it: the cell process reuses it
         if self.reuse_processes:
-            return self._run_in_worker(workdir, out)
+            return self._run_in_worker(workdir)
         slot = self._take_slot()
         env = self._env(slot)
         log_path = workdir / "cell.log"
@@ -223,14 +209,14 @@ class LocalExecutor:
                                        preexec_fn=_die_with_parent)
         finally:
             self._free_slot(slot)
-        if code != 0 or not out.is_file():
+        result = read_cell_result(workdir)
+        if code != 0 or result is None:
             reason = last_error_line(log_path.read_text(errors="replace"))
             raise CellProcessError(f"{reason} (cell process exited with {code}; full log: {log_path.name} "
                                    "in the cell's staging folder)")
-        result = json.loads(out.read_text())
-        return result["metrics"], result["per_example"]
+        return result
 
-    def _run_in_worker(self, workdir: Path, out: Path):
+    def _run_in_worker(self, workdir: Path):
         try:
             worker = self._idle.get_nowait()
         except queue.Empty:
@@ -249,11 +235,11 @@ class LocalExecutor:
                                    "staging folder)")
         self._idle.put(worker)
         answer = json.loads(line)
-        if not answer["ok"] or not out.is_file():
+        result = read_cell_result(workdir)
+        if not answer["ok"] or result is None:
             raise CellProcessError(f"{answer.get('error', '(no result)')} (full log: cell.log in the cell's "
                                    "staging folder)")
-        result = json.loads(out.read_text())
-        return result["metrics"], result["per_example"]
+        return result
 
     def close(self) -> None:
         """End the workers (they exit at the end of their input)."""
@@ -280,10 +266,6 @@ def visible_gpus() -> list[str]:
 def gpu_for_slot(slot: int, gpus: list[str]) -> str | None:
     """Round-robin: the cell in slot i (of the cells running at once) gets GPU i mod their count."""
     return gpus[slot % len(gpus)] if gpus else None
-
-
-def write_result(workdir: Path, metrics: dict[str, float], per_example: dict[str, list[float]]) -> None:
-    atomic_write_json(workdir / METRICS_FILE, {"metrics": metrics, "per_example": per_example})
 
 
 def _die_with_parent() -> None:

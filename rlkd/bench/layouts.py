@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from rlkd.bench.paper import paper_table
+from rlkd.bench.records import Cell
 
 ALIGNMENT = [("cr@1", "CR@1"), ("cr@2", "CR@2"), ("cr@3", "CR@3"), ("cr@4", "CR@4"), ("cr@5", "CR@5"),
              ("mor@3", "MOR@3"), ("mor@5", "MOR@5"), ("mor@10", "MOR@10"), ("mor@20", "MOR@20")]
@@ -81,28 +82,27 @@ class Layout:
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- placing cells ------------------------------------------------------------------------
-    def row_label(self, cell: dict[str, Any]) -> str:
-        label = cell["method"]
+    def row_label(self, cell: Cell) -> str:
+        label = cell.method
         if self.split_by_correlation:
             label = label.replace(" (Pearson)", "")
-        if self.column_sweep and self.column_sweep in cell["sweep"]:
+        if self.column_sweep and self.column_sweep in cell.sweep:
             label = re.sub(r"^Rank-\d+", "Rank-k", label)
         hidden = {self.column_sweep} if self.column_sweep else set()
         if label.startswith("Rank-") or "Rank-k" in label:
             hidden.add("k")
-        extras = [f"{k}={v}" for k, v in sorted(cell["sweep"].items()) if k not in hidden]
+        extras = [f"{k}={v}" for k, v in sorted(cell.sweep.items()) if k not in hidden]
         return f"{label} [{', '.join(extras)}]" if extras else label
 
-    def column_key(self, cell: dict[str, Any], metric: str) -> str:
-        key = f"{cell['task']}/{metric}"
-        if self.column_sweep and self.column_sweep in cell["sweep"]:
-            key += f"|{self.column_sweep}={cell['sweep'][self.column_sweep]}"
+    def column_key(self, cell: Cell, metric: str) -> str:
+        key = f"{cell.task}/{metric}"
+        if self.column_sweep and self.column_sweep in cell.sweep:
+            key += f"|{self.column_sweep}={cell.sweep[self.column_sweep]}"
         if self.split_by_correlation:
-            ranking = ((cell.get("run") or {}).get("loss") or {}).get("ranking") or {}
-            key = f"{'Pearson' if ranking.get('correlation') == 'pearson' else 'SRCC'}:{key}"
+            key = f"{'Pearson' if cell.ranking.get('correlation') == 'pearson' else 'SRCC'}:{key}"
         return key
 
-    def entries(self, cell: dict[str, Any], metrics: dict[str, float]) -> Iterable[tuple[str, str, float]]:
+    def entries(self, cell: Cell, metrics: dict[str, float]) -> Iterable[tuple[str, str, float]]:
         row = self.row_label(cell)
         for metric, value in metrics.items():
             yield row, self.column_key(cell, metric), float(value)

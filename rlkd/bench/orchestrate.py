@@ -12,7 +12,8 @@ from typing import Any
 from rlkd.bench.executor import LocalExecutor, cell_engine_tree
 from rlkd.bench.runner import ResultsNotWritable, code_provenance, run_grid
 from rlkd.bench.stages import finished_stage, finished_stage_models, stage_dir
-from rlkd.bench.store import STAGING, cell_status, is_done, read_json, write_json_atomic, write_text_atomic
+from rlkd.bench.store import (STAGING, cell_status, is_done, read_json, read_record, write_json_atomic,
+                              write_spec_record, write_text_atomic)
 
 
 def stale_cells(cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
@@ -26,14 +27,10 @@ def stale_cells(cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
         final = out_dir / cell["id"]
         if not is_done(final, cell["config_hash"]):
             continue
-        try:
-            recorded = read_json(final / "provenance.json")
-        except (FileNotFoundError, json.JSONDecodeError):
-            stale.append(cell["id"])
-            continue
+        recorded = read_record(final).provenance  # a done record validates (is_done)
         plugins = (cell.get("run") or {}).get("plugins") or []
-        if (recorded.get("git_sha") != now["git_sha"] or recorded.get("git_dirty") or now["git_dirty"]
-                or (plugins and recorded.get("plugins") != current_hashes(plugins))):
+        if (recorded.git_sha != now["git_sha"] or recorded.git_dirty or now["git_dirty"]
+                or (plugins and recorded.plugins != current_hashes(plugins))):
             stale.append(cell["id"])
     return stale
 
@@ -44,7 +41,7 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
     """Run ``cells`` (a subset of the spec's ``spec_cells`` under ``--only``; all of them by default)
     into ``out_dir`` and render its tables from the spec's cells."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "spec.json", {"source": _repo_relative(spec_source), "layout": layout,
+    write_spec_record(out_dir, {"source": _repo_relative(spec_source), "layout": layout,
                                               "cells": [c["id"] for c in (spec_cells or cells)]})
     if rerun_stale:
         stale = set(stale_cells(cells, out_dir))

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from rlkd.bench.stages import stage_fingerprints
-from rlkd.bench.store import STAGING, cell_status, invalid_done_record, is_done, kill_point, publish, write_json_atomic
+from rlkd.bench.store import (STAGING, cell_status, holds_only_config, invalid_done_record, is_done, kill_point,
+                              publish, write_cell_config, write_done, write_failed)
 from rlkd.plugins import current_hashes
 from rlkd.provenance import cpu_identity, git_state, package_versions, removable_lock
 
@@ -74,14 +75,14 @@ def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static
             return "done elsewhere"
         try:
             staging_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(staging_dir / "config.json", cell)
+            write_cell_config(staging_dir, cell)
         except OSError as exc:
             raise _not_writable(out_dir, exc) from None
         started = time.time()
         plugins = (cell.get("run") or {}).get("plugins") or []
         provenance = {**static, "plugins": current_hashes(plugins) if plugins else {},
                       "started": datetime.now(timezone.utc).isoformat(),
-                      "resumed": any(p.name not in {"config.json"} for p in staging_dir.iterdir())}
+                      "resumed": not holds_only_config(staging_dir)}
         try:
             result = executor.run(cell, staging_dir)
             metrics, per_example = result if isinstance(result, tuple) else (result, {})
@@ -92,12 +93,9 @@ def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static
             failed_dir = out_dir / STAGING / f"{cell['id']}.failed.{os.getpid()}.{threading.get_ident()}"
             try:
                 failed_dir.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(failed_dir / "config.json", cell)
-                write_json_atomic(failed_dir / "status.json", {
-                    "status": "failed", "config_hash": cell["config_hash"], "error": error,
-                    "traceback": traceback.format_exc(), "duration_s": time.time() - started,
-                    "staging": f"{STAGING}/{cell['id']}"})
-                write_json_atomic(failed_dir / "provenance.json", provenance)
+                write_failed(failed_dir, cell, {"error": error, "traceback": traceback.format_exc(),
+                                                "duration_s": time.time() - started,
+                                                "staging": f"{STAGING}/{cell['id']}"}, provenance)
                 publish(failed_dir, final_dir)
             except OSError as write_error:
                 shutil.rmtree(failed_dir, ignore_errors=True)
@@ -118,13 +116,7 @@ def _commit(cell, metrics, per_example, provenance, staging_dir: Path, final_dir
     provenance["duration_s"] = time.time() - started
     if cell.get("stages"):  # which exports of the cached stages this cell started from
         provenance["stages"] = stage_fingerprints(cell, out_dir / ".shared")
-    write_json_atomic(staging_dir / "metrics.json", {k: float(v) for k, v in metrics.items()})
-    kill_point("mid-publish")
-    if per_example:
-        write_json_atomic(staging_dir / "per_example.json", per_example)
-    write_json_atomic(staging_dir / "provenance.json", provenance)
-    write_json_atomic(staging_dir / "status.json", {"status": "done", "config_hash": cell["config_hash"],
-                                                    "duration_s": provenance["duration_s"]})
+    write_done(staging_dir, cell, metrics, per_example, provenance)
     publish(staging_dir, final_dir)
 
 

@@ -4,14 +4,13 @@ ranking loss first), plus plots: the verdict's forest plot (effect.png) and CR@k
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from rlkd.bench.layouts import get_layout
 from rlkd.bench.effects import verdict
 from rlkd.bench.plots import alignment_curves, forest_plot, k_sweep
-from rlkd.bench.store import load_cells
+from rlkd.bench.store import load_results, read_spec_record
 from rlkd.bench.grid import collect
 from rlkd.bench.tables import row_order, write_tables
 
@@ -19,26 +18,25 @@ from rlkd.bench.tables import row_order, write_tables
 def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path | None = None) -> dict[str, Path]:
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir}: no such results directory")
-    spec_file = results_dir / "spec.json"
     try:
-        spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+        spec = read_spec_record(results_dir)
     except ValueError as exc:  # torn: the cells carry their own records, render them all
-        print(f"rlkd table: {spec_file}: not valid JSON ({exc}); rendering every cell folder", file=sys.stderr)
+        print(f"rlkd table: {exc}; rendering every cell folder", file=sys.stderr)
         spec = {}
     if layout_name is None:
         layout_name = spec.get("layout")
     layout = get_layout(layout_name)
     unreadable: list[tuple[str, str]] = []
-    cells = load_cells(results_dir, unreadable)
+    cells = load_results(results_dir, unreadable)
     if spec.get("cells"):
         # A revised spec writing into the same folder leaves the superseded spec's cells there (their
         # config hashes differ): the tables show the cells of the spec that ran last, and say so.
         keep = set(spec["cells"])
-        other = [c for c in cells if c["dir"].name not in keep]
+        other = [c for c in cells if c.folder.name not in keep]
         if other:
             print(f"rlkd table: {len(other)} cell folder(s) in {results_dir} belong to no cell of its latest "
                   f"spec ({spec.get('source')}); left out of the tables", file=sys.stderr)
-            cells = [c for c in cells if c["dir"].name in keep]
+            cells = [c for c in cells if c.folder.name in keep]
         unreadable = [(cell_id, problem) for cell_id, problem in unreadable if cell_id in keep]
     for cell_id, problem in unreadable:
         # One bad record must not cost the whole table: name it, render the rest.

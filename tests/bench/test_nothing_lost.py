@@ -20,7 +20,7 @@ import yaml
 from rlkd.bench.orchestrate import run_cells
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.store import KILL_ENV, KILL_POINTS, STAGING, is_done, load_cells
+from rlkd.bench.store import KILL_ENV, KILL_POINTS, STAGING, is_done, load_results
 
 REPO = Path(__file__).resolve().parents[2]
 TIMINGS = {"train_seconds", "train_step_seconds"}  # wall times: the only metrics a rerun may change
@@ -154,9 +154,9 @@ def test_jobs_below_one_is_refused(tmp_path, capsys):
 
 
 def test_an_unwritable_results_folder_stops_with_one_line(tmp_path, monkeypatch, capsys):
-    from rlkd.bench import runner
+    from rlkd.bench import store
 
-    real = runner.write_json_atomic
+    real = store.write_json_atomic
     published = []
 
     def write(path, payload):
@@ -166,7 +166,7 @@ def test_an_unwritable_results_folder_stops_with_one_line(tmp_path, monkeypatch,
         if Path(path).name == "status.json":
             published.append(path)
 
-    monkeypatch.setattr(runner, "write_json_atomic", write)
+    monkeypatch.setattr(store, "write_json_atomic", write)  # the store writes every record file
     cells = _fake_cells()
     code = run_cells(cells, tmp_path, spec_source="t.yaml", layout="generic", executor=Executor(), tables=False)
     err = capsys.readouterr().err
@@ -206,7 +206,8 @@ def _tiny_spec(**extra) -> dict:
 def test_a_cell_rerun_after_its_export_was_deleted_is_not_refused(tmp_path, capsys):
     """The executor used to delete the export before the runner published the cell: a rerun retrained,
     and the first evaluation folder refused the new export on every later run."""
-    from rlkd.bench.executor import METRICS_FILE, run_cell_inprocess
+    from rlkd.bench.executor import run_cell_inprocess
+    from rlkd.bench.store import remove_cell_result
     from rlkd.paths import default_data_dir
 
     if default_data_dir() is None:
@@ -220,7 +221,7 @@ def test_a_cell_rerun_after_its_export_was_deleted_is_not_refused(tmp_path, caps
     again, _ = run_cell_inprocess(cell, staging, **dirs)
     assert again == first
     # a staging folder without that result (left by an older rlkd): the old evaluation is set aside
-    (staging / METRICS_FILE).unlink()
+    remove_cell_result(staging)
     third, _ = run_cell_inprocess(cell, staging, **dirs)
     assert {k: v for k, v in third.items() if k not in TIMINGS} == {k: v for k, v in first.items() if k not in TIMINGS}
     assert "held an evaluation of another export; moved it to eval.replaced-" in capsys.readouterr().out
@@ -249,8 +250,8 @@ def _bench(spec: Path, results: Path, env: dict[str, str], kill_at: str | None =
 
 
 def _metrics(results: Path) -> dict[str, dict[str, float]]:
-    return {entry["config"]["id"]: {k: v for k, v in entry["metrics"].items() if k not in TIMINGS}
-            for entry in load_cells(results)}
+    return {entry.cell.id: {k: v for k, v in entry.metrics.items() if k not in TIMINGS}
+            for entry in load_results(results)}
 
 
 @pytest.mark.slow

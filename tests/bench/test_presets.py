@@ -211,23 +211,23 @@ def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypat
     code = bench_main(args)
     out = capsys.readouterr().out
     assert code == 0, out
-    from rlkd.bench.store import load_cells
+    from rlkd.bench.store import load_results
 
-    cells = load_cells(tmp_path)
-    assert {c["config"]["method"] for c in cells} == expected
-    assert all(c["status"]["status"] == "done" for c in cells)
+    cells = load_results(tmp_path)
+    assert {c.cell.method for c in cells} == expected
+    assert all(c.done for c in cells)
     table = (tmp_path / "table.md").read_text()
     from rlkd.bench.layouts import get_layout
 
     layout = get_layout(load_spec(resolve_spec_path(preset)).layout)  # e.g. Table 5 shows Rank-10 as row Rank-k
-    assert all(f"| {layout.row_label(c['config'])} |" in table for c in cells)
+    assert all(f"| {layout.row_label(c.cell)} |" in table for c in cells)
     for cell in cells:
-        metrics = cell["metrics"]
-        if "gsm8k" in cell["config"]["task"]:
+        metrics = cell.metrics
+        if "gsm8k" in cell.cell.task:
             assert 0 <= metrics["correct"] <= 2 and "train_seconds" in metrics
-        elif cell["config"]["task"] == "dolly":
+        elif cell.cell.task == "dolly":
             assert 0 <= metrics["rougeL"] <= 100
-            if cell["config"]["eval"].get("rouge_pkg"):
+            if cell.cell.eval.get("rouge_pkg"):
                 assert 0 <= metrics["rouge_pkg_rougeL"] <= 100
         else:
             assert 0 <= metrics["cr@1"] <= 100 and metrics["ppl"] > 1

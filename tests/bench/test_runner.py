@@ -17,7 +17,7 @@ import pytest
 
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.store import STAGING, load_cells
+from rlkd.bench.store import STAGING, load_results
 
 BASE = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
 
@@ -93,8 +93,8 @@ def test_a_failed_cell_is_recorded_and_the_grid_continues(tmp_path):
     retry = FakeExecutor()
     summary = run_grid(cells, tmp_path, retry, progress=False)
     assert sorted(retry.calls) == sorted(c["id"] for c in failed) and summary.ok
-    loaded = load_cells(tmp_path)
-    assert len(loaded) == len(cells) and all(e["status"]["status"] == "done" for e in loaded)
+    loaded = load_results(tmp_path)
+    assert len(loaded) == len(cells) and all(e.done for e in loaded)
 
 
 def test_skip_failed_leaves_failed_cells_alone(tmp_path):
@@ -163,16 +163,16 @@ def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
     proc.wait(timeout=30)
 
     calls_before = (tmp_path / "calls.txt").read_text().split()
-    published = {e["config"]["method"]: e for e in load_cells(out)}
+    published = {e.cell.method: e for e in load_results(out)}
     assert set(published) == {"KL"}  # the cell that was running is not visible, even partially
-    assert published["KL"]["metrics"] == {"resumed_from": 0.0}
+    assert published["KL"].metrics == {"resumed_from": 0.0}
     hung_id = calls_before[-1]
     assert (out / STAGING / hung_id / "checkpoint.json").is_file()
 
     subprocess.run([sys.executable, str(script), str(out), "RKL"], check=True, timeout=120)
     calls_after = (tmp_path / "calls.txt").read_text().split()[len(calls_before):]
-    assert published["KL"]["config"]["id"] not in calls_after  # finished cell not repeated
-    final = {e["config"]["method"]: e["metrics"] for e in load_cells(out)}
+    assert published["KL"].cell.id not in calls_after  # finished cell not repeated
+    final = {e.cell.method: e.metrics for e in load_results(out)}
     assert set(final) == {"KL", "KL+R", "RKL", "RKL+R"}
     assert final["RKL"] == {"resumed_from": 5.0}  # picked up the killed cell's checkpoint
 

@@ -335,7 +335,7 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
 
     from rlkd.bench import orchestrate
     from rlkd.bench.stages import stage_dir
-    from rlkd.bench.store import load_cells
+    from rlkd.bench.store import load_results
     from rlkd.bench.tables import stage_version_notes
 
     docs = tmp_path / "docs.jsonl"
@@ -359,7 +359,7 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
 
     monkeypatch.setattr(orchestrate, "LocalExecutor", FakeExecutor)
     assert orchestrate.run_cells(cells[:2], out, spec_source="a.yaml", layout=None, jobs=1, tables=False) == 0
-    assert stage_version_notes(load_cells(out)) == []  # both started from the same export
+    assert stage_version_notes(load_results(out)) == []  # both started from the same export
 
     # A fresh machine: the stage is gone, runs again and gives other weights.
     heal = stage_dir(cells[0], "student_heal", out / ".shared")
@@ -376,7 +376,7 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
     assert recorded[cells[0]["id"]] == recorded[cells[1]["id"]] == {"student_heal": expected(weights["first"])}
     assert recorded[cells[2]["id"]] == {"student_heal": expected(weights["second"])}
     assert json.loads((heal / "done.json").read_text())["export_sha256"] == expected(weights["second"])
-    notes = stage_version_notes(load_cells(out))
+    notes = stage_version_notes(load_results(out))
     assert notes[0].startswith("These cells started from 2 different exports")
     assert f"student_heal@{expected(weights['first'])[:10]}: 2 cell(s)" in notes[1]
     assert f"student_heal@{expected(weights['second'])[:10]}: 1 cell(s): `{cells[2]['id']}`" in notes[2]
@@ -384,10 +384,10 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
     # The same grouping tells cells that ran on other code (a sha and a dirty flag recorded apart).
     from rlkd.bench.tables import code_version_notes
 
-    assert code_version_notes(load_cells(out)) == []
+    assert code_version_notes(load_results(out)) == []
     moved = out / cells[1]["id"] / "provenance.json"
     moved.write_text(json.dumps({**json.loads(moved.read_text()), "git_sha": "f" * 40, "git_dirty": True}))
-    notes = code_version_notes(load_cells(out))
+    notes = code_version_notes(load_results(out))
     assert notes[0].startswith("These cells ran on 2 different code versions")
     assert notes[2] == f"ffffffffff (uncommitted changes): 1 cell(s): `{cells[1]['id']}`"
 

@@ -17,7 +17,7 @@ from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
 from rlkd.bench.paper import paper_table
 from rlkd.bench.stats import BOOTSTRAP_RESAMPLES, holm, holm_bounds, paired_bootstrap, random_effects
-from rlkd.bench.store import load_cells
+from rlkd.bench.store import load_results
 from rlkd.bench.table_cli import main as table_main
 from rlkd.bench.tables import collect, row_order
 
@@ -130,7 +130,7 @@ def test_random_effects_closed_forms():
 def _grid(tmp_path, raw, executor):
     run_grid(expand(parse_spec(_with_base(raw))), tmp_path, executor, progress=False)
     layout = get_layout(raw.get("layout"))
-    return layout, collect(load_cells(tmp_path), layout)
+    return layout, collect(load_results(tmp_path), layout)
 
 
 def test_pairing_uses_cell_fields_so_a_user_label_may_contain_plus_r(tmp_path):
@@ -301,7 +301,8 @@ def test_cells_without_the_fields_are_not_paired_by_their_labels(tmp_path):
     _table1_results(tmp_path, seeds=(1,))
     for config_file in tmp_path.glob("*/config.json"):
         config = json.loads(config_file.read_text())
-        del config["objective_label"], config["variant"]
+        # as an rlkd of before both the fields and the record's schema version wrote it
+        del config["objective_label"], config["variant"], config["schema_version"]
         config_file.write_text(json.dumps(config))
     assert table_main([str(tmp_path), "--layout", "table1"]) == 0
     verdict_section = (tmp_path / "table.md").read_text().split("\n### ")[0]
@@ -359,7 +360,7 @@ def test_mini_table2_verdict_families_floor_and_pooled_row(tmp_path):
 
         shutil.rmtree(folder)
     layout = get_layout("mini_table2")
-    grid = collect(load_cells(tmp_path), layout)
+    grid = collect(load_results(tmp_path), layout)
     result = verdict(layout, grid, row_order(layout, grid))
     primary, beside = result.headlines
     assert primary.tested and not beside.tested

@@ -14,7 +14,7 @@ from rlkd.bench.paper import paper_table
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
 from rlkd.bench.stats import mean_ci, paired_t
-from rlkd.bench.store import load_cells
+from rlkd.bench.store import load_results
 from rlkd.bench.table_cli import main as table_main
 from rlkd.bench.tables import build_tables, collect, ranking_effects
 
@@ -77,7 +77,7 @@ def test_paired_t_against_hand_formula():
 
 def test_table1_cells_paper_columns_and_best(table1_results):
     layout = get_layout("table1")
-    grid = collect(load_cells(table1_results), layout)
+    grid = collect(load_results(table1_results), layout)
     (table,) = build_tables(layout, grid)
     assert table.rows == ["KL", "KL+R", "RKL", "RKL+R"]  # the paper's row order
     est = table.estimates[("KL", "pretrain/ppl")]
@@ -91,7 +91,7 @@ def test_table1_cells_paper_columns_and_best(table1_results):
 
 def test_ranking_effects_are_paired_over_seeds(table1_results):
     layout = get_layout("table1")
-    grid = collect(load_cells(table1_results), layout)
+    grid = collect(load_results(table1_results), layout)
     effects = {(e.ranked_row, e.column.key): e for e in ranking_effects(layout, grid)}
     assert set(effects) == {(r, c) for r in ("KL+R", "RKL+R") for c in ("pretrain/ppl", "pretrain/cr@2")}
     kl = effects[("KL+R", "pretrain/cr@2")]
@@ -126,7 +126,7 @@ def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
     out5 = tmp_path / "t5"
     run_grid(expand(parse_spec(_with_base(raw))), out5, Correct(), progress=False)
     layout = get_layout("table5")
-    (table,) = build_tables(layout, collect(load_cells(out5), layout))
+    (table,) = build_tables(layout, collect(load_results(out5), layout))
     assert table.rows == ["Rank-k", "KL+R"]
     assert table.estimates[("Rank-k", "gsm8k/correct|k=10")].mean == 110.0
     assert table.paper[("Rank-k", "gsm8k/correct|k=10")] == 240 and table.paper[("KL+R", "gsm8k/correct|k=5")] == 267
@@ -137,7 +137,7 @@ def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
     out8 = tmp_path / "t8"
     run_grid(expand(parse_spec(_with_base(raw8))), out8, Correct(), progress=False)
     layout = get_layout("table8")
-    (table,) = build_tables(layout, collect(load_cells(out8), layout))
+    (table,) = build_tables(layout, collect(load_results(out8), layout))
     assert table.rows == ["KL+R"]
     assert table.paper[("KL+R", "Pearson:gsm8k/correct")] == 230 and table.paper[("KL+R", "SRCC:gsm8k/correct")] == 267
 
@@ -188,7 +188,7 @@ def test_curves_leave_out_a_model_scored_against_itself(tmp_path):
            "variants": ["none"], "seeds": [1, 2], "references": ["teacher"],
            "defaults": {"models": {"teacher": "T", "student": "S"}}}
     run_grid(expand(parse_spec(_with_base(raw))), tmp_path, Executor(), progress=False)
-    series = curve_series(collect(load_cells(tmp_path), get_layout("table1")))
+    series = curve_series(collect(load_results(tmp_path), get_layout("table1")))
     assert series == {("KL", "cr"): {1: 51.5, 2: 20.0}, ("KL", "mor"): {3: 40.0}}
 
 
@@ -213,7 +213,7 @@ def test_a_revised_spec_in_the_same_folder_tabulates_only_its_own_cells(tmp_path
     assert run_cells(revised[:1], tmp_path, spec_source="v.yaml", layout="table1", executor=Ppl(10.0),
                      spec_cells=revised) == 0  # --only: one of the revised spec's two cells
     assert "2 cell folder(s)" in capsys.readouterr().err
-    assert len(load_cells(tmp_path)) == 3
+    assert len(load_results(tmp_path)) == 3
     md = (tmp_path / "table.md").read_text()
     assert "| KL | **10.00** | 7.85 |" in md and "50.00" not in md and "30.00" not in md
 
