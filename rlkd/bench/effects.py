@@ -225,7 +225,7 @@ def headlines(layout: Layout, grid: Grid) -> list[Headline]:
     """The layout's headline metrics; a layout without any puts every tabulated column in the verdict."""
     if layout.headlines:
         return list(layout.headlines)
-    return [Headline(c.header, (c.key,)) for c in tabulated_columns(layout, grid)]
+    return [Headline(c.header, (c.key,), better=c.better) for c in tabulated_columns(layout, grid)]
 
 
 def verdict(layout: Layout, grid: Grid, row_order: list[str] | None = None) -> Verdict:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlkd.bench.executor import LocalExecutor, cell_engine_tree
+from rlkd.bench.layout_schema import LayoutDeclaration
 from rlkd.bench.runner import ResultsNotWritable, code_provenance, run_grid
 from rlkd.bench.stages import finished_stage, finished_stage_models, stage_dir
 from rlkd.bench.store import (STAGING, cell_status, is_done, read_json, read_record, write_json_atomic,
@@ -35,14 +36,14 @@ def stale_cells(cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
     return stale
 
 
-def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, jobs: int = 1,
+def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | LayoutDeclaration | None, jobs: int = 1,
               retry_failed: bool = True, tables: bool = True, executor=None, threads: int | None = None,
               rerun_stale: bool = False, reuse_processes: bool = False, spec_cells=None) -> int:
     """Run ``cells`` (a subset of the spec's ``spec_cells`` under ``--only``; all of them by default)
     into ``out_dir`` and render its tables from the spec's cells."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_spec_record(out_dir, {"source": _repo_relative(spec_source), "layout": layout,
-                                              "cells": [c["id"] for c in (spec_cells or cells)]})
+    write_spec_record(out_dir, source=_repo_relative(spec_source), layout=layout,
+                      cell_ids=[c["id"] for c in (spec_cells or cells)])
     if rerun_stale:
         stale = set(stale_cells(cells, out_dir))
         if stale:

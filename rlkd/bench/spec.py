@@ -29,11 +29,12 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
+from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout_names
 from rlkd.config import RunConfig
 
 # Ranking settings of each built-in variant, laid over the spec's `loss.ranking` defaults.
@@ -49,6 +50,12 @@ RANKED_VARIANTS = ("R", "R_dynamic", "pearson")
 # Sweep shorthand: `k: [5, 15]` means the ranking range.
 SWEEP_ALIASES = {"k": "loss.ranking.k"}
 PLACEHOLDER_OUTPUT = "<cell>"
+
+
+# A spec's layout: a shipped layout's name or a declaration of its own; the callable discriminator
+# makes a bad declaration's errors name its fields (layout.declaration.headlines.0...), not the union.
+NamedOrDeclaredLayout = Annotated[Union[Annotated[str, Tag("name")], Annotated[LayoutDeclaration, Tag("declaration")]],
+                                  Discriminator(lambda value: "name" if isinstance(value, str) else "declaration")]
 
 
 class SpecError(ValueError):
@@ -186,8 +193,10 @@ class GridSpec(_Strict):
     name: str = Field(description="The spec's name: results go to results/<name>/; a spec file's name defaults "
                       "to its file name.")
     description: str = Field("", description="Free text describing the spec.")
-    layout: str | None = Field(None, description="The table layout `rlkd table` uses (table1 ... table8, "
-                               "mini_table1, mini_table2, default); None: generic, every metric tabulated.")
+    layout: NamedOrDeclaredLayout | None = Field(
+        None, description="The table layout `rlkd table` uses: a shipped layout's name (generic, table1 ... "
+        "table8, mini_table1, mini_table2, default: rlkd/bench/table_layouts/) or a declaration of the spec's own "
+        "(columns, headlines, paper table, row order); None: generic, every metric tabulated.")
     plugins: list[str] = Field(default_factory=list, description="Modules or .py files (relative to the spec) "
                                "that register extra objectives.")
     defaults: dict[str, Any] = Field(default_factory=dict, description="A partial run config shared by every "
@@ -226,6 +235,14 @@ class GridSpec(_Strict):
                                  "--tiny: small local models and few rows, for a CPU check.")
     paper: dict[str, Any] = Field(default_factory=dict, description="The paper's setup for this preset, checked "
                                   "by the preset tests; not used to run cells.")
+
+    @field_validator("layout")
+    @classmethod
+    def _shipped(cls, layout: str | LayoutDeclaration | None) -> str | LayoutDeclaration | None:
+        if isinstance(layout, str) and layout not in shipped_layout_names():
+            raise ValueError(f"unknown table layout {layout!r}; known: {', '.join(shipped_layout_names())}, or a "
+                             "declaration (name, title, sections, headlines, ...)")
+        return layout
 
     @field_validator("objectives", "variants", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from rlkd.bench.layout_schema import LayoutDeclaration
 from rlkd.bench.records import SCHEMA_VERSION, Cell, CellResult, CellStatus, Provenance
 from rlkd.provenance import atomic_write_json, atomic_write_jsonl
 from rlkd.provenance import atomic_write_text as write_text_atomic  # noqa: F401  (used by the CLI and tables)
@@ -326,9 +327,12 @@ def remove_cell_result(cell_dir: Path) -> None:
 # -- the results folder's spec record ------------------------------------------------------------
 
 
-def write_spec_record(results_dir: Path, record: dict[str, Any]) -> None:
-    """``spec.json``: the source, layout and cell ids of the spec that ran last into ``results_dir``."""
-    write_json_atomic(results_dir / SPEC, record)
+def write_spec_record(results_dir: Path, *, source: str, layout: str | LayoutDeclaration | None,
+                      cell_ids: list[str]) -> None:
+    """``spec.json``: the source, layout and cell ids of the spec that ran last into ``results_dir``.
+    A spec's own layout is recorded whole, so the folder renders without the spec file."""
+    recorded = layout.model_dump(mode="json") if isinstance(layout, LayoutDeclaration) else layout
+    write_json_atomic(results_dir / SPEC, {"source": source, "layout": recorded, "cells": list(cell_ids)})
 
 
 def spec_record_path(results_dir: Path) -> Path:

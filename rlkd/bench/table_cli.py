@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlkd.bench.layout_schema import LayoutDeclaration
 from rlkd.bench.layouts import get_layout
 from rlkd.bench.effects import verdict
 from rlkd.bench.plots import alignment_curves, forest_plot, k_sweep
@@ -15,7 +16,10 @@ from rlkd.bench.grid import collect
 from rlkd.bench.tables import row_order, write_tables
 
 
-def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path | None = None) -> dict[str, Path]:
+def make_tables(results_dir: Path, layout_name: str | LayoutDeclaration | None = None,
+                out_dir: Path | None = None) -> dict[str, Path]:
+    """Tables and plots of a results folder, laid out by ``layout_name`` (a shipped layout's name or a
+    declaration), else by the layout its spec record names or declares."""
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir}: no such results directory")
     try:
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
         load_plugins(resolve_plugin_names(args.plugin, Path.cwd()))
         paths = make_tables(args.results, args.layout, args.out)
-    except (FileNotFoundError, KeyError, ImportError) as exc:
+    except (FileNotFoundError, KeyError, ImportError, ValueError) as exc:
         print(f"rlkd table: {exc}", file=sys.stderr)
         return 2
     for kind, path in paths.items():
