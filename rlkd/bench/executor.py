@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlkd.bench.records import Cell
 from rlkd.bench.store import kill_point, read_cell_result, write_cell_result, write_train_log
 from rlkd.bench.stages import (check_stage_exports, engine_tree, generation_data, stage_models, teacher_cache_dir,
                                train)
@@ -41,26 +42,32 @@ def resolve_results_refs(value: Any, results_dir: Path) -> Any:
     return value
 
 
-def cell_engine_tree(cell: dict[str, Any], workdir: Path, *, cache_dir: Path, shared_dir: Path,
+def with_results_refs_resolved(cell: Cell, results_dir: Path) -> Cell:
+    """The cell with ``@results/`` references in its run, stages, evaluation and candidate made paths."""
+    return cell.model_copy(update={name: resolve_results_refs(getattr(cell, name), results_dir)
+                                   for name in ("run", "stages", "eval", "candidate")})
+
+
+def cell_engine_tree(cell: Cell, workdir: Path, *, cache_dir: Path, shared_dir: Path,
                      create_models: bool = True) -> dict[str, Any]:
     """The engine config a distill cell trains with (stages and teacher generations prepared first
     when ``create_models``)."""
     if not create_models:
-        return engine_tree(cell["run"], workdir, cache_dir=cache_dir, teacher_cache=cell.get("teacher_cache", False),
+        return engine_tree(cell.run, workdir, cache_dir=cache_dir, teacher_cache=cell.teacher_cache,
                            create_models=False)
     teacher, student = stage_models(cell, shared_dir, cache_dir)
-    run = generation_data(cell, teacher, shared_dir) if cell.get("teacher_generations") else cell["run"]
+    run = generation_data(cell, teacher, shared_dir) if cell.teacher_generations else cell.run
     return engine_tree(run, workdir, cache_dir=cache_dir, teacher=teacher, student=student,
-                       teacher_cache=cell.get("teacher_cache", False))
+                       teacher_cache=cell.teacher_cache)
 
 
-def _train_sequences(cell: dict[str, Any], cache_dir: Path):
+def _train_sequences(cell: Cell, cache_dir: Path):
     """The cell's training sequences, tokenised as the engine does (alignment on trained-on data)."""
     def sequences(tokenizer):
         from rlkd.config import load_config
         from rlkd.data import build_samples
 
-        tree = engine_tree({**cell["run"], "loss": {"objective": "ce"}}, Path("unused"), cache_dir=cache_dir,
+        tree = engine_tree({**cell.run, "loss": {"objective": "ce"}}, Path("unused"), cache_dir=cache_dir,
                            create_models=False)
         return [s.input_ids for s in build_samples(load_config(base=tree).data, tokenizer)]
     return sequences
@@ -70,10 +77,10 @@ def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_d
     from rlkd.eval.dispatch import evaluate_model
     from rlkd.eval.runner import RunMismatchError
 
-    cached = teacher_cache_dir(cache_dir) if cell.get("teacher_cache") else None
+    cached = teacher_cache_dir(cache_dir) if cell.teacher_cache else None
 
     def run():
-        return evaluate_model(cell["eval"], model_path, workdir, teacher_path=teacher, task=cell["task"],
+        return evaluate_model(cell.eval, model_path, workdir, teacher_path=teacher, task=cell.task,
                               train_sequences=_train_sequences(cell, cache_dir), teacher_cache_dir=cached)
     try:
         return run()
@@ -89,23 +96,23 @@ def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_d
         return run()
 
 
-def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
+def run_cell_inprocess(cell: Cell, workdir: Path, *, cache_dir: Path,
                        shared_dir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Metrics and per-example scores of one cell (training it first unless it is a reference row),
     also written to the staging folder (:func:`rlkd.bench.store.write_cell_result`) before the training's export is deleted: a run
     killed after that point reuses the result instead of training and evaluating again."""
-    cell = resolve_results_refs(cell, cache_dir.parent)
+    cell = with_results_refs_resolved(cell, cache_dir.parent)
     from rlkd.plugins import load_plugins
 
-    load_plugins(cell["run"].get("plugins") or [])
+    load_plugins(cell.run.get("plugins") or [])
     earlier = read_cell_result(workdir)
     if earlier is not None:
         return earlier
-    if cell["kind"] == "reference":
+    if cell.kind == "reference":
         teacher, student = stage_models(cell, shared_dir, cache_dir)
         check_stage_exports(cell, shared_dir, cache_dir.parent)
-        model = {"teacher": teacher, "student": student}.get(cell["reference"]) \
-            or resolve_model(cell["candidate"], cache_dir)
+        model = {"teacher": teacher, "student": student}.get(cell.reference) \
+            or resolve_model(cell.candidate, cache_dir)
         metrics, per_example = _evaluate(cell, model, workdir, teacher, cache_dir)
         kill_point("cell-evaluated")
         write_cell_result(workdir, metrics, per_example)
@@ -127,7 +134,7 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
     # evaluation is done but whose export, which a rerun would evaluate again, is gone.
     write_cell_result(workdir, metrics, per_example)
     kill_point("cell-result-written")
-    if not cell.get("keep_checkpoints", False):
+    if not cell.keep_checkpoints:
         shutil.rmtree(export_dir, ignore_errors=True)
         shutil.rmtree(workdir / "train" / "checkpoints", ignore_errors=True)
     return metrics, per_example
@@ -194,7 +201,7 @@ class LocalExecutor:
         with self._slot_lock:
             self._busy_slots.discard(slot)
 
-    def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+    def run(self, cell: Cell, workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
         if not self.subprocess_per_cell:
             return run_cell_inprocess(cell, workdir, cache_dir=self.cache_dir, shared_dir=self.shared_dir)
         if self.reuse_processes:

@@ -14,7 +14,7 @@ student, overlaid on the task's run; ``student_heal: RUN``: a distillation of th
 run before those and shared across specs), ``teacher_cache``, teacher generations for SeqKD/FD rows,
 ``eval:`` and the reference/candidate rows.
 
-Every cell is a plain dict; its id is readable (task, method, sweep values, seed) and ends with a
+Every cell is a :class:`rlkd.bench.records.Cell`; its id is readable (task, method, sweep values, seed) and ends with a
 hash of the cell's canonical config (defaults left out), so a cell's results directory is found
 again after a restart and a changed config never reuses stale results.
 """
@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout_names
+from rlkd.bench.records import Cell
 from rlkd.config import RunConfig
 
 # Ranking settings of each built-in variant, laid over the spec's `loss.ranking` defaults.
@@ -475,21 +476,34 @@ def method_label(objective: str | None, variant: str, k: int | None) -> str:
     }[variant]
 
 
-def canonical_run(tree: dict[str, Any]) -> dict[str, Any]:
-    """A run tree as RunConfig sees it, with every default left out: equal configs hash equally
-    whether or not a default was spelled out, and a setting added to RunConfig later (with a
-    default) does not change existing hashes."""
-    config = RunConfig.model_validate({**tree, "output_dir": PLACEHOLDER_OUTPUT})
+def run_config(tree: dict[str, Any]) -> RunConfig:
+    """A partial run tree validated as RunConfig (its output folder a placeholder)."""
+    return RunConfig.model_validate({**tree, "output_dir": PLACEHOLDER_OUTPUT})
+
+
+def canonical_dump(config: RunConfig) -> dict[str, Any]:
+    """A run config with every default left out: equal configs hash equally whether or not a
+    default was spelled out, and a setting added to RunConfig later (with a default) does not
+    change existing hashes."""
     dumped = config.model_dump(mode="json", exclude_defaults=True)
     dumped.pop("output_dir", None)
     return dumped
 
 
-def _validated_run(tree: dict[str, Any], source: str, what: str) -> dict[str, Any]:
+def canonical_run(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run tree as RunConfig sees it, with every default left out (:func:`canonical_dump`)."""
+    return canonical_dump(run_config(tree))
+
+
+def _validated_config(tree: dict[str, Any], source: str, what: str) -> RunConfig:
     try:
-        return canonical_run(tree)
+        return run_config(tree)
     except ValidationError as exc:
         raise SpecError("\n".join([f"{source}: {what}: invalid run config"] + _error_lines(exc))) from None
+
+
+def _validated_run(tree: dict[str, Any], source: str, what: str) -> dict[str, Any]:
+    return canonical_dump(_validated_config(tree, source, what))
 
 
 def _validated_eval(settings: dict[str, Any], source: str, what: str) -> None:
@@ -512,7 +526,7 @@ def stage_run(task_run: dict[str, Any], role: str, overrides: dict[str, Any]) ->
     return tree
 
 
-HEAL = "student_heal"  # the key of a cell's healing stage in ``cell["stages"]`` (the others: "teacher", "student")
+HEAL = "student_heal"  # the key of a cell's healing stage in ``Cell.stages`` (the others: "teacher", "student")
 
 
 def stage_key(role: str) -> str:
@@ -529,29 +543,29 @@ def heal_run(task_run: dict[str, Any], heal: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _make_cell(spec: GridSpec, task: TaskSpec, body: dict[str, Any], method: str, sweep: dict[str, Any]) -> dict[str, Any]:
-    digest = config_hash(body["_semantic"])
+def _make_cell(spec: GridSpec, task: TaskSpec, body: dict[str, Any], semantic: dict[str, Any], method: str,
+               sweep: dict[str, Any]) -> Cell:
+    """The cell of ``body``; its id ends with the hash of ``semantic``, the cell's canonical config
+    (the hash of exactly this JSON is in every results folder's cell ids: never change it)."""
+    digest = config_hash(semantic)
     parts = [task.name, _slug(method)]
     parts += [_slug(f"{k.rsplit('.', 1)[-1]}={v}") for k, v in sorted(sweep.items())]
     parts += [f"s{body['seed']}" if body.get("seed") is not None else "ref", digest[:10]]
-    cell = {k: v for k, v in body.items() if k != "_semantic"}
-    return {"id": "-".join(p for p in parts if p), "spec": spec.name, "method": method,
-            "sweep": {k.rsplit(".", 1)[-1]: v for k, v in sweep.items()}, "config_hash": digest, **cell}
+    return Cell(id="-".join(p for p in parts if p), spec=spec.name, method=method,
+                sweep={k.rsplit(".", 1)[-1]: v for k, v in sweep.items()}, config_hash=digest, **body)
 
 
-def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
+def expand(spec: GridSpec, *, source: str = "<spec>") -> list[Cell]:
     """Every cell of the grid, in a stable order, duplicates (same config hash) removed.
 
-    A cell: ``id, spec, task, kind (distill|reference), reference, method, objective_label, variant,
-    seed, sweep, run`` (the merged partial run config), ``stages`` (``{role: run}`` of its cached
-    stages), ``teacher_generations`` (decoding or None), ``teacher_cache``, ``keep_checkpoints``,
-    ``candidate`` (evaluation-only rows), ``eval`` and ``config_hash``."""
-    cells: list[dict[str, Any]] = []
+    Each is a :class:`rlkd.bench.records.Cell` (its fields are described there); a Rank-only row's
+    label takes its ``k`` from the validated run config, so the default lives in RankingConfig alone."""
+    cells: list[Cell] = []
     seen: set[str] = set()
 
-    def add(cell: dict[str, Any]) -> None:
-        if cell["config_hash"] not in seen:
-            seen.add(cell["config_hash"])
+    def add(cell: Cell) -> None:
+        if cell.config_hash not in seen:
+            seen.add(cell.config_hash)
             cells.append(cell)
 
     plugins = {"plugins": spec.plugins} if spec.plugins else {}
@@ -587,7 +601,7 @@ def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
             add(_make_cell(spec, task, {**common, "kind": "reference", "reference": reference, "seed": None,
                                         "objective_label": None, "variant": None, "run": reference_run,
                                         "candidate": candidate[1] if candidate else None,
-                                        "teacher_generations": None, "_semantic": semantic}, method, {}))
+                                        "teacher_generations": None}, semantic, method, {}))
 
         for variant in spec.variants:
             rank_only = variant.name.startswith("rank_only")
@@ -626,11 +640,9 @@ def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
                                 _set_path(evaluation_cell, path.removeprefix("eval."), value)
                             else:
                                 _set_path(run, path, value)
-                        k = (run["loss"].get("ranking") or {}).get("k")
-                        canonical = _validated_run(run, source, f"{where}: {label or variant.name} (seed {seed})")
-                        if k is None:
-                            k = canonical.get("loss", {}).get("ranking", {}).get("k", 5)
-                        method = method_label(label, variant.name, k)
+                        config = _validated_config(run, source, f"{where}: {label or variant.name} (seed {seed})")
+                        canonical = canonical_dump(config)
+                        method = method_label(label, variant.name, config.loss.ranking.k)
                         generations = spec.generation.model_dump() if ref.teacher_generations else None
                         semantic = {"task": task.name, "kind": "distill", "run": canonical, "stages": stage_hashes,
                                     "teacher_generations": generations, "teacher_cache": spec.teacher_cache,
@@ -639,33 +651,33 @@ def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
                         add(_make_cell(spec, task, {**common, "kind": "distill", "reference": None, "seed": seed,
                                                     "objective_label": label, "variant": variant.name, "run": run,
                                                     "candidate": None, "teacher_generations": generations,
-                                                    "eval": evaluation_cell, "_semantic": semantic},
-                                       method, chosen))
+                                                    "eval": evaluation_cell},
+                                       semantic, method, chosen))
     return cells
 
 
-def filter_cells(cells: list[dict[str, Any]], pattern: str | None) -> list[dict[str, Any]]:
+def filter_cells(cells: list[Cell], pattern: str | None) -> list[Cell]:
     """``--only``: comma-separated terms, a cell is kept when any term selects it. A term that is a
     method label or task name of the grid (``KL+R``, ``Rank-15``, ``gsm8k``) selects exactly those
     cells; ``re:PATTERN`` is a regex searched in the cell id; anything else is a glob on the id
     (``*-s72-*``) or, without glob characters, a substring of it."""
     if not pattern:
         return cells
-    labels = {c["method"] for c in cells} | {c["task"] for c in cells}
+    labels = {c.method for c in cells} | {c.task for c in cells}
     matchers = []
     for term in (t.strip() for t in pattern.split(",")):
         if not term:
             continue
         if term in labels:
-            matchers.append(lambda c, t=term: t in (c["method"], c["task"]))
+            matchers.append(lambda c, t=term: t in (c.method, c.task))
         elif term.startswith("re:"):
             try:
                 rx = re.compile(term[3:])
             except re.error as exc:
                 raise SpecError(f"--only: bad regex {term[3:]!r}: {exc}") from None
-            matchers.append(lambda c, rx=rx: rx.search(c["id"]) is not None)
+            matchers.append(lambda c, rx=rx: rx.search(c.id) is not None)
         elif any(ch in term for ch in "*?["):
-            matchers.append(lambda c, t=term: fnmatch.fnmatchcase(c["id"], t))
+            matchers.append(lambda c, t=term: fnmatch.fnmatchcase(c.id, t))
         else:
-            matchers.append(lambda c, t=term: t in c["id"])
+            matchers.append(lambda c, t=term: t in c.id)
     return [c for c in cells if any(m(c) for m in matchers)]

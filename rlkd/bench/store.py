@@ -262,14 +262,15 @@ def load_results(results_dir: Path, unreadable: list[tuple[str, str]] | None = N
 # -- writing a cell's record -------------------------------------------------------------------
 
 
-def write_cell_config(cell_dir: Path, cell: dict[str, Any]) -> None:
-    """The cell's ``config.json``, at the current schema version, in a (staging) cell folder."""
-    write_json_atomic(cell_dir / CONFIG, {**cell, "schema_version": SCHEMA_VERSION})
+def write_cell_config(cell_dir: Path, cell: Cell) -> None:
+    """The cell's ``config.json`` in a (staging) cell folder."""
+    write_json_atomic(cell_dir / CONFIG, cell.record())
 
 
-def read_cell_config(cell_dir: Path) -> dict[str, Any]:
-    """The cell a (staging) cell folder runs, as the runner wrote it (for the cell's own process)."""
-    return _object(cell_dir / CONFIG, _read_json_file(cell_dir / CONFIG))
+def read_cell_config(cell_dir: Path) -> Cell:
+    """The cell a (staging) cell folder runs (for the cell's own process), migrated and validated."""
+    path = cell_dir / CONFIG
+    return _validated(Cell, migrate_cell(_object(path, _read_json_file(path)), path), path)
 
 
 def holds_only_config(cell_dir: Path) -> bool:
@@ -277,14 +278,14 @@ def holds_only_config(cell_dir: Path) -> bool:
     return all(p.name == CONFIG for p in cell_dir.iterdir())
 
 
-def write_failed(cell_dir: Path, cell: dict[str, Any], status: dict[str, Any], provenance: dict[str, Any]) -> None:
+def write_failed(cell_dir: Path, cell: Cell, status: dict[str, Any], provenance: dict[str, Any]) -> None:
     """A failed cell's whole record into ``cell_dir`` (to be published)."""
     write_cell_config(cell_dir, cell)
-    write_json_atomic(cell_dir / STATUS, {"status": "failed", "config_hash": cell["config_hash"], **status})
+    write_json_atomic(cell_dir / STATUS, {"status": "failed", "config_hash": cell.config_hash, **status})
     write_json_atomic(cell_dir / PROVENANCE, provenance)
 
 
-def write_done(cell_dir: Path, cell: dict[str, Any], metrics: dict[str, float], per_example: dict[str, list[float]],
+def write_done(cell_dir: Path, cell: Cell, metrics: dict[str, float], per_example: dict[str, list[float]],
                provenance: dict[str, Any]) -> None:
     """A finished cell's record into its staging folder, status last (a record is done only once
     every other file is complete)."""
@@ -293,7 +294,7 @@ def write_done(cell_dir: Path, cell: dict[str, Any], metrics: dict[str, float], 
     if per_example:
         write_json_atomic(cell_dir / PER_EXAMPLE, per_example)
     write_json_atomic(cell_dir / PROVENANCE, provenance)
-    write_json_atomic(cell_dir / STATUS, {"status": "done", "config_hash": cell["config_hash"],
+    write_json_atomic(cell_dir / STATUS, {"status": "done", "config_hash": cell.config_hash,
                                           "duration_s": provenance["duration_s"]})
 
 

@@ -22,9 +22,9 @@ PINNED = json.loads((Path(__file__).parent / "shipped_cell_ids.json").read_text(
 
 def _ids(key: str) -> list[str]:
     if key.startswith("embedded default"):
-        return [cell["id"] for cell in expand(default_spec(quick=key.endswith("--quick")))]
+        return [cell.id for cell in expand(default_spec(quick=key.endswith("--quick")))]
     path, _, flag = key.partition(" ")
-    return [cell["id"] for cell in expand(load_spec(REPO / path, tiny=flag == "--tiny"), source=path)]
+    return [cell.id for cell in expand(load_spec(REPO / path, tiny=flag == "--tiny"), source=path)]
 
 
 def test_every_shipped_spec_is_pinned():

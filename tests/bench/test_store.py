@@ -101,12 +101,13 @@ def test_broken_status_and_metrics_are_refused_naming_the_file(tmp_path):
         read_record(folder)
 
 
-def test_a_cell_written_today_carries_the_schema_version(tmp_path):
-    from rlkd.bench.store import write_cell_config
+def test_a_cell_written_today_carries_the_schema_version_and_reads_back_equal(tmp_path):
+    from rlkd.bench.store import read_cell_config, write_cell_config
 
-    write_cell_config(tmp_path, V0_CONFIG)
-    assert json.loads((tmp_path / "config.json").read_text())["schema_version"] == SCHEMA_VERSION
-    assert Cell.model_validate(json.loads((tmp_path / "config.json").read_text())).id == V0_CONFIG["id"]
+    cell = Cell.model_validate(V0_CONFIG)
+    write_cell_config(tmp_path, cell)
+    assert json.loads((tmp_path / "config.json").read_text()) == {**V0_CONFIG, "schema_version": SCHEMA_VERSION}
+    assert read_cell_config(tmp_path) == cell
 
 
 # Names of a cell's files in its results folder; only rlkd.bench.store may use them. A cached stage's

@@ -34,8 +34,8 @@ CR2 = {"KL": [60.0, 61.0, 65.0], "KL+R": [70.0, 69.0, 74.0], "RKL": [50.0, 52.0,
 
 class TableExecutor:
     def run(self, cell, workdir):
-        i = cell["seed"] - 1
-        return {"ppl": PPL[cell["method"]][i], "cr@2": CR2[cell["method"]][i]}
+        i = cell.seed - 1
+        return {"ppl": PPL[cell.method][i], "cr@2": CR2[cell.method][i]}
 
 
 @pytest.fixture()
@@ -119,7 +119,7 @@ def test_table_cli_writes_markdown_csv_latex_and_plot(table1_results, capsys):
 def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
     class Correct:
         def run(self, cell, workdir):
-            return {"correct": 100.0 + cell["run"]["loss"]["ranking"].get("k", 0)}
+            return {"correct": 100.0 + cell.run["loss"]["ranking"].get("k", 0)}
 
     raw = {"name": "t5", "tasks": [{"name": "gsm8k"}], "objectives": ["kl"], "variants": ["R", "rank_only"],
            "sweep": {"k": [5, 10]}, "seeds": [72]}
@@ -145,7 +145,7 @@ def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
 def test_failed_cells_are_listed_not_tabulated(tmp_path):
     class Half:
         def run(self, cell, workdir):
-            if cell["method"] == "RKL":
+            if cell.method == "RKL":
                 raise ValueError("diverged")
             return {"ppl": 9.0}
 
@@ -180,9 +180,9 @@ def test_curves_leave_out_a_model_scored_against_itself(tmp_path):
 
     class Executor:
         def run(self, cell, workdir):
-            if cell["method"] == "Teacher":
+            if cell.method == "Teacher":
                 return {"cr@1": 100.0, "cr@2": 100.0, "mor@3": 100.0}
-            return {"cr@1": 50.0 + cell["seed"], "cr@2": 20.0, "mor@3": 40.0}
+            return {"cr@1": 50.0 + cell.seed, "cr@2": 20.0, "mor@3": 40.0}
 
     raw = {"name": "c", "layout": "table1", "tasks": [{"name": "pretrain"}], "objectives": ["kl"],
            "variants": ["none"], "seeds": [1, 2], "references": ["teacher"],
@@ -209,7 +209,7 @@ def test_a_revised_spec_in_the_same_folder_tabulates_only_its_own_cells(tmp_path
     old = expand(parse_spec(_with_base(raw)))
     run_cells(old, tmp_path, spec_source="v.yaml", layout="table1", executor=Ppl(50.0), tables=False)
     revised = expand(parse_spec(_with_base({**raw, "defaults": {"train": {"lr": 3e-4}}})))
-    assert {c["id"] for c in revised}.isdisjoint(c["id"] for c in old)
+    assert {c.id for c in revised}.isdisjoint(c.id for c in old)
     assert run_cells(revised[:1], tmp_path, spec_source="v.yaml", layout="table1", executor=Ppl(10.0),
                      spec_cells=revised) == 0  # --only: one of the revised spec's two cells
     assert "2 cell folder(s)" in capsys.readouterr().err
