@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlkd.bench.layouts import Layout
+from rlkd.bench.layouts import ColumnKey, Layout
 from rlkd.bench.records import Cell, CellResult
 from rlkd.bench.stats import Estimate, mean_ci
 
@@ -48,6 +48,7 @@ class Grid:
     examples: dict[tuple[Arm, str], dict[Any, list[float]]] = field(default_factory=lambda: defaultdict(dict))
     arm_rows: dict[Arm, str] = field(default_factory=dict)
     ranking_keys: dict[Arm, frozenset[str]] = field(default_factory=dict)  # keys of the arm's loss.ranking
+    keys: dict[str, ColumnKey] = field(default_factory=dict)  # column text -> its parts
     notes: list[str] = field(default_factory=list)
     without_fields: list[str] = field(default_factory=list)  # trained cells lacking objective_label/variant
 
@@ -91,7 +92,8 @@ def collect(results: list[CellResult], layout: Layout) -> Grid:
             grid.ranking_keys[arm] = grid.ranking_keys.get(arm, frozenset()) | frozenset(cell.ranking)
         metrics = result.metrics
         for row, column, value in layout.entries(cell, metrics):
-            grid.add(row, column, cell.seed, value, arm)
+            grid.keys[column.text] = column
+            grid.add(row, column.text, cell.seed, value, arm)
         if arm is None:
             continue
         for metric, values in result.per_example.items():

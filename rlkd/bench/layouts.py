@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from rlkd.bench.layout_schema import LayoutDeclaration, resolve_layout
 from rlkd.bench.paper import paper_table
@@ -21,6 +21,45 @@ from rlkd.bench.records import Cell
 LOWER_IS_BETTER = re.compile(r"(^|/)[a-z_]*(ppl|seconds|loss|kl)(\||$)")
 # Bookkeeping metrics a cell records but no table shows (they do not compare across objectives).
 HIDDEN_METRICS = re.compile(r"/(final_train_loss|train_step_seconds|total|no_answer|([a-z]+_)?teacher_ppl)$")
+
+
+@dataclass(frozen=True)
+class ColumnKey:
+    """A tabulated column's parts; ``text`` is the key that layouts, tables and the paper's numbers
+    name it by (``task/metric``, ``task/metric|k=K``, ``Pearson:task/metric``)."""
+
+    task: str
+    metric: str
+    sweep: tuple[str, Any] | None = None  # (sweep key, value) when a sweep's values are columns
+    correlation: str | None = None  # "Pearson" | "SRCC" when split by correlation
+
+    @property
+    def text(self) -> str:
+        key = f"{self.task}/{self.metric}"
+        if self.sweep is not None:
+            key += f"|{self.sweep[0]}={self.sweep[1]}"
+        return f"{self.correlation}:{key}" if self.correlation else key
+
+    def without_sweep(self) -> ColumnKey:
+        return ColumnKey(self.task, self.metric, None, self.correlation)
+
+
+# Top-k agreement metrics as the evaluation names them: [set prefix]cr@k or [set prefix]mor@k, e.g.
+# heldout_cr@2 (a further alignment set), true_mor@5 (against the true distribution).
+_AT_K_METRIC = re.compile(r"^(?P<prefix>[a-z_]*?)(?P<family>cr|mor)@(?P<k>\d+)$")
+
+
+@dataclass(frozen=True)
+class AtK:
+    prefix: str  # "" for the main alignment set
+    family: str  # "cr" | "mor"
+    k: int
+
+
+def at_k(metric: str) -> AtK | None:
+    """The parts of a top-k agreement metric's name (None for any other metric)."""
+    match = _AT_K_METRIC.match(metric)
+    return AtK(match["prefix"], match["family"], int(match["k"])) if match else None
 
 
 @dataclass(frozen=True)
@@ -95,18 +134,23 @@ class Layout:
         extras = [f"{k}={v}" for k, v in sorted(cell.sweep.items()) if k not in hidden]
         return f"{label} [{', '.join(extras)}]" if extras else label
 
-    def column_key(self, cell: Cell, metric: str) -> str:
-        key = f"{cell.task}/{metric}"
-        if self.column_sweep and self.column_sweep in cell.sweep:
-            key += f"|{self.column_sweep}={cell.sweep[self.column_sweep]}"
+    def column(self, cell: Cell, metric: str) -> ColumnKey:
+        """Where this metric of this cell is tabulated: its task and metric, the swept value when
+        the layout's columns are a sweep, the correlation when Pearson and SRCC are split."""
+        sweep = ((self.column_sweep, cell.sweep[self.column_sweep])
+                 if self.column_sweep and self.column_sweep in cell.sweep else None)
+        correlation = None
         if self.split_by_correlation:
-            key = f"{'Pearson' if cell.ranking.get('correlation') == 'pearson' else 'SRCC'}:{key}"
-        return key
+            correlation = "Pearson" if cell.ranking.get("correlation") == "pearson" else "SRCC"
+        return ColumnKey(cell.task, metric, sweep, correlation)
 
-    def entries(self, cell: Cell, metrics: dict[str, float]) -> Iterable[tuple[str, str, float]]:
+    def column_key(self, cell: Cell, metric: str) -> str:
+        return self.column(cell, metric).text
+
+    def entries(self, cell: Cell, metrics: dict[str, float]) -> Iterable[tuple[str, ColumnKey, float]]:
         row = self.row_label(cell)
         for metric, value in metrics.items():
-            yield row, self.column_key(cell, metric), float(value)
+            yield row, self.column(cell, metric), float(value)
 
     def present_sections(self, column_keys: Iterable[str]) -> list[Section]:
         """The sections as tabulated for these column keys: absent columns dropped, hidden

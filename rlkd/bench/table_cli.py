@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from rlkd.bench.layout_schema import LayoutDeclaration
-from rlkd.bench.layouts import get_layout
+from rlkd.bench.layouts import at_k, get_layout
 from rlkd.bench.effects import verdict
 from rlkd.bench.plots import alignment_curves, forest_plot, k_sweep
 from rlkd.bench.store import load_results, read_spec_record
@@ -55,8 +55,9 @@ def make_tables(results_dir: Path, layout_name: str | LayoutDeclaration | None =
                          title=f"{layout.title}: effect of the ranking loss, Δ(+R) = with R − without R")
     if effect:
         paths["effect.png"] = effect
-    prefixes = sorted({c.split("/", 1)[1].split("cr@")[0] for c in grid.columns()
-                       if "/" in c and "cr@" in c and "|" not in c})
+    # one plot per alignment set: the set prefixes of the CR@k columns (not a sweep's)
+    prefixes = sorted({found.prefix for key in grid.keys.values() if key.sweep is None
+                       for found in [at_k(key.metric)] if found is not None and found.family == "cr"})
     for prefix in prefixes:
         name = f"alignment_{prefix.rstrip('_')}.png" if prefix else "alignment.png"
         label = ("against the true distribution" if prefix == "true_" else "against the teacher"

@@ -101,3 +101,14 @@ def test_a_bad_layout_is_refused_when_the_spec_is_read(tmp_path, layout, field):
     with pytest.raises(SpecError) as error:
         load_spec(_write(tmp_path, yaml.safe_dump(raw)))
     assert field in str(error.value)
+
+
+def test_column_keys_are_built_from_their_parts_and_metric_names_read_once():
+    from rlkd.bench.layouts import AtK, ColumnKey, at_k
+
+    # the key texts the shipped layouts and the paper's numbers use (e.g. Table 5, Table 8)
+    swept = ColumnKey("gsm8k", "correct", ("k", 15))
+    assert swept.text == "gsm8k/correct|k=15" and swept.without_sweep().text == "gsm8k/correct"
+    assert ColumnKey("gsm8k", "correct", None, "Pearson").text == "Pearson:gsm8k/correct"
+    assert at_k("heldout_cr@2") == AtK("heldout_", "cr", 2) and at_k("true_mor@20") == AtK("true_", "mor", 20)
+    assert at_k("cr@5") == AtK("", "cr", 5) and at_k("ppl") is None and at_k("rouge_pkg_rougeL") is None
