@@ -9,7 +9,7 @@ own inline, so a new metric gets its tables and plots without an edit of rlkd.
 A column key is ``task/metric``; a layout whose columns are a sweep's values (``column_sweep: k``)
 keys them ``task/metric|k=K``; ``split_by_correlation`` prefixes ``Pearson:`` or ``SRCC:``.
 
-This module is the schema only (the spec validates against it); :mod:`rlkd.bench.layouts` turns a
+This module is the schema only (the spec validates against it); :mod:`rlkd.bench.report.layouts` turns a
 declaration into the layout that reporting uses.
 """
 
@@ -67,7 +67,7 @@ class LayoutDeclaration(_Declaration):
                                                "lists goes to a last 'Other metrics' section.")
     headlines: list[HeadlineDeclaration] = Field(default_factory=list, description="The verdict's metrics; none: "
                                                  "every tabulated column.")
-    paper_table: str | None = Field(None, description="The paper table (rlkd/bench/paper_numbers.yaml) whose "
+    paper_table: str | None = Field(None, description="The paper table (rlkd/bench/report/paper_numbers.yaml) whose "
                                     "numbers sit beside ours; None: none.")
     column_sweep: str | None = Field(None, description="A sweep key whose values become columns (Table 5: k).")
     split_by_correlation: bool = Field(False, description="Pearson and SRCC cells in separate columns, the paper "

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from rlkd.bench.layout_schema import LayoutDeclaration
-from rlkd.bench.layouts import at_k, get_layout
-from rlkd.bench.effects import verdict
-from rlkd.bench.plots import alignment_curves, forest_plot, k_sweep
+from rlkd.bench.report.layouts import at_k, get_layout
+from rlkd.bench.report.effects import verdict
+from rlkd.bench.report.plots import alignment_curves, forest_plot, k_sweep
 from rlkd.bench.store import load_results, read_spec_record
-from rlkd.bench.grid import collect
-from rlkd.bench.tables import row_order, write_tables
+from rlkd.bench.report.grid import collect
+from rlkd.bench.report.tables import row_order, write_tables
 
 
 def make_tables(results_dir: Path, layout_name: str | LayoutDeclaration | None = None,

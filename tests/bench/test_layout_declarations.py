@@ -104,7 +104,7 @@ def test_a_bad_layout_is_refused_when_the_spec_is_read(tmp_path, layout, field):
 
 
 def test_column_keys_are_built_from_their_parts_and_metric_names_read_once():
-    from rlkd.bench.layouts import AtK, ColumnKey, at_k
+    from rlkd.bench.report.layouts import AtK, ColumnKey, at_k
 
     # the key texts the shipped layouts and the paper's numbers use (e.g. Table 5, Table 8)
     swept = ColumnKey("gsm8k", "correct", ("k", 15))

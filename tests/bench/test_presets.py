@@ -15,7 +15,7 @@ import pytest
 from rlkd.bench.cli import main as bench_main, resolve_spec_path
 from rlkd.bench.stages import engine_tree
 from rlkd.config import load_config
-from rlkd.bench.paper import paper_table
+from rlkd.bench.report.paper import paper_table
 from rlkd.bench.spec import expand, load_spec
 
 PRESETS = Path(__file__).resolve().parents[2] / "benchmarks" / "paper"
@@ -217,7 +217,7 @@ def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypat
     assert {c.cell.method for c in cells} == expected
     assert all(c.done for c in cells)
     table = (tmp_path / "table.md").read_text()
-    from rlkd.bench.layouts import get_layout
+    from rlkd.bench.report.layouts import get_layout
 
     layout = get_layout(load_spec(resolve_spec_path(preset)).layout)  # e.g. Table 5 shows Rank-10 as row Rank-k
     assert all(f"| {layout.row_label(c.cell)} |" in table for c in cells)

@@ -336,7 +336,7 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
     from rlkd.bench import orchestrate
     from rlkd.bench.stages import stage_dir
     from rlkd.bench.store import load_results
-    from rlkd.bench.tables import stage_version_notes
+    from rlkd.bench.report.tables import stage_version_notes
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("")
@@ -382,7 +382,7 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
     assert f"student_heal@{expected(weights['second'])[:10]}: 1 cell(s): `{cells[2].id}`" in notes[2]
 
     # The same grouping tells cells that ran on other code (a sha and a dirty flag recorded apart).
-    from rlkd.bench.tables import code_version_notes
+    from rlkd.bench.report.tables import code_version_notes
 
     assert code_version_notes(load_results(out)) == []
     moved = out / cells[1].id / "provenance.json"

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rlkd.bench.effects import EXAMPLES, NONE, SEEDS, ranking_pairs, verdict
-from rlkd.bench.layouts import get_layout
+from rlkd.bench.report.effects import EXAMPLES, NONE, SEEDS, ranking_pairs, verdict
+from rlkd.bench.report.layouts import get_layout
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.paper import paper_table
-from rlkd.bench.stats import BOOTSTRAP_RESAMPLES, holm, holm_bounds, paired_bootstrap, random_effects
+from rlkd.bench.report.paper import paper_table
+from rlkd.bench.report.stats import BOOTSTRAP_RESAMPLES, holm, holm_bounds, paired_bootstrap, random_effects
 from rlkd.bench.store import load_results
 from rlkd.bench.table_cli import main as table_main
-from rlkd.bench.tables import collect, row_order
+from rlkd.bench.report.tables import collect, row_order
 
 BASE_RUN = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
 

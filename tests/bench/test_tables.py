@@ -9,14 +9,14 @@ import math
 import pytest
 from scipy import stats
 
-from rlkd.bench.layouts import get_layout
-from rlkd.bench.paper import paper_table
+from rlkd.bench.report.layouts import get_layout
+from rlkd.bench.report.paper import paper_table
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.stats import mean_ci, paired_t
+from rlkd.bench.report.stats import mean_ci, paired_t
 from rlkd.bench.store import load_results
 from rlkd.bench.table_cli import main as table_main
-from rlkd.bench.tables import build_tables, collect, ranking_effects
+from rlkd.bench.report.tables import build_tables, collect, ranking_effects
 
 BASE_RUN = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
 
@@ -176,7 +176,7 @@ def test_mini_table1_layout_puts_the_paper_beside_the_trained_on_section_only():
 
 
 def test_curves_leave_out_a_model_scored_against_itself(tmp_path):
-    from rlkd.bench.plots import curve_series
+    from rlkd.bench.report.plots import curve_series
 
     class Executor:
         def run(self, cell, workdir):
@@ -224,7 +224,7 @@ def test_plot_titles_are_wrapped_inside_the_figure(width):
     width, every line must lie inside it, measured by matplotlib's own text extents."""
     import matplotlib.pyplot as plt
 
-    from rlkd.bench.plots import _fitted
+    from rlkd.bench.report.plots import _fitted
 
     title = ("Mini reproduction of Table 2, Dolly (SmolLM2-135M teacher, healed 16-layer student): effect of "
              "the ranking loss, Δ(+R) = with R − without R; every objective, with and without the ranking loss")

@@ -12,9 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlkd.bench.effects import EXAMPLES, NONE, RANKED_VARIANTS, SEEDS, Verdict  # noqa: E402
-from rlkd.bench.grid import Grid  # noqa: E402
-from rlkd.bench.layouts import at_k  # noqa: E402
+from rlkd.bench.report.effects import EXAMPLES, NONE, RANKED_VARIANTS, SEEDS, Verdict  # noqa: E402
+from rlkd.bench.report.grid import Grid  # noqa: E402
+from rlkd.bench.report.layouts import at_k  # noqa: E402
 
 REFERENCE_STYLE = {"Teacher": "black", "Start": "grey"}  # evaluation-only rows, dotted
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from rlkd.bench.layout_schema import LayoutDeclaration, resolve_layout
-from rlkd.bench.paper import paper_table
+from rlkd.bench.report.paper import paper_table
 from rlkd.bench.records import Cell
 
 # A column whose declaration leaves its direction out: lower is better for these metrics.

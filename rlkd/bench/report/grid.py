@@ -14,9 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlkd.bench.layouts import ColumnKey, Layout
+from rlkd.bench.report.layouts import ColumnKey, Layout
 from rlkd.bench.records import Cell, CellResult
-from rlkd.bench.stats import Estimate, mean_ci
+from rlkd.bench.report.stats import Estimate, mean_ci
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from rlkd.bench.grid import Arm, Grid
-from rlkd.bench.layouts import Column, Headline, Layout
+from rlkd.bench.report.grid import Arm, Grid
+from rlkd.bench.report.layouts import Column, Headline, Layout
 from rlkd.bench.spec import RANKED_VARIANTS
-from rlkd.bench.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, BootstrapTest, PairedTest, RandomEffects, holm,
+from rlkd.bench.report.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, BootstrapTest, PairedTest, RandomEffects, holm,
                               holm_bounds, paired_bootstrap, paired_t, random_effects)
 
 UNRANKED = "none"

@@ -1,7 +1,7 @@
 """Results directory -> tables beside the paper: Markdown, CSV and LaTeX.
 
 Every output opens with the verdict: the effect of the ranking loss, Δ(+R) per objective and
-headline metric with its interval and Holm-adjusted p (``rlkd/bench/effects.py``). Then each
+headline metric with its interval and Holm-adjusted p (``rlkd/bench/report/effects.py``). Then each
 (row, column) aggregates the seeds of the cells that land there: mean ± the half-width of the 95%
 Student-t interval when there are several seeds. The paper's number and ours − paper sit in
 adjacent columns. The best row of each column (lowest for PPL/time, highest otherwise; reference
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rlkd.bench.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Pooled, Verdict,
+from rlkd.bench.report.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Pooled, Verdict,
                                 VerdictCell, method_sentence, ranking_effects, verdict)
-from rlkd.bench.grid import Grid, collect
-from rlkd.bench.layouts import Column, Layout
+from rlkd.bench.report.grid import Grid, collect
+from rlkd.bench.report.layouts import Column, Layout
 from rlkd.bench.records import Cell, CellResult, Provenance
-from rlkd.bench.stats import Estimate
+from rlkd.bench.report.stats import Estimate
 
 __all__ = ["Grid", "collect", "build_tables", "ranking_effects", "verdict", "write_tables"]
 
