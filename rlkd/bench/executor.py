@@ -99,8 +99,9 @@ def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_d
 def run_cell_inprocess(cell: Cell, workdir: Path, *, cache_dir: Path,
                        shared_dir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Metrics and per-example scores of one cell (training it first unless it is a reference row),
-    also written to the staging folder (:func:`rlkd.bench.store.write_cell_result`) before the training's export is deleted: a run
-    killed after that point reuses the result instead of training and evaluating again."""
+    also written to the staging folder (:func:`rlkd.bench.store.write_cell_result`) before the
+    training's export is deleted: a run killed after that point reuses the result instead of
+    training and evaluating again."""
     cell = with_results_refs_resolved(cell, cache_dir.parent)
     from rlkd.plugins import load_plugins
 

@@ -13,7 +13,7 @@ from rlkd.bench.layout_schema import LayoutDeclaration
 from rlkd.bench.records import Cell
 from rlkd.bench.runner import ResultsNotWritable, code_provenance, run_grid
 from rlkd.bench.stages import finished_stage, finished_stage_models, stage_dir
-from rlkd.bench.store import (STAGING, cell_status, is_done, read_json, read_record, write_json_atomic,
+from rlkd.bench.store import (STAGING, cell_status, has_failed, is_done, read_json, read_record, write_json_atomic,
                               write_spec_record, write_text_atomic)
 
 
@@ -131,9 +131,9 @@ def record_run_times(cells, out_dir: Path, *, wall_s: float, jobs: int, ran: int
     for cell in cells:
         for name, seconds in stage_seconds(cell, out_dir / ".shared").items():
             stages[name] = round(seconds / 60, 2)
-        status = cell_status(out_dir / cell.id) or {}
-        if status.get("status") == "done" and status.get("duration_s") is not None:
-            minutes[cell.id] = round(float(status["duration_s"]) / 60, 2)
+        status = cell_status(out_dir / cell.id)
+        if status is not None and status.status == "done" and status.duration_s is not None:
+            minutes[cell.id] = round(status.duration_s / 60, 2)
     if not (runs or minutes):
         return
     note = {"note": previous["note"]} if previous.get("note") else {}
@@ -170,12 +170,13 @@ def dry_run(cells, out_dir: Path, *, show_config: bool = False, slurm: dict[str,
     for cell in cells:
         final = out_dir / cell.id
         status = "done" if is_done(final, cell.config_hash) else \
-            ("failed" if (cell_status(final) or {}).get("status") == "failed" else "pending")
+            ("failed" if has_failed(final) else "pending")
         counts[status] += 1
         note = " (ran on other code)" if cell.id in stale else ""
         print(f"  [{status:>7}] {cell.id}{note}")
         if show_config:
-            print("            " + json.dumps({"run": cell.run, "stages": cell.stages, "eval": cell.eval}, sort_keys=True))
+            shown = {"run": cell.run, "stages": cell.stages, "eval": cell.eval}
+            print("            " + json.dumps(shown, sort_keys=True))
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
     if slurm is not None:
         print_slurm(cells, out_dir, nodes=slurm["nodes"], gpus_per_node=slurm["gpus_per_node"])

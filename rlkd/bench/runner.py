@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from rlkd.bench.records import Cell
 from rlkd.bench.stages import stage_fingerprints
-from rlkd.bench.store import (STAGING, cell_status, holds_only_config, invalid_done_record, is_done, kill_point,
+from rlkd.bench.store import (STAGING, has_failed, holds_only_config, invalid_done_record, is_done, kill_point,
                               publish, write_cell_config, write_done, write_failed)
 from rlkd.plugins import current_hashes
 from rlkd.provenance import cpu_identity, git_state, package_versions, removable_lock
@@ -142,7 +142,7 @@ def run_grid(
         if problem is not None:  # a torn or edited record is not a result: the cell runs again
             print(f"[rlkd bench] cell {cell.id}: invalid record, running the cell again: {problem}", flush=True)
             pending.append(cell)
-        elif not retry_failed and (cell_status(final_dir) or {}).get("status") == "failed":
+        elif not retry_failed and has_failed(final_dir):
             summary.failed[cell.id] = "failed earlier (not retried)"
         else:
             pending.append(cell)

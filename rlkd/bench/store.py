@@ -57,15 +57,6 @@ def read_json(path: Path) -> Any:
         return json.load(handle)
 
 
-def cell_status(cell_dir: Path) -> dict[str, Any] | None:
-    """The status record of a published cell directory, or None if there is none (or it is torn)."""
-    try:
-        status = read_json(cell_dir / "status.json")
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, NotADirectoryError):
-        return None
-    return status if isinstance(status, dict) else None
-
-
 # The files the runner commits into a cell's record (the executor's own files, e.g. an evaluation
 # folder, are kept but not part of the record).
 CONFIG, STATUS, METRICS, PER_EXAMPLE, PROVENANCE = ("config.json", "status.json", "metrics.json",
@@ -200,6 +191,21 @@ def _check_jsonl(path: Path) -> None:
         raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
+def cell_status(cell_dir: Path) -> CellStatus | None:
+    """The status record of a published cell directory, or None if there is none (or it is torn or
+    not a status record)."""
+    try:
+        return CellStatus.model_validate(read_json(cell_dir / STATUS))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, ValidationError):
+        return None
+
+
+def has_failed(cell_dir: Path) -> bool:
+    """Whether the published record in ``cell_dir`` is of a failed run."""
+    status = cell_status(cell_dir)
+    return status is not None and status.status == "failed"
+
+
 def record_problem(cell_dir: Path) -> str | None:
     """Why the published record in ``cell_dir`` cannot be trusted, naming the file (None: it reads
     and validates, see :func:`read_record`)."""
@@ -214,7 +220,7 @@ def is_done(cell_dir: Path, config_hash: str) -> bool:
     """A cell is done only when its record validates (:func:`record_problem`) and is a finished run
     of exactly this config."""
     status = cell_status(cell_dir)
-    if not status or status.get("status") != "done" or status.get("config_hash") != config_hash:
+    if status is None or status.status != "done" or status.config_hash != config_hash:
         return False
     return record_problem(cell_dir) is None
 
@@ -223,9 +229,9 @@ def invalid_done_record(cell_dir: Path, config_hash: str) -> str | None:
     """The problem of a record that claims this config finished but does not validate (None when
     there is no such claim, or the record is sound)."""
     status = cell_status(cell_dir)
-    if status is not None and (status.get("status") != "done" or status.get("config_hash") != config_hash):
+    if status is not None and (status.status != "done" or status.config_hash != config_hash):
         return None
-    if status is None and not (cell_dir / "status.json").exists():
+    if status is None and not (cell_dir / STATUS).exists():
         return None
     return record_problem(cell_dir)
 

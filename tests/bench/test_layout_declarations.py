@@ -91,8 +91,10 @@ def _write(tmp_path, text, name="spec.yaml"):
 
 @pytest.mark.parametrize("layout, field", [
     ("tabel1", "layout"),
-    (json.dumps({"name": "x", "title": "X", "headlines": [{"header": "h", "keys": []}]}), "layout.declaration.headlines[0].keys"),
-    (json.dumps({"name": "x", "title": "X", "sections": [{"columns": [{"key": "t/a", "header": "a", "better": "up"}]}]}),
+    (json.dumps({"name": "x", "title": "X", "headlines": [{"header": "h", "keys": []}]}),
+     "layout.declaration.headlines[0].keys"),
+    (json.dumps({"name": "x", "title": "X", "sections": [{"columns": [{"key": "t/a", "header": "a",
+                                                                         "better": "up"}]}]}),
      "layout.declaration.sections[0].columns[0].better"),
 ])
 def test_a_bad_layout_is_refused_when_the_spec_is_read(tmp_path, layout, field):
