@@ -172,7 +172,7 @@ def read_record(cell_dir: Path) -> CellResult:
                           provenance=provenance, folder=cell_dir)
     except ValidationError as exc:
         error = exc.errors()[0]
-        file = PER_EXAMPLE if error["loc"] and error["loc"][0] == "per_example" else CONFIG
+        file = {"per_example": PER_EXAMPLE, "metrics": METRICS}.get(str(error["loc"][0]) if error["loc"] else "", CONFIG)
         where = ".".join(str(part) for part in error["loc"][1:])
         raise RecordError(f"{cell_dir / file}: {where + ': ' if where else ''}{error['msg']}") from None
 

@@ -131,3 +131,10 @@ def test_only_the_store_names_a_cells_files():
             if name in CELL_FILES and (where, name) not in ALLOWED:
                 found.append(f"{where}:{node.lineno}: {node.value}")
     assert not found, "cell files named outside rlkd.bench.store:\n" + "\n".join(found)
+
+
+def test_per_example_scores_that_are_not_numbers_are_refused_naming_the_file(tmp_path):
+    folder = _write_v0(tmp_path / "cell")
+    (folder / "per_example.json").write_text(json.dumps({"cr@2": [60.0, "high"]}))
+    with pytest.raises(RecordError, match=rf"^{folder / 'per_example.json'}: cr@2\.1: "):
+        read_record(folder)
