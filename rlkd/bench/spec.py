@@ -51,6 +51,9 @@ RANKED_VARIANTS = ("R", "R_dynamic", "pearson")
 # Sweep shorthand: `k: [5, 15]` means the ranking range.
 SWEEP_ALIASES = {"k": "loss.ranking.k"}
 PLACEHOLDER_OUTPUT = "<cell>"
+# The training seed of a spec that names none, and of a cached stage (part of every stage's config
+# hash, so of the cell ids that depend on it: never change it).
+DEFAULT_SEED = 72
 
 
 # A spec's layout: a shipped layout's name or a declaration of its own; the callable discriminator
@@ -220,7 +223,7 @@ class GridSpec(_Strict):
                                         "pairs none with each ranked one. A bare string is a name.")
     rank_only_objective: str = Field("kl", description="The base-loss slot written in Rank-only cells' configs; "
                                      "their loss does not use it.")
-    seeds: list[int] = Field(default_factory=lambda: [72], min_length=1, description="Training seeds of every "
+    seeds: list[int] = Field(default_factory=lambda: [DEFAULT_SEED], min_length=1, description="Training seeds of every "
                              "cell; the seed tests of the verdict need ≥ 3 per pair.")
     sweep: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted run-config paths (eval.* for "
                                         "evaluation settings; k for loss.ranking.k) and the values to sweep; "
@@ -515,14 +518,14 @@ def _validated_eval(settings: dict[str, Any], source: str, what: str) -> None:
 
 def stage_run(task_run: dict[str, Any], role: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The run tree of a ``<role>_sft`` stage: the task's run with the stage's overrides, training
-    the ``role`` model with cross-entropy (no teacher is loaded), seed 72 unless given."""
+    the ``role`` model with cross-entropy (no teacher is loaded), DEFAULT_SEED unless given."""
     base = {k: v for k, v in task_run.items() if k not in ("loss", "seed")}
     tree = deep_merge(base, overrides)
     models = tree.setdefault("models", {})
     model = (task_run.get("models") or {}).get(role)
     models["student"] = model  # the model being fine-tuned (cross-entropy loads no teacher)
     tree["loss"] = {"objective": "ce"}
-    tree.setdefault("seed", 72)
+    tree.setdefault("seed", DEFAULT_SEED)
     return tree
 
 
@@ -536,10 +539,10 @@ def stage_key(role: str) -> str:
 
 def heal_run(task_run: dict[str, Any], heal: dict[str, Any]) -> dict[str, Any]:
     """The run tree of a ``student_heal`` stage: its own complete run (data, teacher, loss), training
-    the task's student, seed 72 unless given. Nothing of the task's run but the student enters it."""
+    the task's student, DEFAULT_SEED unless given. Nothing of the task's run but the student enters it."""
     tree = copy.deepcopy(heal)
     tree.setdefault("models", {})["student"] = (task_run.get("models") or {}).get("student")
-    tree.setdefault("seed", 72)
+    tree.setdefault("seed", DEFAULT_SEED)
     return tree
 
 
