@@ -23,6 +23,19 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CellArm(_Record):
+    """What a cell trains (or scores) within its task: the row of the tables, the objective and
+    ranking variant a ±R comparison pairs by, the seed and the swept values."""
+
+    method: str = Field(description="The row label in tables (KL, KL+R, Rank-5, Teacher, ...).")
+    objective_label: str | None = Field(description="The objective row's label; None for Rank-only and "
+                                        "reference cells.")
+    variant: str | None = Field(description="The ranking variant (none, R, R_dynamic, ...); None for "
+                                "reference cells.")
+    seed: int | None = Field(description="Training seed; None for reference cells.")
+    sweep: dict[str, Any] = Field(description="The swept values of this cell, by the last part of their path.")
+
+
 class Cell(_Record):
     """One cell of a grid: its arm (method, objective label, variant, seed, sweep values), its run
     (the merged partial run config), its cached stages and its evaluation settings."""
@@ -36,13 +49,7 @@ class Cell(_Record):
     task: str = Field(description="The spec task the cell belongs to.")
     kind: Literal["distill", "reference"] = Field(description="distill: a trained cell; reference: a model "
                                                   "scored without training (Teacher, Start, candidates).")
-    method: str = Field(description="The row label in tables (KL, KL+R, Rank-5, Teacher, ...).")
-    objective_label: str | None = Field(description="The objective row's label; None for Rank-only and "
-                                        "reference cells.")
-    variant: str | None = Field(description="The ranking variant (none, R, R_dynamic, ...); None for "
-                                "reference cells.")
-    seed: int | None = Field(description="Training seed; None for reference cells.")
-    sweep: dict[str, Any] = Field(description="The swept values of this cell, by the last part of their path.")
+    arm: CellArm = Field(description="Method, objective label, variant, seed and sweep values.")
     reference: Literal["teacher", "student", "candidate"] | None = Field(
         description="Which model a reference cell scores; None for distill cells.")
     candidate: str | None = Field(description="The model an evaluation-only candidate row scores.")

@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout_names
-from rlkd.bench.records import Cell
+from rlkd.bench.records import Cell, CellArm
 from rlkd.config import RunConfig
 
 # Ranking settings of each built-in variant, laid over the spec's `loss.ranking` defaults.
@@ -553,9 +553,11 @@ def _make_cell(spec: GridSpec, task: TaskSpec, body: dict[str, Any], semantic: d
     digest = config_hash(semantic)
     parts = [task.name, _slug(method)]
     parts += [_slug(f"{k.rsplit('.', 1)[-1]}={v}") for k, v in sorted(sweep.items())]
-    parts += [f"s{body['seed']}" if body.get("seed") is not None else "ref", digest[:10]]
-    return Cell(id="-".join(p for p in parts if p), spec=spec.name, method=method,
-                sweep={k.rsplit(".", 1)[-1]: v for k, v in sweep.items()}, config_hash=digest, **body)
+    parts += [f"s{body['seed']}" if body["seed"] is not None else "ref", digest[:10]]
+    arm = CellArm(method=method, objective_label=body["objective_label"], variant=body["variant"], seed=body["seed"],
+                  sweep={k.rsplit(".", 1)[-1]: v for k, v in sweep.items()})
+    rest = {k: v for k, v in body.items() if k not in CellArm.model_fields}
+    return Cell(id="-".join(p for p in parts if p), spec=spec.name, config_hash=digest, arm=arm, **rest)
 
 
 def expand(spec: GridSpec, *, source: str = "<spec>") -> list[Cell]:
@@ -666,13 +668,13 @@ def filter_cells(cells: list[Cell], pattern: str | None) -> list[Cell]:
     (``*-s72-*``) or, without glob characters, a substring of it."""
     if not pattern:
         return cells
-    labels = {c.method for c in cells} | {c.task for c in cells}
+    labels = {c.arm.method for c in cells} | {c.task for c in cells}
     matchers = []
     for term in (t.strip() for t in pattern.split(",")):
         if not term:
             continue
         if term in labels:
-            matchers.append(lambda c, t=term: t in (c.method, c.task))
+            matchers.append(lambda c, t=term: t in (c.arm.method, c.task))
         elif term.startswith("re:"):
             try:
                 rx = re.compile(term[3:])

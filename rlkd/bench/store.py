@@ -101,14 +101,18 @@ def _object(path: Path, value: Any) -> dict[str, Any]:
 # A record's version is its config.json's ``schema_version``; records written before it existed are
 # version 0. Each step turns version n into n + 1; a record is read only at SCHEMA_VERSION.
 
-# Fields that cells gained over time, with the value their absence meant.
+# Fields that v0 cells gained over time, with the value their absence meant.
 _V0_ABSENT_MEANS = {"objective_label": None, "variant": None, "reference": None, "candidate": None,
                     "teacher_generations": None, "teacher_cache": False, "keep_checkpoints": False, "stages": {}}
+_V1_ARM = ("method", "objective_label", "variant", "seed", "sweep")
 
 
 def _v0_to_v1(config: dict[str, Any]) -> dict[str, Any]:
-    """v0 (no schema_version): the same fields, some absent in the oldest records."""
-    return {**_V0_ABSENT_MEANS, **config, "schema_version": 1}
+    """v0 (no schema_version; some fields absent in the oldest records) kept the arm's fields at the
+    top level; v1 groups them under ``arm``."""
+    full = {**_V0_ABSENT_MEANS, **config}
+    return {**{k: v for k, v in full.items() if k not in _V1_ARM},
+            "arm": {k: full[k] for k in _V1_ARM if k in full}, "schema_version": 1}
 
 
 MIGRATIONS = {0: _v0_to_v1}

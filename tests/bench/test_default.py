@@ -77,7 +77,7 @@ def test_default_spec_covers_every_objective_with_and_without_r_over_five_seeds(
     from rlkd.bench.spec import expand
 
     cells = expand(default.default_spec(quick=False))
-    methods = {c.method for c in cells}
+    methods = {c.arm.method for c in cells}
     assert methods == {"Teacher", "Start", "Rank-5"} | {f"{o}{r}" for o in ("KL", "RKL", "JSD", "TVD", "AKL")
                                                           for r in ("", "+R")}
     assert len(cells) == 2 + 11 * 5  # five seeds per trained cell
@@ -97,7 +97,7 @@ def test_a_plugin_objective_joins_the_default_grid(tmp_path):
 
     try:
         cells = expand(default.default_spec(quick=True, plugins=[str(plugin)]))
-        assert {"SQ_DEFAULT_TEST", "SQ_DEFAULT_TEST+R"} <= {c.method for c in cells}
+        assert {"SQ_DEFAULT_TEST", "SQ_DEFAULT_TEST+R"} <= {c.arm.method for c in cells}
         assert all(c.run["plugins"] == [str(plugin.resolve())] for c in cells if c.kind == "distill")
     finally:
         _REGISTRY.pop("sq_default_test", None)

@@ -41,14 +41,14 @@ def test_a_spec_with_its_own_layout_gets_its_own_verdict_and_plot(tmp_path):
     spec_path.write_text(SPEC)
     spec = load_spec(spec_path)
     cells = expand(spec, source=str(spec_path))
-    assert sorted((c.variant, c.seed) for c in cells) == [(v, s) for v in ("R", "none") for s in (1, 2, 3)]
+    assert sorted((c.arm.variant, c.arm.seed) for c in cells) == [(v, s) for v in ("R", "none") for s in (1, 2, 3)]
     results = tmp_path / "results"
     for cell in cells:
-        score = (WITH_R if cell.variant == "R" else WITHOUT_R)[cell.seed]
+        score = (WITH_R if cell.arm.variant == "R" else WITHOUT_R)[cell.arm.seed]
         staging = results / ".staging" / cell.id
         staging.mkdir(parents=True)
         write_cell_config(staging, cell)
-        write_done(staging, cell, {"my_score": score, "my_cost": 10.0 + cell.seed}, {}, {"duration_s": 1.0})
+        write_done(staging, cell, {"my_score": score, "my_cost": 10.0 + cell.arm.seed}, {}, {"duration_s": 1.0})
         publish(staging, results / cell.id)
     write_spec_record(results, source=str(spec_path), layout=spec.layout, cell_ids=[c.id for c in cells])
     spec_path.unlink()  # the folder renders from its own records

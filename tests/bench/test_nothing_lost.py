@@ -38,7 +38,7 @@ class Executor:
 
     def run(self, cell, workdir):
         self.calls.append(cell.id)
-        return {"score": float(cell.seed)}
+        return {"score": float(cell.arm.seed)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def test_rlkd_table_names_the_cell_and_file_it_cannot_read_and_renders_the_rest(
 def test_a_finished_or_failed_grid_leaves_no_lock_files_or_empty_staging(tmp_path):
     class Failing(Executor):
         def run(self, cell, workdir):
-            if cell.seed == 2:
+            if cell.arm.seed == 2:
                 raise RuntimeError("boom")
             return super().run(cell, workdir)
 
@@ -106,7 +106,7 @@ def test_a_finished_or_failed_grid_leaves_no_lock_files_or_empty_staging(tmp_pat
     assert len(summary.failed) == 2
     assert not list(tmp_path.rglob("*.lock"))
     assert sorted(p.name for p in (tmp_path / STAGING).iterdir()) == sorted(
-        c.id for c in _fake_cells() if c.seed == 2)  # only the failed cells' resumable folders
+        c.id for c in _fake_cells() if c.arm.seed == 2)  # only the failed cells' resumable folders
 
 
 def test_shared_preparation_locks_are_exclusive_and_leave_no_file(tmp_path):

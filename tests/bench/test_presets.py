@@ -53,10 +53,10 @@ def test_preset_matches_the_papers_setup(path, tmp_path):
     spec = load_spec(path)
     cells = expand(spec)
     assert spec.layout == path.stem and spec.paper["table"] == path.stem
-    assert {c.method for c in cells} == EXPECTED_ROWS[path.stem]
+    assert {c.arm.method for c in cells} == EXPECTED_ROWS[path.stem]
     pretrain = path.stem in ("table1", "table7")
     if path.stem == "table3":  # evaluation only: pretrained models against Llama-2-70B
-        models = {c.method: c.candidate for c in cells}
+        models = {c.arm.method: c.candidate for c in cells}
         assert models == {"13B (Llama-2)": "meta-llama/Llama-2-13b-hf", "7B (Llama-2)": LLAMA2_7B,
                           "3B (OpenELM)": "apple/OpenELM-3B", "1B (OpenELM)": "apple/OpenELM-1_1B",
                           "450M (OpenELM)": "apple/OpenELM-450M", "270M (OpenELM)": "apple/OpenELM-270M"}
@@ -74,14 +74,14 @@ def test_preset_matches_the_papers_setup(path, tmp_path):
         ranking = cfg.loss.ranking
         if ranking.enabled and ranking.mode != "rank_only":
             assert (ranking.rank_weight, ranking.base_weight) == (2.0, 1.0)
-            assert ranking.k == (15 if pretrain else (cell.sweep.get("k", 5)))
+            assert ranking.k == (15 if pretrain else (cell.arm.sweep.get("k", 5)))
         if cfg.loss.objective == "akl":
             assert cfg.loss.params == {"mu": 0.5}
         # SeqKD (cross-entropy) and FD (KL) learn from the teacher's generations, nothing else does.
-        assert bool(cell.teacher_generations) == cell.method.startswith(("SeqKD", "FD"))
-        if cell.method.startswith("SeqKD"):
+        assert bool(cell.teacher_generations) == cell.arm.method.startswith(("SeqKD", "FD"))
+        if cell.arm.method.startswith("SeqKD"):
             assert cfg.loss.objective == "ce" and not ranking.enabled
-        if cell.method.startswith("FD"):
+        if cell.arm.method.startswith("FD"):
             assert cfg.loss.objective == "kl"
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum
         if pretrain:
@@ -134,7 +134,7 @@ def test_slurm_dry_run_renders_one_launch_per_cell(tmp_path, capsys):
 def _seeds_by_method(cells):
     seeds = {}
     for cell in cells:
-        seeds.setdefault(cell.method, set()).add(cell.seed)
+        seeds.setdefault(cell.arm.method, set()).add(cell.arm.seed)
     return seeds
 
 
@@ -214,7 +214,7 @@ def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypat
     from rlkd.bench.store import load_results
 
     cells = load_results(tmp_path)
-    assert {c.cell.method for c in cells} == expected
+    assert {c.cell.arm.method for c in cells} == expected
     assert all(c.done for c in cells)
     table = (tmp_path / "table.md").read_text()
     from rlkd.bench.report.layouts import get_layout

@@ -41,11 +41,11 @@ class FakeExecutor:
         with self.lock:
             self.calls.append(cell.id)
         (workdir / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
-        if cell.method in self.fail:
-            raise RuntimeError(f"boom in {cell.method}")
+        if cell.arm.method in self.fail:
+            raise RuntimeError(f"boom in {cell.arm.method}")
         if self.delay:
             time.sleep(self.delay)
-        return {"score": float(cell.seed) + (0.5 if cell.run["loss"]["ranking"]["enabled"] else 0.0)}
+        return {"score": float(cell.arm.seed) + (0.5 if cell.run["loss"]["ranking"]["enabled"] else 0.0)}
 
 
 def test_every_cell_is_stored_with_config_metrics_log_provenance(tmp_path):
@@ -56,7 +56,7 @@ def test_every_cell_is_stored_with_config_metrics_log_provenance(tmp_path):
         d = tmp_path / cell.id
         assert json.loads((d / "config.json").read_text())["config_hash"] == cell.config_hash
         assert json.loads((d / "status.json").read_text())["status"] == "done"
-        expected = cell.seed + (0.5 if "+R" in cell.method else 0.0)
+        expected = cell.arm.seed + (0.5 if "+R" in cell.arm.method else 0.0)
         assert json.loads((d / "metrics.json").read_text()) == {"score": expected}
         assert (d / "train_log.jsonl").is_file()
         provenance = json.loads((d / "provenance.json").read_text())
@@ -81,7 +81,7 @@ def test_finished_cells_are_skipped_by_config_hash(tmp_path):
 def test_a_failed_cell_is_recorded_and_the_grid_continues(tmp_path):
     cells = _cells()
     summary = run_grid(cells, tmp_path, FakeExecutor(fail={"RKL+R"}), progress=False)
-    failed = [c for c in cells if c.method == "RKL+R"]
+    failed = [c for c in cells if c.arm.method == "RKL+R"]
     assert set(summary.failed) == {c.id for c in failed}
     assert len(summary.done) == len(cells) - len(failed)
     for cell in failed:
@@ -143,7 +143,7 @@ _KILLABLE = textwrap.dedent("""
             resumed_from = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
             checkpoint.write_text(json.dumps({"step": 5}))
             (workdir / "metrics_partial.json").write_text("{")  # a torn file the kill leaves behind
-            if cell.method == hang_on and resumed_from == 0:
+            if cell.arm.method == hang_on and resumed_from == 0:
                 print("HANGING", flush=True)
                 time.sleep(600)
             return {"resumed_from": resumed_from}
@@ -163,7 +163,7 @@ def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
     proc.wait(timeout=30)
 
     calls_before = (tmp_path / "calls.txt").read_text().split()
-    published = {e.cell.method: e for e in load_results(out)}
+    published = {e.cell.arm.method: e for e in load_results(out)}
     assert set(published) == {"KL"}  # the cell that was running is not visible, even partially
     assert published["KL"].metrics == {"resumed_from": 0.0}
     hung_id = calls_before[-1]
@@ -172,7 +172,7 @@ def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
     subprocess.run([sys.executable, str(script), str(out), "RKL"], check=True, timeout=120)
     calls_after = (tmp_path / "calls.txt").read_text().split()[len(calls_before):]
     assert published["KL"].cell.id not in calls_after  # finished cell not repeated
-    final = {e.cell.method: e.metrics for e in load_results(out)}
+    final = {e.cell.arm.method: e.metrics for e in load_results(out)}
     assert set(final) == {"KL", "KL+R", "RKL", "RKL+R"}
     assert final["RKL"] == {"resumed_from": 5.0}  # picked up the killed cell's checkpoint
 

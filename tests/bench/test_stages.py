@@ -144,7 +144,7 @@ def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path,
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
                             for i in range(12)))
-    cells = {c.method: c for c in expand(parse_spec(_staged_spec(docs)))}
+    cells = {c.arm.method: c for c in expand(parse_spec(_staged_spec(docs)))}
     cache, shared = tmp_path / "res" / ".cache", tmp_path / "res" / ".shared"
     start, _ = run_cell_inprocess(cells["Start"], tmp_path / "start", cache_dir=cache, shared_dir=shared)
     stages = [p for p in shared.iterdir() if p.name.startswith("student_sft-") and p.is_dir()]
@@ -191,7 +191,7 @@ def test_a_cell_trained_by_its_slurm_job_is_evaluated_without_retraining(tmp_pat
     spec_path = tmp_path / "staged.yaml"
     spec_path.write_text(yaml.safe_dump(_staged_spec(docs)))
     results = tmp_path / "results"
-    cells = {c.method: c for c in expand(parse_spec(_staged_spec(docs)))}
+    cells = {c.arm.method: c for c in expand(parse_spec(_staged_spec(docs)))}
     kl = cells["KL"]
 
     assert bench_main([str(spec_path), "--dry-run", "--slurm", "--results-dir", str(results)]) == 0
@@ -242,8 +242,8 @@ def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(
     docs.write_text("".join(json.dumps({"text": " ".join(words[(i * j + j) % 16] for j in range(60))}) + "\n"
                             for i in range(12)))
     sft = {"student_sft": {"data": {"skip": 3, "limit": None, "max_samples": None}, "train": {"max_steps": 2}}}
-    a = {c.method: c for c in expand(parse_spec(_healed_spec(docs, "a", _heal(), **sft)))}
-    b = {c.method: c for c in expand(parse_spec(_healed_spec(docs, "b", _heal())))}
+    a = {c.arm.method: c for c in expand(parse_spec(_healed_spec(docs, "a", _heal(), **sft)))}
+    b = {c.arm.method: c for c in expand(parse_spec(_healed_spec(docs, "b", _heal())))}
     assert a["Start"]["stages"]["student_heal"]["loss"]["objective"] == "kl"
     assert a["Start"]["stages"]["student_heal"]["models"]["student"] == "@tiny/student"
     other = expand(parse_spec(_healed_spec(docs, "b", _heal(lr=2e-3))))

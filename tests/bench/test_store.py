@@ -27,6 +27,15 @@ V0_CONFIG = {
 }
 
 
+ARM_FIELDS = ("method", "objective_label", "variant", "seed", "sweep")
+
+
+def as_v1(v0: dict) -> dict:
+    """A v0 cell record as v1 writes it, spelled out here: the arm's fields grouped under ``arm``."""
+    return {**{k: v for k, v in v0.items() if k not in ARM_FIELDS}, "arm": {k: v0[k] for k in ARM_FIELDS},
+            "schema_version": 1}
+
+
 def _write_v0(folder: Path, config=V0_CONFIG, metrics=None, status=None) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
@@ -43,8 +52,8 @@ def test_a_v0_record_is_read_migrated_to_the_current_version(tmp_path):
     result = read_record(_write_v0(tmp_path / "cell"))
     assert "schema_version" not in json.loads((tmp_path / "cell" / "config.json").read_text())  # not rewritten
     assert result.cell.schema_version == SCHEMA_VERSION == 1
-    assert result.cell.record() == {**V0_CONFIG, "schema_version": 1}
-    assert (result.cell.method, result.cell.seed, result.cell.ranking) == ("KL+R", 2, {"enabled": True, "k": 7})
+    assert result.cell.record() == as_v1(V0_CONFIG)
+    assert (result.cell.arm.method, result.cell.arm.seed, result.cell.ranking) == ("KL+R", 2, {"enabled": True, "k": 7})
     assert result.done and result.metrics == {"cr@2": 61.5, "ppl": 9.0}
     assert result.per_example == {"cr@2": [60.0, 63.0]}
     assert result.provenance.git_sha == "0123456789abcdef" and result.provenance.versions == {"python": "3.11"}
@@ -54,7 +63,7 @@ def test_a_v0_record_is_read_migrated_to_the_current_version(tmp_path):
 def test_a_v0_record_from_before_the_arm_fields_means_they_are_unknown(tmp_path):
     old = {k: v for k, v in V0_CONFIG.items() if k not in ("objective_label", "variant", "candidate")}
     cell = read_record(_write_v0(tmp_path / "cell", old)).cell
-    assert (cell.objective_label, cell.variant, cell.candidate) == (None, None, None)
+    assert (cell.arm.objective_label, cell.arm.variant, cell.candidate) == (None, None, None)
 
 
 def test_every_committed_cell_record_reads_as_a_migrated_v0_record():
@@ -65,7 +74,7 @@ def test_every_committed_cell_record_reads_as_a_migrated_v0_record():
     assert not unreadable and len(results) == len(folders) == 89
     for result in results:
         raw = json.loads((result.folder / "config.json").read_text())
-        assert "schema_version" not in raw and result.cell.record() == {**raw, "schema_version": 1}
+        assert "schema_version" not in raw and result.cell.record() == as_v1(raw)
         assert result.cell.id == result.folder.name
 
 
@@ -79,7 +88,7 @@ def test_a_record_of_a_future_version_is_refused_naming_file_and_field(tmp_path)
 
 
 @pytest.mark.parametrize("field, value, file, where", [
-    ("seed", "two", "config.json", "seed"),
+    ("seed", "two", "config.json", "arm.seed"),
     ("kind", "train", "config.json", "kind"),
     ("stages", [], "config.json", "stages"),
 ])
@@ -104,9 +113,9 @@ def test_broken_status_and_metrics_are_refused_naming_the_file(tmp_path):
 def test_a_cell_written_today_carries_the_schema_version_and_reads_back_equal(tmp_path):
     from rlkd.bench.store import read_cell_config, write_cell_config
 
-    cell = Cell.model_validate(V0_CONFIG)
+    cell = Cell.model_validate(as_v1(V0_CONFIG))
     write_cell_config(tmp_path, cell)
-    assert json.loads((tmp_path / "config.json").read_text()) == {**V0_CONFIG, "schema_version": SCHEMA_VERSION}
+    assert json.loads((tmp_path / "config.json").read_text()) == as_v1(V0_CONFIG)
     assert read_cell_config(tmp_path) == cell
 
 

@@ -34,8 +34,8 @@ CR2 = {"KL": [60.0, 61.0, 65.0], "KL+R": [70.0, 69.0, 74.0], "RKL": [50.0, 52.0,
 
 class TableExecutor:
     def run(self, cell, workdir):
-        i = cell.seed - 1
-        return {"ppl": PPL[cell.method][i], "cr@2": CR2[cell.method][i]}
+        i = cell.arm.seed - 1
+        return {"ppl": PPL[cell.arm.method][i], "cr@2": CR2[cell.arm.method][i]}
 
 
 @pytest.fixture()
@@ -145,7 +145,7 @@ def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
 def test_failed_cells_are_listed_not_tabulated(tmp_path):
     class Half:
         def run(self, cell, workdir):
-            if cell.method == "RKL":
+            if cell.arm.method == "RKL":
                 raise ValueError("diverged")
             return {"ppl": 9.0}
 
@@ -180,9 +180,9 @@ def test_curves_leave_out_a_model_scored_against_itself(tmp_path):
 
     class Executor:
         def run(self, cell, workdir):
-            if cell.method == "Teacher":
+            if cell.arm.method == "Teacher":
                 return {"cr@1": 100.0, "cr@2": 100.0, "mor@3": 100.0}
-            return {"cr@1": 50.0 + cell.seed, "cr@2": 20.0, "mor@3": 40.0}
+            return {"cr@1": 50.0 + cell.arm.seed, "cr@2": 20.0, "mor@3": 40.0}
 
     raw = {"name": "c", "layout": "table1", "tasks": [{"name": "pretrain"}], "objectives": ["kl"],
            "variants": ["none"], "seeds": [1, 2], "references": ["teacher"],

@@ -29,8 +29,8 @@ class Arm:
 
     @classmethod
     def of(cls, cell: Cell) -> Arm:
-        sweep = tuple(sorted((str(k), _hashable(v)) for k, v in cell.sweep.items()))
-        return cls(cell.objective_label, cell.variant, sweep)
+        sweep = tuple(sorted((str(k), _hashable(v)) for k, v in cell.arm.sweep.items()))
+        return cls(cell.arm.objective_label, cell.arm.variant, sweep)
 
 
 def _hashable(value: Any) -> Any:
@@ -85,15 +85,15 @@ def collect(results: list[CellResult], layout: Layout) -> Grid:
         if not result.done:
             grid.failed.append((cell.id, result.status.error or ""))
             continue
-        arm = Arm.of(cell) if cell.variant is not None else None
-        if cell.kind == "distill" and cell.variant is None:
+        arm = Arm.of(cell) if cell.arm.variant is not None else None
+        if cell.kind == "distill" and cell.arm.variant is None:
             grid.without_fields.append(cell.id)  # written before cells carried the fields
         if arm is not None:
             grid.ranking_keys[arm] = grid.ranking_keys.get(arm, frozenset()) | frozenset(cell.ranking)
         metrics = result.metrics
         for row, column, value in layout.entries(cell, metrics):
             grid.keys[column.text] = column
-            grid.add(row, column.text, cell.seed, value, arm)
+            grid.add(row, column.text, cell.arm.seed, value, arm)
         if arm is None:
             continue
         for metric, values in result.per_example.items():
@@ -103,5 +103,5 @@ def collect(results: list[CellResult], layout: Layout) -> Grid:
                 grid.notes.append(f"`{cell.id}`: per_example.json values for {metric} do not average to "
                                   "its metric; not used")
                 continue
-            grid.examples[(arm, layout.column_key(cell, metric))][cell.seed] = values
+            grid.examples[(arm, layout.column_key(cell, metric))][cell.arm.seed] = values
     return grid

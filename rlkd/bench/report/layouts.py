@@ -123,22 +123,23 @@ class Layout:
 
     # -- placing cells ------------------------------------------------------------------------
     def row_label(self, cell: Cell) -> str:
-        label = cell.method
+        label = cell.arm.method
         if self.split_by_correlation:
             label = label.replace(" (Pearson)", "")
-        if self.column_sweep and self.column_sweep in cell.sweep:
+        if self.column_sweep and self.column_sweep in cell.arm.sweep:
             label = re.sub(r"^Rank-\d+", "Rank-k", label)
         hidden = {self.column_sweep} if self.column_sweep else set()
         if label.startswith("Rank-") or "Rank-k" in label:
             hidden.add("k")
-        extras = [f"{k}={v}" for k, v in sorted(cell.sweep.items()) if k not in hidden]
+        extras = [f"{k}={v}" for k, v in sorted(cell.arm.sweep.items()) if k not in hidden]
         return f"{label} [{', '.join(extras)}]" if extras else label
 
     def column(self, cell: Cell, metric: str) -> ColumnKey:
         """Where this metric of this cell is tabulated: its task and metric, the swept value when
         the layout's columns are a sweep, the correlation when Pearson and SRCC are split."""
-        sweep = ((self.column_sweep, cell.sweep[self.column_sweep])
-                 if self.column_sweep and self.column_sweep in cell.sweep else None)
+        swept = cell.arm.sweep
+        sweep = ((self.column_sweep, swept[self.column_sweep])
+                 if self.column_sweep and self.column_sweep in swept else None)
         correlation = None
         if self.split_by_correlation:
             correlation = "Pearson" if cell.ranking.get("correlation") == "pearson" else "SRCC"
