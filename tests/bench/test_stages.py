@@ -244,8 +244,8 @@ def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(
     sft = {"student_sft": {"data": {"skip": 3, "limit": None, "max_samples": None}, "train": {"max_steps": 2}}}
     a = {c.arm.method: c for c in expand(parse_spec(_healed_spec(docs, "a", _heal(), **sft)))}
     b = {c.arm.method: c for c in expand(parse_spec(_healed_spec(docs, "b", _heal())))}
-    assert a["Start"]["stages"]["student_heal"]["loss"]["objective"] == "kl"
-    assert a["Start"]["stages"]["student_heal"]["models"]["student"] == "@tiny/student"
+    assert a["Start"].stages["student_heal"]["loss"]["objective"] == "kl"
+    assert a["Start"].stages["student_heal"]["models"]["student"] == "@tiny/student"
     other = expand(parse_spec(_healed_spec(docs, "b", _heal(lr=2e-3))))
     assert {c.config_hash for c in other}.isdisjoint(c.config_hash for c in b.values())  # healing enters every cell
 
