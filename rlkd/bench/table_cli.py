@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlkd.bench.layout_schema import LayoutDeclaration
+from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout_names
 from rlkd.bench.report.layouts import at_k, get_layout
 from rlkd.bench.report.effects import verdict
 from rlkd.bench.report.plots import alignment_curves, forest_plot, k_sweep
@@ -76,11 +76,11 @@ def make_tables(results_dir: Path, layout_name: str | LayoutDeclaration | None =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlkd table", description=__doc__)
     parser.add_argument("results", type=Path, help="a results directory written by `rlkd bench`, e.g. results/default")
-    parser.add_argument("--layout", help="table layout (default: the one the spec named): generic, table1..table8, "
-                                         "default, mini_table1")
+    parser.add_argument("--layout", help="a shipped table layout instead of the one the spec named or declared: "
+                                         + ", ".join(shipped_layout_names()) + " (rlkd/bench/table_layouts/)")
     parser.add_argument("--out", type=Path, help="where to write the tables (default: the results directory)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
-                        help="import a module or .py file that registers objectives or layouts (repeatable)")
+                        help="import a module or .py file that registers objectives (repeatable)")
     args = parser.parse_args(argv)
     try:
         from rlkd.plugins import load_plugins, resolve_plugin_names

@@ -21,7 +21,8 @@ from rlkd.bench.report.stats import Estimate, mean_ci
 
 @dataclass(frozen=True)
 class Arm:
-    """One side of a ±R comparison: the cell fields that identify a trained configuration."""
+    """One side of a ±R comparison: the fields of a cell's arm (rlkd.bench.records.CellArm) that
+    identify a trained configuration, its seed and row label left out (a pair is compared over seeds)."""
 
     objective_label: str | None  # None for Rank-only and reference rows
     variant: str | None  # "none", "R", "R_dynamic", "pearson", "rank_only", ...; None for references
