@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout_names
-from rlkd.bench.report.layouts import at_k, get_layout
 from rlkd.bench.report.effects import verdict
-from rlkd.bench.report.plots import alignment_curves, forest_plot, k_sweep
-from rlkd.bench.store import load_results, read_spec_record
 from rlkd.bench.report.grid import collect
+from rlkd.bench.report.layouts import at_k, get_layout
+from rlkd.bench.report.plots import alignment_curves, forest_plot, k_sweep
 from rlkd.bench.report.tables import row_order, write_tables
+from rlkd.bench.store import load_results, read_spec_record
 
 
 def make_tables(results_dir: Path, layout_name: str | LayoutDeclaration | None = None,
@@ -31,26 +31,26 @@ def make_tables(results_dir: Path, layout_name: str | LayoutDeclaration | None =
         layout_name = spec.get("layout")
     layout = get_layout(layout_name)
     unreadable: list[tuple[str, str]] = []
-    cells = load_results(results_dir, unreadable)
+    results = load_results(results_dir, unreadable)
     if spec.get("cells"):
         # A revised spec writing into the same folder leaves the superseded spec's cells there (their
         # config hashes differ): the tables show the cells of the spec that ran last, and say so.
         keep = set(spec["cells"])
-        other = [c for c in cells if c.folder.name not in keep]
+        other = [r for r in results if r.folder.name not in keep]
         if other:
             print(f"rlkd table: {len(other)} cell folder(s) in {results_dir} belong to no cell of its latest "
                   f"spec ({spec.get('source')}); left out of the tables", file=sys.stderr)
-            cells = [c for c in cells if c.folder.name in keep]
+            results = [r for r in results if r.folder.name in keep]
         unreadable = [(cell_id, problem) for cell_id, problem in unreadable if cell_id in keep]
     for cell_id, problem in unreadable:
         # One bad record must not cost the whole table: name it, render the rest.
         print(f"rlkd table: cell {cell_id}: cannot read its record, left out of the tables: {problem}",
               file=sys.stderr)
-    if not cells:
+    if not results:
         raise FileNotFoundError(f"{results_dir}: no finished or failed cells (nothing has run yet?)")
     out_dir = out_dir or results_dir
-    paths = write_tables(results_dir, layout, cells, out_dir, unreadable)
-    grid = collect(cells, layout)
+    paths = write_tables(results_dir, layout, results, out_dir, unreadable)
+    grid = collect(results, layout)
     effect = forest_plot(verdict(layout, grid, row_order(layout, grid)), out_dir / "effect.png",
                          title=f"{layout.title}: effect of the ranking loss, Δ(+R) = with R − without R")
     if effect:
