@@ -96,6 +96,10 @@ def test_spec_reference_lists_nested_sections():
     assert _row(ref, "tasks[].stages.teacher_sft")[2] == "`null`"
     assert _row(ref, "eval.extra_sets.<name>.slice_len")[2] == "`128`"
     assert _row(ref, "generation.max_new_tokens")[3] == "≥ 1"
+    # a spec's own layout declaration: its columns and headlines, with their defaults
+    assert _row(ref, "layout.sections[].columns[].better")[2] == "`null`"
+    assert _row(ref, "layout.headlines[].keys")[3] == "length ≥ 1"
+    assert _row(ref, "layout.reference_rows")[2] == '`["Teacher", "Start"]`'
 
 
 def test_cli(capsys):

@@ -44,12 +44,11 @@ LAYERS: dict[str, str] = {
     "rlkd.engine": "engine", "rlkd.plan": "engine", "rlkd.integrations": "engine", "rlkd.launch": "engine",
     # eval: generation, tasks, metrics, alignment, teacher generations (SeqKD/FD training rows)
     "rlkd.eval": "eval",
-    # grid: a spec -> cells -> stages -> a run -> the results store
+    # grid: a spec -> cells -> stages -> a run -> the results store (records, the layout declaration's
+    # schema that a spec validates against)
     "rlkd.bench": "grid",
-    # report: the store -> effects and statistics -> tables and plots
-    "rlkd.bench.grid": "report", "rlkd.bench.effects": "report", "rlkd.bench.stats": "report",
-    "rlkd.bench.tables": "report", "rlkd.bench.plots": "report", "rlkd.bench.layouts": "report",
-    "rlkd.bench.paper": "report",
+    # report: the store -> effects and statistics -> tables and plots (one package: rlkd/bench/report/)
+    "rlkd.bench.report": "report",
     # cli: commands, and the command bodies that compose running and reporting (run a grid, then
     # render its tables; the embedded default benchmark)
     "rlkd.cli": "cli", "rlkd.bench.cli": "cli", "rlkd.bench.table_cli": "cli", "rlkd.bench.orchestrate": "cli",

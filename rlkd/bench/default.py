@@ -156,7 +156,7 @@ def run_default(args) -> int:
         return dry_run(cells, root, show_config=getattr(args, "show_config", False))
     if getattr(args, "from_scratch", False):
         _retire_all(root, cells)
-    elif cells and all(is_done(root / c["id"], c["config_hash"]) for c in cells):
+    elif cells and all(is_done(root / c.id, c.config_hash) for c in cells):
         print(f"rlkd bench: all {len(cells)} cells in {root}/ are already done (e.g. the committed results); "
               f"reusing them. Tables: {root}/table.md. To run from scratch: rlkd bench --from-scratch "
               "(or --results-dir NEW_DIR); more seeds: --seeds 1,2,3,4,5,6,7")
@@ -196,5 +196,5 @@ def _retire_all(root: Path, cells) -> None:
     from rlkd.bench.orchestrate import _retire
 
     for cell in cells:
-        if (root / cell["id"]).exists():
-            _retire(root, cell["id"])
+        if (root / cell.id).exists():
+            _retire(root, cell.id)

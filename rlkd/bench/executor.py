@@ -19,16 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlkd.bench.store import kill_point
+from rlkd.bench.records import Cell
+from rlkd.bench.store import kill_point, read_cell_result, write_cell_result, write_train_log
 from rlkd.bench.stages import (check_stage_exports, engine_tree, generation_data, stage_models, teacher_cache_dir,
                                train)
 from rlkd.device import device_type
 from rlkd.engine.distributed import child_env
 from rlkd.factory import resolve_model
-from rlkd.provenance import atomic_write_json, atomic_write_jsonl
 
 RESULTS_REF = "@results/"
-METRICS_FILE = "cell_result.json"
 
 
 def resolve_results_refs(value: Any, results_dir: Path) -> Any:
@@ -43,26 +42,32 @@ def resolve_results_refs(value: Any, results_dir: Path) -> Any:
     return value
 
 
-def cell_engine_tree(cell: dict[str, Any], workdir: Path, *, cache_dir: Path, shared_dir: Path,
+def with_results_refs_resolved(cell: Cell, results_dir: Path) -> Cell:
+    """The cell with ``@results/`` references in its run, stages, evaluation and candidate made paths."""
+    return cell.model_copy(update={name: resolve_results_refs(getattr(cell, name), results_dir)
+                                   for name in ("run", "stages", "eval", "candidate")})
+
+
+def cell_engine_tree(cell: Cell, workdir: Path, *, cache_dir: Path, shared_dir: Path,
                      create_models: bool = True) -> dict[str, Any]:
     """The engine config a distill cell trains with (stages and teacher generations prepared first
     when ``create_models``)."""
     if not create_models:
-        return engine_tree(cell["run"], workdir, cache_dir=cache_dir, teacher_cache=cell.get("teacher_cache", False),
+        return engine_tree(cell.run, workdir, cache_dir=cache_dir, teacher_cache=cell.teacher_cache,
                            create_models=False)
     teacher, student = stage_models(cell, shared_dir, cache_dir)
-    run = generation_data(cell, teacher, shared_dir) if cell.get("teacher_generations") else cell["run"]
+    run = generation_data(cell, teacher, shared_dir) if cell.teacher_generations else cell.run
     return engine_tree(run, workdir, cache_dir=cache_dir, teacher=teacher, student=student,
-                       teacher_cache=cell.get("teacher_cache", False))
+                       teacher_cache=cell.teacher_cache)
 
 
-def _train_sequences(cell: dict[str, Any], cache_dir: Path):
+def _train_sequences(cell: Cell, cache_dir: Path):
     """The cell's training sequences, tokenised as the engine does (alignment on trained-on data)."""
     def sequences(tokenizer):
         from rlkd.config import load_config
         from rlkd.data import build_samples
 
-        tree = engine_tree({**cell["run"], "loss": {"objective": "ce"}}, Path("unused"), cache_dir=cache_dir,
+        tree = engine_tree({**cell.run, "loss": {"objective": "ce"}}, Path("unused"), cache_dir=cache_dir,
                            create_models=False)
         return [s.input_ids for s in build_samples(load_config(base=tree).data, tokenizer)]
     return sequences
@@ -72,10 +77,10 @@ def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_d
     from rlkd.eval.dispatch import evaluate_model
     from rlkd.eval.runner import RunMismatchError
 
-    cached = teacher_cache_dir(cache_dir) if cell.get("teacher_cache") else None
+    cached = teacher_cache_dir(cache_dir) if cell.teacher_cache else None
 
     def run():
-        return evaluate_model(cell["eval"], model_path, workdir, teacher_path=teacher, task=cell["task"],
+        return evaluate_model(cell.eval, model_path, workdir, teacher_path=teacher, task=cell.task,
                               train_sequences=_train_sequences(cell, cache_dir), teacher_cache_dir=cached)
     try:
         return run()
@@ -91,37 +96,27 @@ def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_d
         return run()
 
 
-def _read_result(workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]] | None:
-    """The result an earlier run of this cell wrote before it was killed (None if there is none, or
-    it is torn): the staging folder is keyed by the config hash, so it is this config's result."""
-    try:
-        result = json.loads((workdir / METRICS_FILE).read_text(encoding="utf-8"))
-        metrics, per_example = result["metrics"], result["per_example"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return (metrics, per_example) if isinstance(metrics, dict) and metrics and isinstance(per_example, dict) else None
-
-
-def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
+def run_cell_inprocess(cell: Cell, workdir: Path, *, cache_dir: Path,
                        shared_dir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Metrics and per-example scores of one cell (training it first unless it is a reference row),
-    also written to ``workdir/cell_result.json`` before the training's export is deleted: a run
-    killed after that point reuses the result instead of training and evaluating again."""
-    cell = resolve_results_refs(cell, cache_dir.parent)
+    also written to the staging folder (:func:`rlkd.bench.store.write_cell_result`) before the
+    training's export is deleted: a run killed after that point reuses the result instead of
+    training and evaluating again."""
+    cell = with_results_refs_resolved(cell, cache_dir.parent)
     from rlkd.plugins import load_plugins
 
-    load_plugins(cell["run"].get("plugins") or [])
-    earlier = _read_result(workdir)
+    load_plugins(cell.run.get("plugins") or [])
+    earlier = read_cell_result(workdir)
     if earlier is not None:
         return earlier
-    if cell["kind"] == "reference":
+    if cell.kind == "reference":
         teacher, student = stage_models(cell, shared_dir, cache_dir)
         check_stage_exports(cell, shared_dir, cache_dir.parent)
-        model = {"teacher": teacher, "student": student}.get(cell["reference"]) \
-            or resolve_model(cell["candidate"], cache_dir)
+        model = {"teacher": teacher, "student": student}.get(cell.reference) \
+            or resolve_model(cell.candidate, cache_dir)
         metrics, per_example = _evaluate(cell, model, workdir, teacher, cache_dir)
         kill_point("cell-evaluated")
-        write_result(workdir, metrics, per_example)
+        write_cell_result(workdir, metrics, per_example)
         return metrics, per_example
     tree = cell_engine_tree(cell, workdir / "train", cache_dir=cache_dir, shared_dir=shared_dir)
     check_stage_exports(cell, shared_dir, cache_dir.parent)
@@ -129,7 +124,7 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
     export_dir, log = train(tree)
     train_seconds = time.perf_counter() - started
     kill_point("cell-trained")
-    atomic_write_jsonl(workdir / "train_log.jsonl", log)
+    write_train_log(workdir, log)
     metrics, per_example = _evaluate(cell, str(export_dir), workdir, tree["models"]["teacher"], cache_dir)
     kill_point("cell-evaluated")
     metrics["train_seconds"] = train_seconds
@@ -138,9 +133,9 @@ def run_cell_inprocess(cell: dict[str, Any], workdir: Path, *, cache_dir: Path,
         metrics["final_train_loss"] = float(log[-1]["loss"])
     # The result first, then the export goes: a kill between the two must not leave a cell whose
     # evaluation is done but whose export, which a rerun would evaluate again, is gone.
-    write_result(workdir, metrics, per_example)
+    write_cell_result(workdir, metrics, per_example)
     kill_point("cell-result-written")
-    if not cell.get("keep_checkpoints", False):
+    if not cell.keep_checkpoints:
         shutil.rmtree(export_dir, ignore_errors=True)
         shutil.rmtree(workdir / "train" / "checkpoints", ignore_errors=True)
     return metrics, per_example
@@ -207,12 +202,11 @@ class LocalExecutor:
         with self._slot_lock:
             self._busy_slots.discard(slot)
 
-    def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+    def run(self, cell: Cell, workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
         if not self.subprocess_per_cell:
             return run_cell_inprocess(cell, workdir, cache_dir=self.cache_dir, shared_dir=self.shared_dir)
-        out = workdir / METRICS_FILE  # kept if a killed run wrote it: the cell process reuses it
         if self.reuse_processes:
-            return self._run_in_worker(workdir, out)
+            return self._run_in_worker(workdir)
         slot = self._take_slot()
         env = self._env(slot)
         log_path = workdir / "cell.log"
@@ -223,14 +217,14 @@ class LocalExecutor:
                                        preexec_fn=_die_with_parent)
         finally:
             self._free_slot(slot)
-        if code != 0 or not out.is_file():
+        result = read_cell_result(workdir)
+        if code != 0 or result is None:
             reason = last_error_line(log_path.read_text(errors="replace"))
             raise CellProcessError(f"{reason} (cell process exited with {code}; full log: {log_path.name} "
                                    "in the cell's staging folder)")
-        result = json.loads(out.read_text())
-        return result["metrics"], result["per_example"]
+        return result
 
-    def _run_in_worker(self, workdir: Path, out: Path):
+    def _run_in_worker(self, workdir: Path):
         try:
             worker = self._idle.get_nowait()
         except queue.Empty:
@@ -249,11 +243,11 @@ class LocalExecutor:
                                    "staging folder)")
         self._idle.put(worker)
         answer = json.loads(line)
-        if not answer["ok"] or not out.is_file():
+        result = read_cell_result(workdir)
+        if not answer["ok"] or result is None:
             raise CellProcessError(f"{answer.get('error', '(no result)')} (full log: cell.log in the cell's "
                                    "staging folder)")
-        result = json.loads(out.read_text())
-        return result["metrics"], result["per_example"]
+        return result
 
     def close(self) -> None:
         """End the workers (they exit at the end of their input)."""
@@ -280,10 +274,6 @@ def visible_gpus() -> list[str]:
 def gpu_for_slot(slot: int, gpus: list[str]) -> str | None:
     """Round-robin: the cell in slot i (of the cells running at once) gets GPU i mod their count."""
     return gpus[slot % len(gpus)] if gpus else None
-
-
-def write_result(workdir: Path, metrics: dict[str, float], per_example: dict[str, list[float]]) -> None:
-    atomic_write_json(workdir / METRICS_FILE, {"metrics": metrics, "per_example": per_example})
 
 
 def _die_with_parent() -> None:

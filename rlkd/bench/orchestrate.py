@@ -7,15 +7,17 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from rlkd.bench.executor import LocalExecutor, cell_engine_tree
+from rlkd.bench.layout_schema import LayoutDeclaration
+from rlkd.bench.records import Cell
 from rlkd.bench.runner import ResultsNotWritable, code_provenance, run_grid
 from rlkd.bench.stages import finished_stage, finished_stage_models, stage_dir
-from rlkd.bench.store import STAGING, cell_status, is_done, read_json, write_json_atomic, write_text_atomic
+from rlkd.bench.store import (STAGING, cell_status, has_failed, is_done, read_json, read_record, write_json_atomic,
+                              write_spec_record, write_text_atomic)
 
 
-def stale_cells(cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
+def stale_cells(cells: list[Cell], out_dir: Path) -> list[str]:
     """Finished cells whose recorded code (git sha, dirty flag, plug-in sources) differs from the
     code running now; a dirty checkout counts as different, since it cannot be identified."""
     from rlkd.plugins import current_hashes
@@ -23,36 +25,32 @@ def stale_cells(cells: list[dict[str, Any]], out_dir: Path) -> list[str]:
     now = code_provenance()
     stale = []
     for cell in cells:
-        final = out_dir / cell["id"]
-        if not is_done(final, cell["config_hash"]):
+        final = out_dir / cell.id
+        if not is_done(final, cell.config_hash):
             continue
-        try:
-            recorded = read_json(final / "provenance.json")
-        except (FileNotFoundError, json.JSONDecodeError):
-            stale.append(cell["id"])
-            continue
-        plugins = (cell.get("run") or {}).get("plugins") or []
-        if (recorded.get("git_sha") != now["git_sha"] or recorded.get("git_dirty") or now["git_dirty"]
-                or (plugins and recorded.get("plugins") != current_hashes(plugins))):
-            stale.append(cell["id"])
+        recorded = read_record(final).provenance  # a done record validates (is_done)
+        plugins = cell.run.get("plugins") or []
+        if (recorded.git_sha != now["git_sha"] or recorded.git_dirty or now["git_dirty"]
+                or (plugins and recorded.plugins != current_hashes(plugins))):
+            stale.append(cell.id)
     return stale
 
 
-def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, jobs: int = 1,
+def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | LayoutDeclaration | None, jobs: int = 1,
               retry_failed: bool = True, tables: bool = True, executor=None, threads: int | None = None,
               rerun_stale: bool = False, reuse_processes: bool = False, spec_cells=None) -> int:
     """Run ``cells`` (a subset of the spec's ``spec_cells`` under ``--only``; all of them by default)
     into ``out_dir`` and render its tables from the spec's cells."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "spec.json", {"source": _repo_relative(spec_source), "layout": layout,
-                                              "cells": [c["id"] for c in (spec_cells or cells)]})
+    write_spec_record(out_dir, source=_repo_relative(spec_source), layout=layout,
+                      cell_ids=[c.id for c in (spec_cells or cells)])
     if rerun_stale:
         stale = set(stale_cells(cells, out_dir))
         if stale:
             print(f"rlkd bench: re-running {len(stale)} cell(s) that ran on other code (--rerun-stale)")
         for cell in cells:
-            if cell["id"] in stale:
-                _retire(out_dir, cell["id"])
+            if cell.id in stale:
+                _retire(out_dir, cell.id)
     started = time.time()
     leaders = stage_leaders(cells, out_dir) if executor is None and jobs > 1 and not threads else []
     first_done: list[str] = []
@@ -98,13 +96,13 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | None, job
     return 0 if summary.ok else 1
 
 
-def stage_leaders(cells, out_dir: Path) -> list[dict[str, Any]]:
+def stage_leaders(cells: list[Cell], out_dir: Path) -> list[Cell]:
     """Pending cells that together need every stage not run yet, the first such cell for each."""
     shared, covered, leaders = out_dir / ".shared", set(), []
     for cell in cells:
-        if is_done(out_dir / cell["id"], cell["config_hash"]):
+        if is_done(out_dir / cell.id, cell.config_hash):
             continue
-        missing = {str(stage_dir(cell, role, shared)) for role in cell.get("stages") or {}
+        missing = {str(stage_dir(cell, role, shared)) for role in cell.stages
                    if finished_stage(cell, role, shared) is None}
         if missing - covered:
             leaders.append(cell)
@@ -133,9 +131,9 @@ def record_run_times(cells, out_dir: Path, *, wall_s: float, jobs: int, ran: int
     for cell in cells:
         for name, seconds in stage_seconds(cell, out_dir / ".shared").items():
             stages[name] = round(seconds / 60, 2)
-        status = cell_status(out_dir / cell["id"]) or {}
-        if status.get("status") == "done" and status.get("duration_s") is not None:
-            minutes[cell["id"]] = round(float(status["duration_s"]) / 60, 2)
+        status = cell_status(out_dir / cell.id)
+        if status is not None and status.status == "done" and status.duration_s is not None:
+            minutes[cell.id] = round(status.duration_s / 60, 2)
     if not (runs or minutes):
         return
     note = {"note": previous["note"]} if previous.get("note") else {}
@@ -170,14 +168,15 @@ def dry_run(cells, out_dir: Path, *, show_config: bool = False, slurm: dict[str,
     stale = set(stale_cells(cells, out_dir))
     print(f"{len(cells)} cells -> {out_dir}/")
     for cell in cells:
-        final = out_dir / cell["id"]
-        status = "done" if is_done(final, cell["config_hash"]) else \
-            ("failed" if (cell_status(final) or {}).get("status") == "failed" else "pending")
+        final = out_dir / cell.id
+        status = "done" if is_done(final, cell.config_hash) else \
+            ("failed" if has_failed(final) else "pending")
         counts[status] += 1
-        note = " (ran on other code)" if cell["id"] in stale else ""
-        print(f"  [{status:>7}] {cell['id']}{note}")
+        note = " (ran on other code)" if cell.id in stale else ""
+        print(f"  [{status:>7}] {cell.id}{note}")
         if show_config:
-            print("            " + json.dumps({k: cell[k] for k in ("run", "stages", "eval")}, sort_keys=True))
+            shown = {"run": cell.run, "stages": cell.stages, "eval": cell.eval}
+            print("            " + json.dumps(shown, sort_keys=True))
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
     if slurm is not None:
         print_slurm(cells, out_dir, nodes=slurm["nodes"], gpus_per_node=slurm["gpus_per_node"])
@@ -193,21 +192,21 @@ def print_slurm(cells, out_dir: Path, *, nodes: int, gpus_per_node: int) -> None
     print("\n# Slurm: one job per cell (run configs written under .slurm/); afterwards "
           "`rlkd bench SPEC` evaluates and stores the trained cells")
     for cell in cells:
-        if is_done(out_dir / cell["id"], cell["config_hash"]) or cell["kind"] != "distill":
+        if is_done(out_dir / cell.id, cell.config_hash) or cell.kind != "distill":
             continue
-        if cell.get("teacher_generations"):
-            print(f"# {cell['id']}: trains on teacher generations; run it locally (rlkd bench SPEC --only ...)")
+        if cell.teacher_generations:
+            print(f"# {cell.id}: trains on teacher generations; run it locally (rlkd bench SPEC --only ...)")
             continue
-        run = dict(cell["run"])
+        run = dict(cell.run)
         exports, missing = finished_stage_models(cell, out_dir / ".shared")
         run["models"] = {**run.get("models", {}), **exports}
         if missing:
-            print(f"# {cell['id']}: its {' and '.join(missing)} stage has not run yet; "
+            print(f"# {cell.id}: its {' and '.join(missing)} stage has not run yet; "
                   "run one cell locally first (rlkd bench SPEC --only ...), which runs the stage once")
             continue
-        config_path = out_dir / ".slurm" / f"{cell['id']}.yaml"
-        tree = cell_engine_tree({**cell, "run": run}, out_dir / STAGING / cell["id"] / "train",
+        config_path = out_dir / ".slurm" / f"{cell.id}.yaml"
+        tree = cell_engine_tree(cell.model_copy(update={"run": run}), out_dir / STAGING / cell.id / "train",
                                 cache_dir=out_dir / ".cache", shared_dir=out_dir / ".shared", create_models=False)
         write_text_atomic(config_path, yaml.safe_dump(tree, sort_keys=False))
         print(shlex.join(["rlkd", "launch", "slurm", "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node),
-                          "--config", str(config_path), "--job-name", cell["id"][:60], "--resume"]))
+                          "--config", str(config_path), "--job-name", cell.id[:60], "--resume"]))

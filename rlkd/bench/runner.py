@@ -16,14 +16,16 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from rlkd.bench.records import Cell
 from rlkd.bench.stages import stage_fingerprints
-from rlkd.bench.store import STAGING, cell_status, invalid_done_record, is_done, kill_point, publish, write_json_atomic
+from rlkd.bench.store import (STAGING, has_failed, holds_only_config, invalid_done_record, is_done, kill_point,
+                              publish, write_cell_config, write_done, write_failed)
 from rlkd.plugins import current_hashes
 from rlkd.provenance import cpu_identity, git_state, package_versions, removable_lock
 
 
 class CellExecutor(Protocol):
-    def run(self, cell: dict[str, Any], workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
+    def run(self, cell: Cell, workdir: Path) -> tuple[dict[str, float], dict[str, list[float]]]:
         """Train/export/evaluate one cell inside ``workdir``; return its flat metrics and its
         per-example scores ({metric: [value per evaluation example]}, possibly empty).
 
@@ -61,27 +63,27 @@ def _not_writable(out_dir: Path, exc: OSError) -> ResultsNotWritable:
                               "the cells already done are kept: make it writable (or free space) and run again")
 
 
-def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static: dict[str, Any],
+def run_cell(cell: Cell, out_dir: Path, executor: CellExecutor, static: dict[str, Any],
              wait: bool = False) -> str:
     """Run one cell; returns "done", "done elsewhere" (another runner finished it while this one
     waited), "failed: <error>" or "busy" (another runner holds it and ``wait`` is False)."""
-    staging_dir = out_dir / STAGING / cell["id"]
-    final_dir = out_dir / cell["id"]
-    with removable_lock(out_dir / STAGING / f"{cell['id']}.lock", wait=wait) as locked:
+    staging_dir = out_dir / STAGING / cell.id
+    final_dir = out_dir / cell.id
+    with removable_lock(out_dir / STAGING / f"{cell.id}.lock", wait=wait) as locked:
         if not locked:
             return "busy"
-        if is_done(final_dir, cell["config_hash"]):
+        if is_done(final_dir, cell.config_hash):
             return "done elsewhere"
         try:
             staging_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(staging_dir / "config.json", cell)
+            write_cell_config(staging_dir, cell)
         except OSError as exc:
             raise _not_writable(out_dir, exc) from None
         started = time.time()
-        plugins = (cell.get("run") or {}).get("plugins") or []
+        plugins = cell.run.get("plugins") or []
         provenance = {**static, "plugins": current_hashes(plugins) if plugins else {},
                       "started": datetime.now(timezone.utc).isoformat(),
-                      "resumed": any(p.name not in {"config.json"} for p in staging_dir.iterdir())}
+                      "resumed": not holds_only_config(staging_dir)}
         try:
             result = executor.run(cell, staging_dir)
             metrics, per_example = result if isinstance(result, tuple) else (result, {})
@@ -89,15 +91,12 @@ def run_cell(cell: dict[str, Any], out_dir: Path, executor: CellExecutor, static
                 raise TypeError(f"executor returned {type(metrics).__name__} {metrics!r}, expected non-empty metrics")
         except Exception as exc:  # a failed cell must not stop the grid
             error = f"{type(exc).__name__}: {exc}" if type(exc).__name__ != "CellProcessError" else str(exc)
-            failed_dir = out_dir / STAGING / f"{cell['id']}.failed.{os.getpid()}.{threading.get_ident()}"
+            failed_dir = out_dir / STAGING / f"{cell.id}.failed.{os.getpid()}.{threading.get_ident()}"
             try:
                 failed_dir.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(failed_dir / "config.json", cell)
-                write_json_atomic(failed_dir / "status.json", {
-                    "status": "failed", "config_hash": cell["config_hash"], "error": error,
-                    "traceback": traceback.format_exc(), "duration_s": time.time() - started,
-                    "staging": f"{STAGING}/{cell['id']}"})
-                write_json_atomic(failed_dir / "provenance.json", provenance)
+                write_failed(failed_dir, cell, {"error": error, "traceback": traceback.format_exc(),
+                                                "duration_s": time.time() - started,
+                                                "staging": f"{STAGING}/{cell.id}"}, provenance)
                 publish(failed_dir, final_dir)
             except OSError as write_error:
                 shutil.rmtree(failed_dir, ignore_errors=True)
@@ -116,20 +115,14 @@ def _commit(cell, metrics, per_example, provenance, staging_dir: Path, final_dir
     """Write the cell's record into its staging folder and publish it (status.json last)."""
     provenance["finished"] = datetime.now(timezone.utc).isoformat()
     provenance["duration_s"] = time.time() - started
-    if cell.get("stages"):  # which exports of the cached stages this cell started from
+    if cell.stages:  # which exports of the cached stages this cell started from
         provenance["stages"] = stage_fingerprints(cell, out_dir / ".shared")
-    write_json_atomic(staging_dir / "metrics.json", {k: float(v) for k, v in metrics.items()})
-    kill_point("mid-publish")
-    if per_example:
-        write_json_atomic(staging_dir / "per_example.json", per_example)
-    write_json_atomic(staging_dir / "provenance.json", provenance)
-    write_json_atomic(staging_dir / "status.json", {"status": "done", "config_hash": cell["config_hash"],
-                                                    "duration_s": provenance["duration_s"]})
+    write_done(staging_dir, cell, metrics, per_example, provenance)
     publish(staging_dir, final_dir)
 
 
 def run_grid(
-    cells: list[dict[str, Any]],
+    cells: list[Cell],
     out_dir: Path,
     executor: CellExecutor,
     *,
@@ -141,42 +134,42 @@ def run_grid(
     summary = RunSummary(total=len(cells))
     pending = []
     for cell in cells:
-        final_dir = out_dir / cell["id"]
-        if is_done(final_dir, cell["config_hash"]):
-            summary.skipped.append(cell["id"])
+        final_dir = out_dir / cell.id
+        if is_done(final_dir, cell.config_hash):
+            summary.skipped.append(cell.id)
             continue
-        problem = invalid_done_record(final_dir, cell["config_hash"])
+        problem = invalid_done_record(final_dir, cell.config_hash)
         if problem is not None:  # a torn or edited record is not a result: the cell runs again
-            print(f"[rlkd bench] cell {cell['id']}: invalid record, running the cell again: {problem}", flush=True)
+            print(f"[rlkd bench] cell {cell.id}: invalid record, running the cell again: {problem}", flush=True)
             pending.append(cell)
-        elif not retry_failed and (cell_status(final_dir) or {}).get("status") == "failed":
-            summary.failed[cell["id"]] = "failed earlier (not retried)"
+        elif not retry_failed and has_failed(final_dir):
+            summary.failed[cell.id] = "failed earlier (not retried)"
         else:
             pending.append(cell)
     static = code_provenance()
     bar = tqdm(total=len(cells), initial=len(cells) - len(pending), unit="cell", desc=out_dir.name,
                disable=not progress, dynamic_ncols=True)
 
-    busy: list[dict[str, Any]] = []
+    busy: list[Cell] = []
 
-    def record(cell: dict[str, Any], outcome: str) -> None:
+    def record(cell: Cell, outcome: str) -> None:
         if outcome == "done":
-            summary.done.append(cell["id"])
+            summary.done.append(cell.id)
         elif outcome == "done elsewhere":
-            summary.elsewhere.append(cell["id"])
+            summary.elsewhere.append(cell.id)
         elif outcome == "busy":
             busy.append(cell)
             return
         else:
-            summary.failed[cell["id"]] = outcome.removeprefix("failed: ")
-            tqdm.write(f"[rlkd bench] cell {cell['id']} failed: {summary.failed[cell['id']]}")
+            summary.failed[cell.id] = outcome.removeprefix("failed: ")
+            tqdm.write(f"[rlkd bench] cell {cell.id} failed: {summary.failed[cell.id]}")
         bar.update(1)
         bar.set_postfix(failed=len(summary.failed))
 
     try:
         if jobs <= 1:
             for cell in pending:
-                bar.set_postfix_str(cell["id"])
+                bar.set_postfix_str(cell.id)
                 record(cell, run_cell(cell, out_dir, executor, static))
         else:
             with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -14,7 +14,7 @@ student, overlaid on the task's run; ``student_heal: RUN``: a distillation of th
 run before those and shared across specs), ``teacher_cache``, teacher generations for SeqKD/FD rows,
 ``eval:`` and the reference/candidate rows.
 
-Every cell is a plain dict; its id is readable (task, method, sweep values, seed) and ends with a
+Every cell is a :class:`rlkd.bench.records.Cell`; its id is readable (task, method, sweep values, seed) and ends with a
 hash of the cell's canonical config (defaults left out), so a cell's results directory is found
 again after a restart and a changed config never reuses stale results.
 """
@@ -29,11 +29,13 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
+from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout_names
+from rlkd.bench.records import Cell, CellArm
 from rlkd.config import RunConfig
 
 # Ranking settings of each built-in variant, laid over the spec's `loss.ranking` defaults.
@@ -49,6 +51,15 @@ RANKED_VARIANTS = ("R", "R_dynamic", "pearson")
 # Sweep shorthand: `k: [5, 15]` means the ranking range.
 SWEEP_ALIASES = {"k": "loss.ranking.k"}
 PLACEHOLDER_OUTPUT = "<cell>"
+# The training seed of a spec that names none, and of a cached stage (part of every stage's config
+# hash, so of the cell ids that depend on it: never change it).
+DEFAULT_SEED = 72
+
+
+# A spec's layout: a shipped layout's name or a declaration of its own; the callable discriminator
+# makes a bad declaration's errors name its fields (layout.declaration.headlines.0...), not the union.
+NamedOrDeclaredLayout = Annotated[Union[Annotated[str, Tag("name")], Annotated[LayoutDeclaration, Tag("declaration")]],
+                                  Discriminator(lambda value: "name" if isinstance(value, str) else "declaration")]
 
 
 class SpecError(ValueError):
@@ -186,8 +197,10 @@ class GridSpec(_Strict):
     name: str = Field(description="The spec's name: results go to results/<name>/; a spec file's name defaults "
                       "to its file name.")
     description: str = Field("", description="Free text describing the spec.")
-    layout: str | None = Field(None, description="The table layout `rlkd table` uses (table1 ... table8, "
-                               "mini_table1, mini_table2, default); None: generic, every metric tabulated.")
+    layout: NamedOrDeclaredLayout | None = Field(
+        None, description="The table layout `rlkd table` uses: a shipped layout's name (generic, table1 ... "
+        "table8, mini_table1, mini_table2, default: rlkd/bench/table_layouts/) or a declaration of the spec's own "
+        "(columns, headlines, paper table, row order); None: generic, every metric tabulated.")
     plugins: list[str] = Field(default_factory=list, description="Modules or .py files (relative to the spec) "
                                "that register extra objectives.")
     defaults: dict[str, Any] = Field(default_factory=dict, description="A partial run config shared by every "
@@ -210,7 +223,7 @@ class GridSpec(_Strict):
                                         "pairs none with each ranked one. A bare string is a name.")
     rank_only_objective: str = Field("kl", description="The base-loss slot written in Rank-only cells' configs; "
                                      "their loss does not use it.")
-    seeds: list[int] = Field(default_factory=lambda: [72], min_length=1, description="Training seeds of every "
+    seeds: list[int] = Field(default_factory=lambda: [DEFAULT_SEED], min_length=1, description="Training seeds of every "
                              "cell; the seed tests of the verdict need ≥ 3 per pair.")
     sweep: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted run-config paths (eval.* for "
                                         "evaluation settings; k for loss.ranking.k) and the values to sweep; "
@@ -226,6 +239,14 @@ class GridSpec(_Strict):
                                  "--tiny: small local models and few rows, for a CPU check.")
     paper: dict[str, Any] = Field(default_factory=dict, description="The paper's setup for this preset, checked "
                                   "by the preset tests; not used to run cells.")
+
+    @field_validator("layout")
+    @classmethod
+    def _shipped(cls, layout: str | LayoutDeclaration | None) -> str | LayoutDeclaration | None:
+        if isinstance(layout, str) and layout not in shipped_layout_names():
+            raise ValueError(f"unknown table layout {layout!r}; known: {', '.join(shipped_layout_names())}, or a "
+                             "declaration (name, title, sections, headlines, ...)")
+        return layout
 
     @field_validator("objectives", "variants", mode="before")
     @classmethod
@@ -458,21 +479,34 @@ def method_label(objective: str | None, variant: str, k: int | None) -> str:
     }[variant]
 
 
-def canonical_run(tree: dict[str, Any]) -> dict[str, Any]:
-    """A run tree as RunConfig sees it, with every default left out: equal configs hash equally
-    whether or not a default was spelled out, and a setting added to RunConfig later (with a
-    default) does not change existing hashes."""
-    config = RunConfig.model_validate({**tree, "output_dir": PLACEHOLDER_OUTPUT})
+def run_config(tree: dict[str, Any]) -> RunConfig:
+    """A partial run tree validated as RunConfig (its output folder a placeholder)."""
+    return RunConfig.model_validate({**tree, "output_dir": PLACEHOLDER_OUTPUT})
+
+
+def canonical_dump(config: RunConfig) -> dict[str, Any]:
+    """A run config with every default left out: equal configs hash equally whether or not a
+    default was spelled out, and a setting added to RunConfig later (with a default) does not
+    change existing hashes."""
     dumped = config.model_dump(mode="json", exclude_defaults=True)
     dumped.pop("output_dir", None)
     return dumped
 
 
-def _validated_run(tree: dict[str, Any], source: str, what: str) -> dict[str, Any]:
+def canonical_run(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run tree as RunConfig sees it, with every default left out (:func:`canonical_dump`)."""
+    return canonical_dump(run_config(tree))
+
+
+def _validated_config(tree: dict[str, Any], source: str, what: str) -> RunConfig:
     try:
-        return canonical_run(tree)
+        return run_config(tree)
     except ValidationError as exc:
         raise SpecError("\n".join([f"{source}: {what}: invalid run config"] + _error_lines(exc))) from None
+
+
+def _validated_run(tree: dict[str, Any], source: str, what: str) -> dict[str, Any]:
+    return canonical_dump(_validated_config(tree, source, what))
 
 
 def _validated_eval(settings: dict[str, Any], source: str, what: str) -> None:
@@ -484,18 +518,18 @@ def _validated_eval(settings: dict[str, Any], source: str, what: str) -> None:
 
 def stage_run(task_run: dict[str, Any], role: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The run tree of a ``<role>_sft`` stage: the task's run with the stage's overrides, training
-    the ``role`` model with cross-entropy (no teacher is loaded), seed 72 unless given."""
+    the ``role`` model with cross-entropy (no teacher is loaded), DEFAULT_SEED unless given."""
     base = {k: v for k, v in task_run.items() if k not in ("loss", "seed")}
     tree = deep_merge(base, overrides)
     models = tree.setdefault("models", {})
     model = (task_run.get("models") or {}).get(role)
     models["student"] = model  # the model being fine-tuned (cross-entropy loads no teacher)
     tree["loss"] = {"objective": "ce"}
-    tree.setdefault("seed", 72)
+    tree.setdefault("seed", DEFAULT_SEED)
     return tree
 
 
-HEAL = "student_heal"  # the key of a cell's healing stage in ``cell["stages"]`` (the others: "teacher", "student")
+HEAL = "student_heal"  # the key of a cell's healing stage in ``Cell.stages`` (the others: "teacher", "student")
 
 
 def stage_key(role: str) -> str:
@@ -505,36 +539,38 @@ def stage_key(role: str) -> str:
 
 def heal_run(task_run: dict[str, Any], heal: dict[str, Any]) -> dict[str, Any]:
     """The run tree of a ``student_heal`` stage: its own complete run (data, teacher, loss), training
-    the task's student, seed 72 unless given. Nothing of the task's run but the student enters it."""
+    the task's student, DEFAULT_SEED unless given. Nothing of the task's run but the student enters it."""
     tree = copy.deepcopy(heal)
     tree.setdefault("models", {})["student"] = (task_run.get("models") or {}).get("student")
-    tree.setdefault("seed", 72)
+    tree.setdefault("seed", DEFAULT_SEED)
     return tree
 
 
-def _make_cell(spec: GridSpec, task: TaskSpec, body: dict[str, Any], method: str, sweep: dict[str, Any]) -> dict[str, Any]:
-    digest = config_hash(body["_semantic"])
+def _make_cell(spec: GridSpec, task: TaskSpec, body: dict[str, Any], semantic: dict[str, Any], method: str,
+               sweep: dict[str, Any]) -> Cell:
+    """The cell of ``body``; its id ends with the hash of ``semantic``, the cell's canonical config
+    (the hash of exactly this JSON is in every results folder's cell ids: never change it)."""
+    digest = config_hash(semantic)
     parts = [task.name, _slug(method)]
     parts += [_slug(f"{k.rsplit('.', 1)[-1]}={v}") for k, v in sorted(sweep.items())]
-    parts += [f"s{body['seed']}" if body.get("seed") is not None else "ref", digest[:10]]
-    cell = {k: v for k, v in body.items() if k != "_semantic"}
-    return {"id": "-".join(p for p in parts if p), "spec": spec.name, "method": method,
-            "sweep": {k.rsplit(".", 1)[-1]: v for k, v in sweep.items()}, "config_hash": digest, **cell}
+    parts += [f"s{body['seed']}" if body["seed"] is not None else "ref", digest[:10]]
+    arm = CellArm(method=method, objective_label=body["objective_label"], variant=body["variant"], seed=body["seed"],
+                  sweep={k.rsplit(".", 1)[-1]: v for k, v in sweep.items()})
+    rest = {k: v for k, v in body.items() if k not in CellArm.model_fields}
+    return Cell(id="-".join(p for p in parts if p), spec=spec.name, config_hash=digest, arm=arm, **rest)
 
 
-def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
+def expand(spec: GridSpec, *, source: str = "<spec>") -> list[Cell]:
     """Every cell of the grid, in a stable order, duplicates (same config hash) removed.
 
-    A cell: ``id, spec, task, kind (distill|reference), reference, method, objective_label, variant,
-    seed, sweep, run`` (the merged partial run config), ``stages`` (``{role: run}`` of its cached
-    stages), ``teacher_generations`` (decoding or None), ``teacher_cache``, ``keep_checkpoints``,
-    ``candidate`` (evaluation-only rows), ``eval`` and ``config_hash``."""
-    cells: list[dict[str, Any]] = []
+    Each is a :class:`rlkd.bench.records.Cell` (its fields are described there); a Rank-only row's
+    label takes its ``k`` from the validated run config, so the default lives in RankingConfig alone."""
+    cells: list[Cell] = []
     seen: set[str] = set()
 
-    def add(cell: dict[str, Any]) -> None:
-        if cell["config_hash"] not in seen:
-            seen.add(cell["config_hash"])
+    def add(cell: Cell) -> None:
+        if cell.config_hash not in seen:
+            seen.add(cell.config_hash)
             cells.append(cell)
 
     plugins = {"plugins": spec.plugins} if spec.plugins else {}
@@ -570,7 +606,7 @@ def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
             add(_make_cell(spec, task, {**common, "kind": "reference", "reference": reference, "seed": None,
                                         "objective_label": None, "variant": None, "run": reference_run,
                                         "candidate": candidate[1] if candidate else None,
-                                        "teacher_generations": None, "_semantic": semantic}, method, {}))
+                                        "teacher_generations": None}, semantic, method, {}))
 
         for variant in spec.variants:
             rank_only = variant.name.startswith("rank_only")
@@ -609,11 +645,9 @@ def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
                                 _set_path(evaluation_cell, path.removeprefix("eval."), value)
                             else:
                                 _set_path(run, path, value)
-                        k = (run["loss"].get("ranking") or {}).get("k")
-                        canonical = _validated_run(run, source, f"{where}: {label or variant.name} (seed {seed})")
-                        if k is None:
-                            k = canonical.get("loss", {}).get("ranking", {}).get("k", 5)
-                        method = method_label(label, variant.name, k)
+                        config = _validated_config(run, source, f"{where}: {label or variant.name} (seed {seed})")
+                        canonical = canonical_dump(config)
+                        method = method_label(label, variant.name, config.loss.ranking.k)
                         generations = spec.generation.model_dump() if ref.teacher_generations else None
                         semantic = {"task": task.name, "kind": "distill", "run": canonical, "stages": stage_hashes,
                                     "teacher_generations": generations, "teacher_cache": spec.teacher_cache,
@@ -622,33 +656,33 @@ def expand(spec: GridSpec, *, source: str = "<spec>") -> list[dict[str, Any]]:
                         add(_make_cell(spec, task, {**common, "kind": "distill", "reference": None, "seed": seed,
                                                     "objective_label": label, "variant": variant.name, "run": run,
                                                     "candidate": None, "teacher_generations": generations,
-                                                    "eval": evaluation_cell, "_semantic": semantic},
-                                       method, chosen))
+                                                    "eval": evaluation_cell},
+                                       semantic, method, chosen))
     return cells
 
 
-def filter_cells(cells: list[dict[str, Any]], pattern: str | None) -> list[dict[str, Any]]:
+def filter_cells(cells: list[Cell], pattern: str | None) -> list[Cell]:
     """``--only``: comma-separated terms, a cell is kept when any term selects it. A term that is a
     method label or task name of the grid (``KL+R``, ``Rank-15``, ``gsm8k``) selects exactly those
     cells; ``re:PATTERN`` is a regex searched in the cell id; anything else is a glob on the id
     (``*-s72-*``) or, without glob characters, a substring of it."""
     if not pattern:
         return cells
-    labels = {c["method"] for c in cells} | {c["task"] for c in cells}
+    labels = {c.arm.method for c in cells} | {c.task for c in cells}
     matchers = []
     for term in (t.strip() for t in pattern.split(",")):
         if not term:
             continue
         if term in labels:
-            matchers.append(lambda c, t=term: t in (c["method"], c["task"]))
+            matchers.append(lambda c, t=term: t in (c.arm.method, c.task))
         elif term.startswith("re:"):
             try:
                 rx = re.compile(term[3:])
             except re.error as exc:
                 raise SpecError(f"--only: bad regex {term[3:]!r}: {exc}") from None
-            matchers.append(lambda c, rx=rx: rx.search(c["id"]) is not None)
+            matchers.append(lambda c, rx=rx: rx.search(c.id) is not None)
         elif any(ch in term for ch in "*?["):
-            matchers.append(lambda c, t=term: fnmatch.fnmatchcase(c["id"], t))
+            matchers.append(lambda c, t=term: fnmatch.fnmatchcase(c.id, t))
         else:
-            matchers.append(lambda c, t=term: t in c["id"])
+            matchers.append(lambda c, t=term: t in c.id)
     return [c for c in cells if any(m(c) for m in matchers)]

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlkd.bench.records import Cell
 from rlkd.bench.spec import HEAL, canonical_run, config_hash, stage_key
-from rlkd.bench.store import kill_point
+from rlkd.bench.store import kill_point, load_results
 from rlkd.factory import resolve_model
 from rlkd.provenance import (atomic_write_json, atomic_write_jsonl, checkpoint_fingerprint, cpu_identity,
                              removable_lock)
@@ -100,30 +101,30 @@ def set_aside_other_run(out: Path, tree: dict[str, Any]) -> None:
         print(f"{out}: held a run with another config; moved it to {target.name} and training afresh", flush=True)
 
 
-def heal_dir(cell: dict[str, Any], shared_dir: Path) -> Path:
+def heal_dir(cell: Cell, shared_dir: Path) -> Path:
     """Where the cell's healing stage lives: keyed by its config alone and kept beside the results
     folder (``<results>/../.stages``), so every spec that names the same healing shares one run."""
-    key = config_hash(canonical_run(cell["stages"][HEAL]))[:12]
+    key = config_hash(canonical_run(cell.stages[HEAL]))[:12]
     return shared_dir.parent.parent / ".stages" / f"{HEAL}-{key}"
 
 
-def stage_dir(cell: dict[str, Any], role: str, shared_dir: Path) -> Path:
+def stage_dir(cell: Cell, role: str, shared_dir: Path) -> Path:
     if role == HEAL:
         return heal_dir(cell, shared_dir)
-    stage = canonical_run(cell["stages"][role])
-    if role == "student" and HEAL in cell["stages"]:  # it fine-tunes the healed student
-        stage = {"stage": stage, "after": canonical_run(cell["stages"][HEAL])}
-    return shared_dir / f"{role}_sft-{cell['task']}-{config_hash(stage)[:12]}"
+    stage = canonical_run(cell.stages[role])
+    if role == "student" and HEAL in cell.stages:  # it fine-tunes the healed student
+        stage = {"stage": stage, "after": canonical_run(cell.stages[HEAL])}
+    return shared_dir / f"{role}_sft-{cell.task}-{config_hash(stage)[:12]}"
 
 
-def finished_stage(cell: dict[str, Any], role: str, shared_dir: Path) -> str | None:
+def finished_stage(cell: Cell, role: str, shared_dir: Path) -> str | None:
     """The export of the cell's ``role`` stage (``teacher``/``student`` SFT or ``student_heal``) if it
     has run, else None."""
     out = stage_dir(cell, role, shared_dir)
     return str(out / "export") if (out / "done.json").is_file() and (out / "export").is_dir() else None
 
 
-def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: Path, *,
+def ensure_stage(cell: Cell, role: str, shared_dir: Path, cache_dir: Path, *,
                  student: str | None = None) -> str:
     """Run the cell's ``role`` stage once (``student``: the model it starts from instead of the
     configured one); return its export."""
@@ -132,7 +133,7 @@ def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: P
         done = finished_stage(cell, role, shared_dir)
         if done is not None:
             return done
-        tree = engine_tree(cell["stages"][role], out, cache_dir=cache_dir, student=student)
+        tree = engine_tree(cell.stages[role], out, cache_dir=cache_dir, student=student)
         started = time.perf_counter()
         export_dir, log = train(tree)
         kill_point("stage-trained")
@@ -144,7 +145,7 @@ def ensure_stage(cell: dict[str, Any], role: str, shared_dir: Path, cache_dir: P
         return str(export_dir)
 
 
-def stage_fingerprints(cell: dict[str, Any], shared_dir: Path) -> dict[str, str]:
+def stage_fingerprints(cell: Cell, shared_dir: Path) -> dict[str, str]:
     """Content hash (sha256 of the export's files) of each of the cell's finished stages.
 
     A stage is keyed by its config alone, and training on CPU is not bit-reproducible across runs
@@ -152,7 +153,7 @@ def stage_fingerprints(cell: dict[str, Any], shared_dir: Path) -> dict[str, str]
     cell's provenance, is what tells whether two cells started from the same stage. Computed once
     and kept in the stage's ``done.json`` (stages finished before it was recorded get it here)."""
     found = {}
-    for role in cell.get("stages") or {}:
+    for role in cell.stages:
         out = stage_dir(cell, role, shared_dir)
         if finished_stage(cell, role, shared_dir) is None:
             continue
@@ -169,7 +170,7 @@ class StageExportMismatch(RuntimeError):
     """A cell's stage export differs from the one the results folder's finished cells started from."""
 
 
-def check_stage_exports(cell: dict[str, Any], shared_dir: Path, results_dir: Path) -> None:
+def check_stage_exports(cell: Cell, shared_dir: Path, results_dir: Path) -> None:
     """Refuse to run a cell from a stage export (e.g. the healed student) other than the one the
     finished cells of its results folder recorded in their provenance: a stage is keyed by its
     config, but a re-run on another kind of CPU gives other bits, and a table mixing the two would
@@ -177,24 +178,21 @@ def check_stage_exports(cell: dict[str, Any], shared_dir: Path, results_dir: Pat
     mine = stage_fingerprints(cell, shared_dir)
     if not mine:
         return
-    for provenance in sorted(results_dir.glob("*/provenance.json")):
-        try:
-            recorded = json.loads(provenance.read_text()).get("stages") or {}
-        except (OSError, ValueError):
-            continue  # an unreadable record is the store's to report and re-run
+    for result in load_results(results_dir):  # an unreadable record is the store's to report and re-run
+        recorded = result.provenance.stages or {}
         for key, sha in sorted(mine.items()):
             if recorded.get(key) not in (None, sha):
                 raise StageExportMismatch(
                     f"stage {key}: this machine's export is {sha[:12]}..., but the finished cell "
-                    f"{provenance.parent.name} started from {recorded[key][:12]}...; a cell from this export "
+                    f"{result.folder.name} started from {recorded[key][:12]}...; a cell from this export "
                     f"would be a different experiment. Run on a machine whose {key} reproduces "
                     f"{recorded[key][:12]}..., or run the whole table from this export into another folder (--results-dir)")
 
 
-def stage_seconds(cell: dict[str, Any], shared_dir: Path) -> dict[str, float]:
+def stage_seconds(cell: Cell, shared_dir: Path) -> dict[str, float]:
     """Measured wall time of each of the cell's finished stages (``{"student_heal": 1234.5, ...}``)."""
     seconds = {}
-    for role in cell.get("stages") or {}:
+    for role in cell.stages:
         done = stage_dir(cell, role, shared_dir) / "done.json"
         if done.is_file():
             recorded = json.loads(done.read_text()).get("seconds")
@@ -203,11 +201,11 @@ def stage_seconds(cell: dict[str, Any], shared_dir: Path) -> dict[str, float]:
     return seconds
 
 
-def stage_models(cell: dict[str, Any], shared_dir: Path, cache_dir: Path) -> tuple[str | None, str | None]:
+def stage_models(cell: Cell, shared_dir: Path, cache_dir: Path) -> tuple[str | None, str | None]:
     """(teacher, student) paths, after their stages when the cell has them: the student is healed
     first (``student_heal``), then fine-tuned (``student_sft``)."""
-    models = cell["run"].get("models") or {}
-    stages = cell.get("stages") or {}
+    models = cell.run.get("models") or {}
+    stages = cell.stages
     healed = ensure_stage(cell, HEAL, shared_dir, cache_dir) if HEAL in stages else None
     found = []
     for role in ("teacher", "student"):
@@ -222,10 +220,10 @@ def stage_models(cell: dict[str, Any], shared_dir: Path, cache_dir: Path) -> tup
     return found[0], found[1]
 
 
-def finished_stage_models(cell: dict[str, Any], shared_dir: Path) -> tuple[dict[str, str], list[str]]:
+def finished_stage_models(cell: Cell, shared_dir: Path) -> tuple[dict[str, str], list[str]]:
     """Without running anything: ``({role: export}, [stages not run yet])`` for the models the cell's
     finished stages make (a Slurm job is written only once they exist)."""
-    stages = cell.get("stages") or {}
+    stages = cell.stages
     exports, missing = {}, []
     for role in ("teacher", HEAL, "student"):
         if role not in stages:
@@ -238,15 +236,15 @@ def finished_stage_models(cell: dict[str, Any], shared_dir: Path) -> tuple[dict[
     return exports, missing
 
 
-def generation_data(cell: dict[str, Any], teacher: str, shared_dir: Path) -> dict[str, Any]:
+def generation_data(cell: Cell, teacher: str, shared_dir: Path) -> dict[str, Any]:
     """The cell's ``run`` with its data replaced by the teacher's generations for the same rows."""
     from rlkd.config import DataConfig
     from rlkd.eval.teacher_generations import ensure_teacher_generations
     from rlkd.device import device_type
 
-    run = copy.deepcopy(cell["run"])
+    run = copy.deepcopy(cell.run)
     data = DataConfig.model_validate(run["data"])
-    decoding = cell["teacher_generations"]
+    decoding = cell.teacher_generations
     path = ensure_teacher_generations(data, teacher, shared_dir, max_new_tokens=decoding["max_new_tokens"],
                                       batch_size=decoding["batch_size"], device=device_type())
     # The generated file holds exactly the selected rows, already without evaluation overlap.

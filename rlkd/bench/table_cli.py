@@ -4,57 +4,60 @@ ranking loss first), plus plots: the verdict's forest plot (effect.png) and CR@k
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from rlkd.bench.layouts import get_layout
-from rlkd.bench.effects import verdict
-from rlkd.bench.plots import alignment_curves, forest_plot, k_sweep
-from rlkd.bench.store import load_cells
-from rlkd.bench.grid import collect
-from rlkd.bench.tables import row_order, write_tables
+from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout_names
+from rlkd.bench.report.effects import verdict
+from rlkd.bench.report.grid import collect
+from rlkd.bench.report.layouts import at_k, get_layout
+from rlkd.bench.report.plots import alignment_curves, forest_plot, k_sweep
+from rlkd.bench.report.tables import row_order, write_tables
+from rlkd.bench.store import load_results, read_spec_record
 
 
-def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path | None = None) -> dict[str, Path]:
+def make_tables(results_dir: Path, layout_name: str | LayoutDeclaration | None = None,
+                out_dir: Path | None = None) -> dict[str, Path]:
+    """Tables and plots of a results folder, laid out by ``layout_name`` (a shipped layout's name or a
+    declaration), else by the layout its spec record names or declares."""
     if not results_dir.is_dir():
         raise FileNotFoundError(f"{results_dir}: no such results directory")
-    spec_file = results_dir / "spec.json"
     try:
-        spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+        spec = read_spec_record(results_dir)
     except ValueError as exc:  # torn: the cells carry their own records, render them all
-        print(f"rlkd table: {spec_file}: not valid JSON ({exc}); rendering every cell folder", file=sys.stderr)
+        print(f"rlkd table: {exc}; rendering every cell folder", file=sys.stderr)
         spec = {}
     if layout_name is None:
         layout_name = spec.get("layout")
     layout = get_layout(layout_name)
     unreadable: list[tuple[str, str]] = []
-    cells = load_cells(results_dir, unreadable)
+    results = load_results(results_dir, unreadable)
     if spec.get("cells"):
         # A revised spec writing into the same folder leaves the superseded spec's cells there (their
         # config hashes differ): the tables show the cells of the spec that ran last, and say so.
         keep = set(spec["cells"])
-        other = [c for c in cells if c["dir"].name not in keep]
+        other = [r for r in results if r.folder.name not in keep]
         if other:
             print(f"rlkd table: {len(other)} cell folder(s) in {results_dir} belong to no cell of its latest "
                   f"spec ({spec.get('source')}); left out of the tables", file=sys.stderr)
-            cells = [c for c in cells if c["dir"].name in keep]
+            results = [r for r in results if r.folder.name in keep]
         unreadable = [(cell_id, problem) for cell_id, problem in unreadable if cell_id in keep]
     for cell_id, problem in unreadable:
         # One bad record must not cost the whole table: name it, render the rest.
         print(f"rlkd table: cell {cell_id}: cannot read its record, left out of the tables: {problem}",
               file=sys.stderr)
-    if not cells:
+    if not results:
         raise FileNotFoundError(f"{results_dir}: no finished or failed cells (nothing has run yet?)")
     out_dir = out_dir or results_dir
-    paths = write_tables(results_dir, layout, cells, out_dir, unreadable)
-    grid = collect(cells, layout)
+    paths = write_tables(results_dir, layout, results, out_dir, unreadable)
+    grid = collect(results, layout)
     effect = forest_plot(verdict(layout, grid, row_order(layout, grid)), out_dir / "effect.png",
                          title=f"{layout.title}: effect of the ranking loss, Δ(+R) = with R − without R")
     if effect:
         paths["effect.png"] = effect
-    prefixes = sorted({c.split("/", 1)[1].split("cr@")[0] for c in grid.columns()
-                       if "/" in c and "cr@" in c and "|" not in c})
+    # one plot per alignment set: the set prefixes of the CR@k columns (not a sweep's)
+    prefixes = sorted({found.prefix for key in grid.keys.values() if key.sweep is None
+                       for found in [at_k(key.metric)] if found is not None and found.family == "cr"})
     for prefix in prefixes:
         name = f"alignment_{prefix.rstrip('_')}.png" if prefix else "alignment.png"
         label = ("against the true distribution" if prefix == "true_" else "against the teacher"
@@ -73,18 +76,18 @@ def make_tables(results_dir: Path, layout_name: str | None = None, out_dir: Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlkd table", description=__doc__)
     parser.add_argument("results", type=Path, help="a results directory written by `rlkd bench`, e.g. results/default")
-    parser.add_argument("--layout", help="table layout (default: the one the spec named): generic, table1..table8, "
-                                         "default, mini_table1")
+    parser.add_argument("--layout", help="a shipped table layout instead of the one the spec named or declared: "
+                                         + ", ".join(shipped_layout_names()) + " (rlkd/bench/table_layouts/)")
     parser.add_argument("--out", type=Path, help="where to write the tables (default: the results directory)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
-                        help="import a module or .py file that registers objectives or layouts (repeatable)")
+                        help="import a module or .py file that registers objectives (repeatable)")
     args = parser.parse_args(argv)
     try:
         from rlkd.plugins import load_plugins, resolve_plugin_names
 
         load_plugins(resolve_plugin_names(args.plugin, Path.cwd()))
         paths = make_tables(args.results, args.layout, args.out)
-    except (FileNotFoundError, KeyError, ImportError) as exc:
+    except (FileNotFoundError, KeyError, ImportError, ValueError) as exc:
         print(f"rlkd table: {exc}", file=sys.stderr)
         return 2
     for kind, path in paths.items():

@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from rlkd.bench.executor import last_error_line, run_cell_inprocess
+from rlkd.bench.store import read_cell_config
 
 
 def _serve(cache_dir: Path, shared_dir: Path) -> int:
@@ -34,7 +35,7 @@ def _serve(cache_dir: Path, shared_dir: Path) -> int:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             try:
-                cell = json.loads((workdir / "config.json").read_text())
+                cell = read_cell_config(workdir)
                 run_cell_inprocess(cell, workdir, cache_dir=cache_dir, shared_dir=shared_dir)
                 answer = {"ok": True}
             except Exception:  # noqa: BLE001 - reported to the runner, the worker serves the next cell

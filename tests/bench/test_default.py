@@ -12,6 +12,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from rlkd.bench import default
+from rlkd.bench.store import write_cell_config
 from rlkd.data.synthetic import token_text
 from rlkd.eval import synthetic
 
@@ -76,11 +77,11 @@ def test_default_spec_covers_every_objective_with_and_without_r_over_five_seeds(
     from rlkd.bench.spec import expand
 
     cells = expand(default.default_spec(quick=False))
-    methods = {c["method"] for c in cells}
+    methods = {c.arm.method for c in cells}
     assert methods == {"Teacher", "Start", "Rank-5"} | {f"{o}{r}" for o in ("KL", "RKL", "JSD", "TVD", "AKL")
                                                           for r in ("", "+R")}
     assert len(cells) == 2 + 11 * 5  # five seeds per trained cell
-    assert all("@results/" in c["run"]["models"]["teacher"] for c in cells)  # no absolute path in the hash
+    assert all("@results/" in c.run["models"]["teacher"] for c in cells)  # no absolute path in the hash
 
 
 def test_a_plugin_objective_joins_the_default_grid(tmp_path):
@@ -96,8 +97,8 @@ def test_a_plugin_objective_joins_the_default_grid(tmp_path):
 
     try:
         cells = expand(default.default_spec(quick=True, plugins=[str(plugin)]))
-        assert {"SQ_DEFAULT_TEST", "SQ_DEFAULT_TEST+R"} <= {c["method"] for c in cells}
-        assert all(c["run"]["plugins"] == [str(plugin.resolve())] for c in cells if c["kind"] == "distill")
+        assert {"SQ_DEFAULT_TEST", "SQ_DEFAULT_TEST+R"} <= {c.arm.method for c in cells}
+        assert all(c.run["plugins"] == [str(plugin.resolve())] for c in cells if c.kind == "distill")
     finally:
         _REGISTRY.pop("sq_default_test", None)
 
@@ -160,9 +161,9 @@ def test_long_lived_workers_give_exactly_the_fresh_process_results_and_survive_a
     timing = {"train_seconds", "train_step_seconds"}
 
     def run(executor, cell, name):
-        workdir = results / ".staging" / f"{name}-{cell['id']}"
+        workdir = results / ".staging" / f"{name}-{cell.id}"
         workdir.mkdir(parents=True)
-        (workdir / "config.json").write_text(json.dumps(cell))
+        write_cell_config(workdir, cell)
         metrics, per_example = executor.run(cell, workdir)
         return {k: v for k, v in metrics.items() if k not in timing}, per_example
 
@@ -178,9 +179,10 @@ def test_long_lived_workers_give_exactly_the_fresh_process_results_and_survive_a
         crash.write_text("import os\nfrom rlkd.objectives import register_objective\n\n"
                          "@register_objective('crash_now')\ndef crash(student_logits, teacher_logits, labels=None):\n"
                          "    \"\"\"Ends the process.\"\"\"\n    os._exit(3)\n")
-        doomed = json.loads(json.dumps(cells[0]))
-        doomed["run"]["plugins"] = [str(crash)]
-        doomed["run"]["loss"]["objective"] = "crash_now"
+        run_tree = json.loads(json.dumps(cells[0].run))
+        run_tree["plugins"] = [str(crash)]
+        run_tree["loss"]["objective"] = "crash_now"
+        doomed = cells[0].model_copy(update={"run": run_tree})
         with pytest.raises(CellProcessError, match="worker died with 3"):
             run(pool, doomed, "crash")
         assert run(pool, cells[1], "after") == fresh_results[1]

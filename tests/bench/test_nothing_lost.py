@@ -20,7 +20,7 @@ import yaml
 from rlkd.bench.orchestrate import run_cells
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.store import KILL_ENV, KILL_POINTS, STAGING, is_done, load_cells
+from rlkd.bench.store import KILL_ENV, KILL_POINTS, STAGING, is_done, load_results
 
 REPO = Path(__file__).resolve().parents[2]
 TIMINGS = {"train_seconds", "train_step_seconds"}  # wall times: the only metrics a rerun may change
@@ -37,8 +37,8 @@ class Executor:
         self.calls: list[str] = []
 
     def run(self, cell, workdir):
-        self.calls.append(cell["id"])
-        return {"score": float(cell["seed"])}
+        self.calls.append(cell.id)
+        return {"score": float(cell.arm.seed)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,16 +48,16 @@ class Executor:
 def test_a_truncated_metrics_file_is_run_again_with_a_line_naming_it(tmp_path, capsys):
     cells = _fake_cells()
     assert run_cells(cells, tmp_path, spec_source="t.yaml", layout="generic", executor=Executor(), tables=False) == 0
-    torn = tmp_path / cells[1]["id"] / "metrics.json"
+    torn = tmp_path / cells[1].id / "metrics.json"
     torn.write_text(torn.read_text()[:5])
-    assert not is_done(torn.parent, cells[1]["config_hash"])
+    assert not is_done(torn.parent, cells[1].config_hash)
     capsys.readouterr()
 
     again = Executor()
     assert run_cells(cells, tmp_path, spec_source="t.yaml", layout="generic", executor=again) == 0
     out = capsys.readouterr()
-    assert again.calls == [cells[1]["id"]]  # only the torn cell ran, once
-    assert f"cell {cells[1]['id']}: invalid record, running the cell again: {torn}: not valid JSON" in out.out
+    assert again.calls == [cells[1].id]  # only the torn cell ran, once
+    assert f"cell {cells[1].id}: invalid record, running the cell again: {torn}: not valid JSON" in out.out
     assert "1 run, 3 already done" in out.out and "Traceback" not in out.out + out.err
     assert json.loads(torn.read_text()) == {"score": 2.0}
     assert (tmp_path / "table.md").is_file()
@@ -66,12 +66,12 @@ def test_a_truncated_metrics_file_is_run_again_with_a_line_naming_it(tmp_path, c
 def test_a_record_whose_config_disagrees_with_its_status_is_not_done(tmp_path):
     cells = _fake_cells(seeds=(1,))
     run_grid(cells, tmp_path, Executor(), progress=False)
-    config = tmp_path / cells[0]["id"] / "config.json"
+    config = tmp_path / cells[0].id / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "config_hash": "0" * 64}))
-    assert not is_done(config.parent, cells[0]["config_hash"])
+    assert not is_done(config.parent, cells[0].config_hash)
     again = Executor()
     run_grid(cells, tmp_path, again, progress=False)
-    assert again.calls == [cells[0]["id"]]
+    assert again.calls == [cells[0].id]
 
 
 def test_rlkd_table_names_the_cell_and_file_it_cannot_read_and_renders_the_rest(tmp_path, capsys):
@@ -79,15 +79,15 @@ def test_rlkd_table_names_the_cell_and_file_it_cannot_read_and_renders_the_rest(
 
     cells = _fake_cells()
     run_cells(cells, tmp_path, spec_source="t.yaml", layout="generic", executor=Executor(), tables=False)
-    torn = tmp_path / cells[0]["id"] / "metrics.json"
+    torn = tmp_path / cells[0].id / "metrics.json"
     torn.write_text('{"score": 1.')
     capsys.readouterr()
     assert table_main([str(tmp_path)]) == 0
     err = capsys.readouterr().err
-    assert f"rlkd table: cell {cells[0]['id']}: cannot read its record" in err and str(torn) in err
+    assert f"rlkd table: cell {cells[0].id}: cannot read its record" in err and str(torn) in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     table = (tmp_path / "table.md").read_text()
-    assert cells[0]["id"] in table and "record unreadable" in table  # listed, not in the rows
+    assert cells[0].id in table and "record unreadable" in table  # listed, not in the rows
     assert "| KL |" in table and "| KL+R |" in table  # the other cells are rendered
 
 
@@ -98,7 +98,7 @@ def test_rlkd_table_names_the_cell_and_file_it_cannot_read_and_renders_the_rest(
 def test_a_finished_or_failed_grid_leaves_no_lock_files_or_empty_staging(tmp_path):
     class Failing(Executor):
         def run(self, cell, workdir):
-            if cell["seed"] == 2:
+            if cell.arm.seed == 2:
                 raise RuntimeError("boom")
             return super().run(cell, workdir)
 
@@ -106,7 +106,7 @@ def test_a_finished_or_failed_grid_leaves_no_lock_files_or_empty_staging(tmp_pat
     assert len(summary.failed) == 2
     assert not list(tmp_path.rglob("*.lock"))
     assert sorted(p.name for p in (tmp_path / STAGING).iterdir()) == sorted(
-        c["id"] for c in _fake_cells() if c["seed"] == 2)  # only the failed cells' resumable folders
+        c.id for c in _fake_cells() if c.arm.seed == 2)  # only the failed cells' resumable folders
 
 
 def test_shared_preparation_locks_are_exclusive_and_leave_no_file(tmp_path):
@@ -154,9 +154,9 @@ def test_jobs_below_one_is_refused(tmp_path, capsys):
 
 
 def test_an_unwritable_results_folder_stops_with_one_line(tmp_path, monkeypatch, capsys):
-    from rlkd.bench import runner
+    from rlkd.bench import store
 
-    real = runner.write_json_atomic
+    real = store.write_json_atomic
     published = []
 
     def write(path, payload):
@@ -166,7 +166,7 @@ def test_an_unwritable_results_folder_stops_with_one_line(tmp_path, monkeypatch,
         if Path(path).name == "status.json":
             published.append(path)
 
-    monkeypatch.setattr(runner, "write_json_atomic", write)
+    monkeypatch.setattr(store, "write_json_atomic", write)  # the store writes every record file
     cells = _fake_cells()
     code = run_cells(cells, tmp_path, spec_source="t.yaml", layout="generic", executor=Executor(), tables=False)
     err = capsys.readouterr().err
@@ -174,7 +174,7 @@ def test_an_unwritable_results_folder_stops_with_one_line(tmp_path, monkeypatch,
     assert f"rlkd bench: results folder {tmp_path} is not writable: Permission denied" in err
     lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and "cell/s" not in line]  # not tqdm's
     assert "Traceback" not in err and len(lines) == 1, lines
-    assert is_done(tmp_path / cells[0]["id"], cells[0]["config_hash"])  # nothing done is lost
+    assert is_done(tmp_path / cells[0].id, cells[0].config_hash)  # nothing done is lost
     assert not list((tmp_path / STAGING).glob("*.failed.*"))
 
 
@@ -206,13 +206,14 @@ def _tiny_spec(**extra) -> dict:
 def test_a_cell_rerun_after_its_export_was_deleted_is_not_refused(tmp_path, capsys):
     """The executor used to delete the export before the runner published the cell: a rerun retrained,
     and the first evaluation folder refused the new export on every later run."""
-    from rlkd.bench.executor import METRICS_FILE, run_cell_inprocess
+    from rlkd.bench.executor import run_cell_inprocess
+    from rlkd.bench.store import remove_cell_result
     from rlkd.paths import default_data_dir
 
     if default_data_dir() is None:
         pytest.skip("needs ../shared/data (GSM8K rows)")
     cell = expand(parse_spec(_tiny_spec(variants=["none"])))[0]
-    staging = tmp_path / "res" / STAGING / cell["id"]
+    staging = tmp_path / "res" / STAGING / cell.id
     dirs = {"cache_dir": tmp_path / "res" / ".cache", "shared_dir": tmp_path / "res" / ".shared"}
     first, _ = run_cell_inprocess(cell, staging, **dirs)
     assert not (staging / "train" / "export").exists()  # the export is gone, as before a kill
@@ -220,7 +221,7 @@ def test_a_cell_rerun_after_its_export_was_deleted_is_not_refused(tmp_path, caps
     again, _ = run_cell_inprocess(cell, staging, **dirs)
     assert again == first
     # a staging folder without that result (left by an older rlkd): the old evaluation is set aside
-    (staging / METRICS_FILE).unlink()
+    remove_cell_result(staging)
     third, _ = run_cell_inprocess(cell, staging, **dirs)
     assert {k: v for k, v in third.items() if k not in TIMINGS} == {k: v for k, v in first.items() if k not in TIMINGS}
     assert "held an evaluation of another export; moved it to eval.replaced-" in capsys.readouterr().out
@@ -249,8 +250,8 @@ def _bench(spec: Path, results: Path, env: dict[str, str], kill_at: str | None =
 
 
 def _metrics(results: Path) -> dict[str, dict[str, float]]:
-    return {entry["config"]["id"]: {k: v for k, v in entry["metrics"].items() if k not in TIMINGS}
-            for entry in load_cells(results)}
+    return {entry.cell.id: {k: v for k, v in entry.metrics.items() if k not in TIMINGS}
+            for entry in load_results(results)}
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlkd.bench.paper import leading_number, load_paper_tables, paper_table, parse_markdown_tables
+from rlkd.bench.report.paper import leading_number, load_paper_tables, paper_table, parse_markdown_tables
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ import pytest
 from rlkd.bench.cli import main as bench_main, resolve_spec_path
 from rlkd.bench.stages import engine_tree
 from rlkd.config import load_config
-from rlkd.bench.paper import paper_table
+from rlkd.bench.report.paper import paper_table
 from rlkd.bench.spec import expand, load_spec
 
 PRESETS = Path(__file__).resolve().parents[2] / "benchmarks" / "paper"
@@ -53,35 +53,35 @@ def test_preset_matches_the_papers_setup(path, tmp_path):
     spec = load_spec(path)
     cells = expand(spec)
     assert spec.layout == path.stem and spec.paper["table"] == path.stem
-    assert {c["method"] for c in cells} == EXPECTED_ROWS[path.stem]
+    assert {c.arm.method for c in cells} == EXPECTED_ROWS[path.stem]
     pretrain = path.stem in ("table1", "table7")
     if path.stem == "table3":  # evaluation only: pretrained models against Llama-2-70B
-        models = {c["method"]: c["candidate"] for c in cells}
+        models = {c.arm.method: c.candidate for c in cells}
         assert models == {"13B (Llama-2)": "meta-llama/Llama-2-13b-hf", "7B (Llama-2)": LLAMA2_7B,
                           "3B (OpenELM)": "apple/OpenELM-3B", "1B (OpenELM)": "apple/OpenELM-1_1B",
                           "450M (OpenELM)": "apple/OpenELM-450M", "270M (OpenELM)": "apple/OpenELM-270M"}
-        assert all(c["kind"] == "reference" and c["run"]["models"]["teacher"] == "meta-llama/Llama-2-70b-hf"
-                   and c["eval"]["kind"] == "alignment" and c["eval"]["max_slices"] == 5000 for c in cells)
+        assert all(c.kind == "reference" and c.run["models"]["teacher"] == "meta-llama/Llama-2-70b-hf"
+                   and c.eval["kind"] == "alignment" and c.eval["max_slices"] == 5000 for c in cells)
         return
     for cell in cells:
-        assert cell["run"]["models"]["student"] == TINYLLAMA
-        if cell["kind"] == "reference":
+        assert cell.run["models"]["student"] == TINYLLAMA
+        if cell.kind == "reference":
             continue
-        cfg = load_config(base=engine_tree(cell["run"], tmp_path / cell["id"], cache_dir=tmp_path,
+        cfg = load_config(base=engine_tree(cell.run, tmp_path / cell.id, cache_dir=tmp_path,
                                            create_models=False))
         assert cfg.seed == 72 and cfg.loss.temperature == 1.0
         assert cfg.train.lr == 2e-5 and cfg.train.grad_clip == 1.0
         ranking = cfg.loss.ranking
         if ranking.enabled and ranking.mode != "rank_only":
             assert (ranking.rank_weight, ranking.base_weight) == (2.0, 1.0)
-            assert ranking.k == (15 if pretrain else (cell["sweep"].get("k", 5)))
+            assert ranking.k == (15 if pretrain else (cell.arm.sweep.get("k", 5)))
         if cfg.loss.objective == "akl":
             assert cfg.loss.params == {"mu": 0.5}
         # SeqKD (cross-entropy) and FD (KL) learn from the teacher's generations, nothing else does.
-        assert bool(cell["teacher_generations"]) == cell["method"].startswith(("SeqKD", "FD"))
-        if cell["method"].startswith("SeqKD"):
+        assert bool(cell.teacher_generations) == cell.arm.method.startswith(("SeqKD", "FD"))
+        if cell.arm.method.startswith("SeqKD"):
             assert cfg.loss.objective == "ce" and not ranking.enabled
-        if cell["method"].startswith("FD"):
+        if cell.arm.method.startswith("FD"):
             assert cfg.loss.objective == "kl"
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum
         if pretrain:
@@ -90,15 +90,15 @@ def test_preset_matches_the_papers_setup(path, tmp_path):
             assert cfg.train.max_steps == steps and cfg.data.max_length == seq
             # about 0.1M (Table 1) / 0.5M (Table 7) tokens per optimizer step
             assert abs(global_batch * seq - tokens) / tokens < 0.1
-            assert cell["eval"]["kind"] == "alignment"
+            assert cell.eval["kind"] == "alignment"
         else:
-            expected = DOWNSTREAM[cell["task"]]
+            expected = DOWNSTREAM[cell.task]
             assert cfg.models.teacher == expected["teacher"] and cfg.train.epochs == expected["epochs"]
             assert global_batch == 64 and cfg.data.max_length == 2048
             if expected["rows"]:
                 assert cfg.data.limit == expected["rows"]
-            assert cell["eval"] == {"kind": "task", "protocol": "greedy", "batch_size": 8}
-            assert ("teacher" in cell["stages"]) == (cell["task"] in ("dolly", "xsum"))
+            assert cell.eval == {"kind": "task", "protocol": "greedy", "batch_size": 8}
+            assert ("teacher" in cell.stages) == (cell.task in ("dolly", "xsum"))
 
 
 @pytest.mark.parametrize("path", _presets(), ids=lambda p: p.stem)
@@ -110,10 +110,10 @@ def test_preset_dry_runs_normal_and_tiny(path, tmp_path, capsys):
         assert "engine config of" not in out
         assert f"{len(expand(load_spec(path, tiny=bool(extra))))} cells" in out
     tiny_cells = expand(load_spec(path, tiny=True))
-    assert all((c["candidate"] or c["run"]["models"]["student"]).startswith("@tiny/") for c in tiny_cells)
-    assert all(c["run"]["models"]["teacher"] == "@tiny/teacher" for c in tiny_cells)
-    assert all(c["run"]["train"].get("max_steps", 99) <= 2 and "epochs" not in c["run"]["train"]
-               for c in tiny_cells if c["kind"] == "distill")
+    assert all((c.candidate or c.run["models"]["student"]).startswith("@tiny/") for c in tiny_cells)
+    assert all(c.run["models"]["teacher"] == "@tiny/teacher" for c in tiny_cells)
+    assert all(c.run["train"].get("max_steps", 99) <= 2 and "epochs" not in c.run["train"]
+               for c in tiny_cells if c.kind == "distill")
 
 
 def test_slurm_dry_run_renders_one_launch_per_cell(tmp_path, capsys):
@@ -134,7 +134,7 @@ def test_slurm_dry_run_renders_one_launch_per_cell(tmp_path, capsys):
 def _seeds_by_method(cells):
     seeds = {}
     for cell in cells:
-        seeds.setdefault(cell["method"], set()).add(cell["seed"])
+        seeds.setdefault(cell.arm.method, set()).add(cell.arm.seed)
     return seeds
 
 
@@ -142,22 +142,22 @@ def test_mini_table1_spec_runs_every_objective_with_three_seeds_from_the_healed_
     path = PRESETS.parent / "mini" / "table1_smollm2.yaml"
     cells = expand(load_spec(path))
     for cell in cells:
-        if cell["kind"] == "distill" and cell["run"]["loss"]["ranking"]["enabled"]:
-            ranking = cell["run"]["loss"]["ranking"]
+        if cell.kind == "distill" and cell.run["loss"]["ranking"]["enabled"]:
+            ranking = cell.run["loss"]["ranking"]
             assert (ranking["k"], ranking["rank_weight"], ranking["base_weight"]) == (15, 2.0, 1.0)
     seeds = _seeds_by_method(cells)
     assert all(seeds[f"{o}{r}"] == {1, 2, 3} for o in ("KL", "RKL", "JSD", "TVD", "AKL") for r in ("", "+R"))
     assert {"Teacher", "Start"} <= set(seeds)
     start = cells[0]  # the Start row is the healed student, scored like the others
-    heal = start["stages"]["student_heal"]
-    assert heal["loss"]["objective"] == "kl" and heal["models"]["student"] == start["run"]["models"]["student"]
+    heal = start.stages["student_heal"]
+    assert heal["loss"]["objective"] == "kl" and heal["models"]["student"] == start.run["models"]["student"]
     # healing, held-out and training read disjoint windows of the same documents
-    heldout = start["eval"]["extra_sets"]["heldout"]
+    heldout = start.eval["extra_sets"]["heldout"]
     windows = sorted([(heal["data"]["skip"], heal["data"]["skip"] + heal["data"]["limit"]),
                       (heldout["skip_rows"], heldout["skip_rows"] + heldout["max_rows"]),
-                      (start["run"]["data"]["skip"], start["run"]["data"]["skip"] + start["run"]["data"]["limit"])])
+                      (start.run["data"]["skip"], start.run["data"]["skip"] + start.run["data"]["limit"])])
     assert all(end <= next_start for (_, end), (next_start, _) in zip(windows, windows[1:]))
-    assert start["teacher_cache"] and start["eval"]["source"] == "train"
+    assert start.teacher_cache and start.eval["source"] == "train"
     assert bench_main([str(path), "--dry-run", "--results-dir", str(tmp_path)]) == 0
     assert "engine config of" not in capsys.readouterr().out
 
@@ -173,15 +173,15 @@ def test_mini_table2_spec_has_every_row_and_shares_its_healing_with_mini_table1(
     assert all(seeds[w] == seeds[w + "+R"] == {1, 2, 3, 4, 5} for w in words)
     assert seeds["SFT"] == seeds["SeqKD"] == seeds["Rank-5"] == {1, 2, 3}
     for cell in cells:
-        run = cell["run"]
-        assert cell["eval"]["limit"] >= 300 and cell["eval"]["protocol"] == "greedy" and cell["eval"]["rouge_pkg"]
-        assert cell["eval"].get("task", "dolly") == "dolly" and run["data"]["exclude_eval_overlap"]
-        if cell["kind"] == "distill" and run["loss"]["ranking"]["enabled"]:
+        run = cell.run
+        assert cell.eval["limit"] >= 300 and cell.eval["protocol"] == "greedy" and cell.eval["rouge_pkg"]
+        assert cell.eval.get("task", "dolly") == "dolly" and run["data"]["exclude_eval_overlap"]
+        if cell.kind == "distill" and run["loss"]["ranking"]["enabled"]:
             ranking = run["loss"]["ranking"]
             assert (ranking["k"], ranking["rank_weight"], ranking["base_weight"]) == (5, 2.0, 1.0)
-        assert cell["stages"]["teacher"]["data"] == run["data"]  # the teacher is fine-tuned on the students' rows
+        assert cell.stages["teacher"]["data"] == run["data"]  # the teacher is fine-tuned on the students' rows
     table1 = expand(load_spec(PRESETS.parent / "mini" / "table1_smollm2.yaml"))
-    heals = {json.dumps(canonical_run(c["stages"]["student_heal"]), sort_keys=True) for c in cells + table1}
+    heals = {json.dumps(canonical_run(c.stages["student_heal"]), sort_keys=True) for c in cells + table1}
     assert len(heals) == 1
 
 
@@ -211,23 +211,23 @@ def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypat
     code = bench_main(args)
     out = capsys.readouterr().out
     assert code == 0, out
-    from rlkd.bench.store import load_cells
+    from rlkd.bench.store import load_results
 
-    cells = load_cells(tmp_path)
-    assert {c["config"]["method"] for c in cells} == expected
-    assert all(c["status"]["status"] == "done" for c in cells)
+    cells = load_results(tmp_path)
+    assert {c.cell.arm.method for c in cells} == expected
+    assert all(c.done for c in cells)
     table = (tmp_path / "table.md").read_text()
-    from rlkd.bench.layouts import get_layout
+    from rlkd.bench.report.layouts import get_layout
 
     layout = get_layout(load_spec(resolve_spec_path(preset)).layout)  # e.g. Table 5 shows Rank-10 as row Rank-k
-    assert all(f"| {layout.row_label(c['config'])} |" in table for c in cells)
+    assert all(f"| {layout.row_label(c.cell)} |" in table for c in cells)
     for cell in cells:
-        metrics = cell["metrics"]
-        if "gsm8k" in cell["config"]["task"]:
+        metrics = cell.metrics
+        if "gsm8k" in cell.cell.task:
             assert 0 <= metrics["correct"] <= 2 and "train_seconds" in metrics
-        elif cell["config"]["task"] == "dolly":
+        elif cell.cell.task == "dolly":
             assert 0 <= metrics["rougeL"] <= 100
-            if cell["config"]["eval"].get("rouge_pkg"):
+            if cell.cell.eval.get("rouge_pkg"):
                 assert 0 <= metrics["rouge_pkg_rougeL"] <= 100
         else:
             assert 0 <= metrics["cr@1"] <= 100 and metrics["ppl"] > 1
@@ -239,4 +239,4 @@ def test_every_spec_under_benchmarks_loads_and_expands(path):
         spec = load_spec(path, tiny=tiny) if (tiny is False or "tiny" in path.read_text()) else None
         if spec is not None:
             cells = expand(spec)
-            assert cells and len({c["id"] for c in cells}) == len(cells)
+            assert cells and len({c.id for c in cells}) == len(cells)

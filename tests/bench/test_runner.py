@@ -17,7 +17,7 @@ import pytest
 
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.store import STAGING, load_cells
+from rlkd.bench.store import STAGING, load_results
 
 BASE = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
 
@@ -39,13 +39,13 @@ class FakeExecutor:
 
     def run(self, cell, workdir):
         with self.lock:
-            self.calls.append(cell["id"])
+            self.calls.append(cell.id)
         (workdir / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
-        if cell["method"] in self.fail:
-            raise RuntimeError(f"boom in {cell['method']}")
+        if cell.arm.method in self.fail:
+            raise RuntimeError(f"boom in {cell.arm.method}")
         if self.delay:
             time.sleep(self.delay)
-        return {"score": float(cell["seed"]) + (0.5 if cell["run"]["loss"]["ranking"]["enabled"] else 0.0)}
+        return {"score": float(cell.arm.seed) + (0.5 if cell.run["loss"]["ranking"]["enabled"] else 0.0)}
 
 
 def test_every_cell_is_stored_with_config_metrics_log_provenance(tmp_path):
@@ -53,10 +53,10 @@ def test_every_cell_is_stored_with_config_metrics_log_provenance(tmp_path):
     summary = run_grid(cells, tmp_path, FakeExecutor(), progress=False)
     assert summary.ok and len(summary.done) == len(cells) == 8
     for cell in cells:
-        d = tmp_path / cell["id"]
-        assert json.loads((d / "config.json").read_text())["config_hash"] == cell["config_hash"]
+        d = tmp_path / cell.id
+        assert json.loads((d / "config.json").read_text())["config_hash"] == cell.config_hash
         assert json.loads((d / "status.json").read_text())["status"] == "done"
-        expected = cell["seed"] + (0.5 if "+R" in cell["method"] else 0.0)
+        expected = cell.arm.seed + (0.5 if "+R" in cell.arm.method else 0.0)
         assert json.loads((d / "metrics.json").read_text()) == {"score": expected}
         assert (d / "train_log.jsonl").is_file()
         provenance = json.loads((d / "provenance.json").read_text())
@@ -72,29 +72,29 @@ def test_finished_cells_are_skipped_by_config_hash(tmp_path):
     assert again.calls == [] and len(summary.skipped) == len(cells)
     # Changing a setting changes the hash, so only the changed cells run again.
     changed = _cells(defaults={**BASE, "train": {"lr": 1e-4}})
-    assert {c["id"] for c in changed}.isdisjoint({c["id"] for c in cells})
+    assert {c.id for c in changed}.isdisjoint({c.id for c in cells})
     third = FakeExecutor()
     run_grid(changed, tmp_path, third, progress=False)
-    assert sorted(third.calls) == sorted(c["id"] for c in changed)
+    assert sorted(third.calls) == sorted(c.id for c in changed)
 
 
 def test_a_failed_cell_is_recorded_and_the_grid_continues(tmp_path):
     cells = _cells()
     summary = run_grid(cells, tmp_path, FakeExecutor(fail={"RKL+R"}), progress=False)
-    failed = [c for c in cells if c["method"] == "RKL+R"]
-    assert set(summary.failed) == {c["id"] for c in failed}
+    failed = [c for c in cells if c.arm.method == "RKL+R"]
+    assert set(summary.failed) == {c.id for c in failed}
     assert len(summary.done) == len(cells) - len(failed)
     for cell in failed:
-        status = json.loads((tmp_path / cell["id"] / "status.json").read_text())
+        status = json.loads((tmp_path / cell.id / "status.json").read_text())
         assert status["status"] == "failed" and "boom in RKL+R" in status["error"]
         assert "RuntimeError" in status["traceback"]
-        assert not (tmp_path / cell["id"] / "metrics.json").exists()
+        assert not (tmp_path / cell.id / "metrics.json").exists()
     # By default the next run retries only the failed cells, and a success replaces the record.
     retry = FakeExecutor()
     summary = run_grid(cells, tmp_path, retry, progress=False)
-    assert sorted(retry.calls) == sorted(c["id"] for c in failed) and summary.ok
-    loaded = load_cells(tmp_path)
-    assert len(loaded) == len(cells) and all(e["status"]["status"] == "done" for e in loaded)
+    assert sorted(retry.calls) == sorted(c.id for c in failed) and summary.ok
+    loaded = load_results(tmp_path)
+    assert len(loaded) == len(cells) and all(e.done for e in loaded)
 
 
 def test_skip_failed_leaves_failed_cells_alone(tmp_path):
@@ -109,7 +109,7 @@ def test_parallel_jobs_run_every_cell_once(tmp_path):
     cells = _cells(seeds=(1, 2, 3))
     executor = FakeExecutor()
     summary = run_grid(cells, tmp_path, executor, jobs=3, progress=False)
-    assert summary.ok and sorted(executor.calls) == sorted(c["id"] for c in cells)
+    assert summary.ok and sorted(executor.calls) == sorted(c.id for c in cells)
 
 
 def test_returning_no_metrics_is_a_failure(tmp_path):
@@ -138,12 +138,12 @@ _KILLABLE = textwrap.dedent("""
     class Executor:
         def run(self, cell, workdir):
             with open(out.parent / "calls.txt", "a") as f:
-                f.write(cell["id"] + "\\n")
+                f.write(cell.id + "\\n")
             checkpoint = workdir / "checkpoint.json"
             resumed_from = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
             checkpoint.write_text(json.dumps({"step": 5}))
             (workdir / "metrics_partial.json").write_text("{")  # a torn file the kill leaves behind
-            if cell["method"] == hang_on and resumed_from == 0:
+            if cell.arm.method == hang_on and resumed_from == 0:
                 print("HANGING", flush=True)
                 time.sleep(600)
             return {"resumed_from": resumed_from}
@@ -163,16 +163,16 @@ def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
     proc.wait(timeout=30)
 
     calls_before = (tmp_path / "calls.txt").read_text().split()
-    published = {e["config"]["method"]: e for e in load_cells(out)}
+    published = {e.cell.arm.method: e for e in load_results(out)}
     assert set(published) == {"KL"}  # the cell that was running is not visible, even partially
-    assert published["KL"]["metrics"] == {"resumed_from": 0.0}
+    assert published["KL"].metrics == {"resumed_from": 0.0}
     hung_id = calls_before[-1]
     assert (out / STAGING / hung_id / "checkpoint.json").is_file()
 
     subprocess.run([sys.executable, str(script), str(out), "RKL"], check=True, timeout=120)
     calls_after = (tmp_path / "calls.txt").read_text().split()[len(calls_before):]
-    assert published["KL"]["config"]["id"] not in calls_after  # finished cell not repeated
-    final = {e["config"]["method"]: e["metrics"] for e in load_cells(out)}
+    assert published["KL"].cell.id not in calls_after  # finished cell not repeated
+    final = {e.cell.arm.method: e.metrics for e in load_results(out)}
     assert set(final) == {"KL", "KL+R", "RKL", "RKL+R"}
     assert final["RKL"] == {"resumed_from": 5.0}  # picked up the killed cell's checkpoint
 
@@ -189,7 +189,7 @@ def test_two_runners_on_one_folder_do_every_cell_exactly_once_and_both_succeed(t
         time.sleep(0.05)
     for thread in threads:
         thread.join(timeout=60)
-    assert sorted(executor.calls) == sorted(c["id"] for c in cells)  # each cell ran once, in one runner
+    assert sorted(executor.calls) == sorted(c.id for c in cells)  # each cell ran once, in one runner
     assert len(summaries) == 2 and all(s.ok for s in summaries)
     assert sum(len(s.done) for s in summaries) == len(cells)
     assert sum(len(s.elsewhere) for s in summaries) >= 1  # the second runner waited for the first's cell
@@ -212,5 +212,5 @@ def test_a_failed_cell_process_reports_its_last_error_line(tmp_path):
     (error,) = summary.failed.values()
     reason, _, rest = error.partition(" (cell process exited with 1")
     assert rest and "no-such-" in reason and ":" in reason  # the exception line itself, not a log pointer
-    status = json.loads((tmp_path / "out" / cells[0]["id"] / "status.json").read_text())
+    status = json.loads((tmp_path / "out" / cells[0].id / "status.json").read_text())
     assert status["error"] == error

@@ -36,44 +36,44 @@ seeds: [1, 2]
     cells = expand(spec)
     # per task: 3 objectives x {none, R} x 2 seeds + Rank-{5,15} x 2 seeds (one per k, not per objective)
     assert len(cells) == 2 * (3 * 2 * 2 + 2 * 2)
-    assert len({c["id"] for c in cells}) == len({c["config_hash"] for c in cells}) == len(cells)
-    methods = {c["method"] for c in cells}
+    assert len({c.id for c in cells}) == len({c.config_hash for c in cells}) == len(cells)
+    methods = {c.arm.method for c in cells}
     assert methods == {"KL", "RKL", "JSD", "KL+R", "RKL+R", "JSD+R", "Rank-5", "Rank-15"}
-    rank15 = [c for c in cells if c["method"] == "Rank-15"]
-    assert all(c["run"]["loss"]["ranking"]["mode"] == "rank_only" and c["run"]["loss"]["ranking"]["k"] == 15
+    rank15 = [c for c in cells if c.arm.method == "Rank-15"]
+    assert all(c.run["loss"]["ranking"]["mode"] == "rank_only" and c.run["loss"]["ranking"]["k"] == 15
                for c in rank15)
-    assert {c["run"]["data"]["task"] for c in cells if c["task"] == "dolly"} == {"dolly"}
+    assert {c.run["data"]["task"] for c in cells if c.task == "dolly"} == {"dolly"}
     # the fields tables pair rows by: objective and variant, never the label
-    kl_r = next(c for c in cells if c["method"] == "KL+R")
-    assert (kl_r["objective_label"], kl_r["variant"]) == ("KL", "R")
-    assert (rank15[0]["objective_label"], rank15[0]["variant"]) == (None, "rank_only")
+    kl_r = next(c for c in cells if c.arm.method == "KL+R")
+    assert (kl_r.arm.objective_label, kl_r.arm.variant) == ("KL", "R")
+    assert (rank15[0].arm.objective_label, rank15[0].arm.variant) == (None, "rank_only")
 
 
 def test_sweep_does_not_multiply_cells_without_ranking():
     raw = _raw(objectives=["kl"], variants=["none", "R", "R_dynamic"], seeds=[7],
                sweep={"k": [5, 10, 15], "train.lr": [1e-5, 2e-5]})
     cells = expand(parse_spec(raw))
-    by_method = {m: [c for c in cells if c["method"] == m] for m in {c["method"] for c in cells}}
+    by_method = {m: [c for c in cells if c.arm.method == m] for m in {c.arm.method for c in cells}}
     assert len(by_method["KL"]) == 2  # lr only
     assert len(by_method["KL+R"]) == len(by_method["KL+R (Dynamic)"]) == 6
-    combos = {(c["sweep"]["k"], c["run"]["train"]["lr"]) for c in by_method["KL+R"]}
+    combos = {(c.arm.sweep["k"], c.run["train"]["lr"]) for c in by_method["KL+R"]}
     assert combos == set(itertools.product([5, 10, 15], [1e-5, 2e-5]))
-    assert {c["run"]["loss"]["ranking"]["mode"] for c in by_method["KL+R (Dynamic)"]} == {"dynamic"}
+    assert {c.run["loss"]["ranking"]["mode"] for c in by_method["KL+R (Dynamic)"]} == {"dynamic"}
 
 
 def test_cell_ids_are_stable_and_follow_the_config():
     raw = _raw(objectives=["kl"], seeds=[7], defaults={**BASE_TREE, "train": {"lr": 2e-5}})
     first = expand(parse_spec(raw))
     again = expand(parse_spec(dict(raw)))
-    assert [c["id"] for c in first] == [c["id"] for c in again]
-    assert first[0]["id"].endswith(first[0]["config_hash"][:10])
+    assert [c.id for c in first] == [c.id for c in again]
+    assert first[0].id.endswith(first[0].config_hash[:10])
     changed = expand(parse_spec({**raw, "defaults": {**BASE_TREE, "train": {"lr": 3e-5}}}))
-    assert {c["id"] for c in changed}.isdisjoint({c["id"] for c in first})
+    assert {c.id for c in changed}.isdisjoint({c.id for c in first})
     # spelling out a default value does not change the hash (the canonical form leaves defaults out)
     spelled = expand(parse_spec({**raw, "defaults": {**BASE_TREE, "train": {"lr": 2e-5, "grad_clip": 1.0}}}))
-    assert [c["config_hash"] for c in spelled] == [c["config_hash"] for c in first]
-    assert canonical_run(first[0]["run"]) == canonical_run({**first[0]["run"], "log_every": 1})
-    assert first[0]["config_hash"] != config_hash({})
+    assert [c.config_hash for c in spelled] == [c.config_hash for c in first]
+    assert canonical_run(first[0].run) == canonical_run({**first[0].run, "log_every": 1})
+    assert first[0].config_hash != config_hash({})
 
 
 def test_the_real_registry_is_used():
@@ -81,7 +81,7 @@ def test_the_real_registry_is_used():
 
     names = list_objectives()
     cells = expand(parse_spec(_raw(objectives=names, seeds=[1])))
-    assert {c["run"]["loss"]["objective"] for c in cells} == set(names)
+    assert {c.run["loss"]["objective"] for c in cells} == set(names)
 
 
 def test_a_partial_run_config_is_merged_in_order():
@@ -90,8 +90,8 @@ def test_a_partial_run_config_is_merged_in_order():
                objectives=[{"name": "kl", "run": {"train": {"max_steps": 3}}}],
                variants=[{"name": "R", "run": {"loss": {"ranking": {"k": 7}}}}], seeds=[1])
     (cell,) = expand(parse_spec(raw))
-    assert cell["run"]["train"] == {"lr": 2e-5, "max_steps": 3}
-    assert cell["run"]["loss"]["ranking"]["k"] == 7 and cell["method"] == "KL+R"
+    assert cell.run["train"] == {"lr": 2e-5, "max_steps": 3}
+    assert cell.run["loss"]["ranking"]["k"] == 7 and cell.arm.method == "KL+R"
 
 
 def test_composed_losses_are_rows_too():
@@ -99,8 +99,8 @@ def test_composed_losses_are_rows_too():
                                                                            {"objective": "ce", "weight": 0.5}]}}}],
                seeds=[1])
     cells = expand(parse_spec(raw))
-    assert {c["method"] for c in cells} == {"KL+0.5CE", "KL+0.5CE+R"}
-    assert all("objective" not in c["run"]["loss"] for c in cells)
+    assert {c.arm.method for c in cells} == {"KL+0.5CE", "KL+0.5CE+R"}
+    assert all("objective" not in c.run["loss"] for c in cells)
 
 
 BAD_VALUES = [
@@ -167,21 +167,21 @@ objectives: [kl]
 tiny: {defaults: {models: {teacher: "@tiny/teacher", student: "@tiny/student"}, data: {limit: 8}}}
 """)
     cell = expand(load_spec(path, tiny=True))[0]
-    assert cell["run"]["models"] == {"teacher": "@tiny/teacher", "student": "@tiny/student"}
-    assert cell["run"]["data"] == {"task": "gsm8k", "limit": 8} and cell["run"]["train"]["epochs"] == 2
+    assert cell.run["models"] == {"teacher": "@tiny/teacher", "student": "@tiny/student"}
+    assert cell.run["data"] == {"task": "gsm8k", "limit": 8} and cell.run["train"]["epochs"] == 2
 
 
 def test_references_and_filters():
     raw = _raw(objectives=["kl", "rkl"], seeds=[1], references=["teacher", "student"],
                defaults={**BASE_TREE, "train": {"lr": 1e-5}})
     cells = expand(parse_spec(raw))
-    refs = [c for c in cells if c["kind"] == "reference"]
-    assert [c["method"] for c in refs] == ["Teacher", "Start"]
-    assert refs[0]["run"] == {"models": {"teacher": "T", "student": "S"}}  # scores the base models only
-    assert {c["method"] for c in filter_cells(cells, "KL+R")} == {"KL+R"}
-    assert {c["method"] for c in filter_cells(cells, "KL+R,Teacher")} == {"KL+R", "Teacher"}
-    assert {c["method"] for c in filter_cells(cells, r"re:^t-R?KL\+R-")} == {"KL+R", "RKL+R"}
-    assert {c["method"] for c in filter_cells(cells, "t-Rank*,*-RKL-*")} == {"RKL"}
+    refs = [c for c in cells if c.kind == "reference"]
+    assert [c.arm.method for c in refs] == ["Teacher", "Start"]
+    assert refs[0].run == {"models": {"teacher": "T", "student": "S"}}  # scores the base models only
+    assert {c.arm.method for c in filter_cells(cells, "KL+R")} == {"KL+R"}
+    assert {c.arm.method for c in filter_cells(cells, "KL+R,Teacher")} == {"KL+R", "Teacher"}
+    assert {c.arm.method for c in filter_cells(cells, r"re:^t-R?KL\+R-")} == {"KL+R", "RKL+R"}
+    assert {c.arm.method for c in filter_cells(cells, "t-Rank*,*-RKL-*")} == {"RKL"}
     with pytest.raises(SpecError, match="bad regex"):
         filter_cells(cells, "re:(")
 

@@ -28,7 +28,7 @@ def _cell(**run):
 def test_a_cell_run_is_the_engine_config_plus_output_and_resolved_models(tmp_path):
     cell = _cell(train={"lr": 3e-5, "micro_batch_size": 4, "grad_accum": 16, "epochs": 2},
                  data={"task": "gsm8k", "max_length": 1024, "limit": 1000}, checkpoint={"every_steps": 7})
-    tree = engine_tree(cell["run"], tmp_path / "out", cache_dir=tmp_path)
+    tree = engine_tree(cell.run, tmp_path / "out", cache_dir=tmp_path)
     assert tree["output_dir"] == str(tmp_path / "out") and tree["seed"] == 5 and tree["progress_bar"] is False
     cfg = load_config(base=tree)
     assert (cfg.models.teacher, cfg.models.student) == ("T", "S")
@@ -38,7 +38,7 @@ def test_a_cell_run_is_the_engine_config_plus_output_and_resolved_models(tmp_pat
     assert cfg.loss.objective == "akl" and cfg.loss.params == {"mu": 0.3}
     r = cfg.loss.ranking
     assert (r.enabled, r.mode, r.correlation, r.k, r.rank_weight, r.base_weight) == (True, "dynamic", "spearman", 7, 2.0, 1.0)
-    cached = engine_tree(cell["run"], tmp_path / "out", cache_dir=tmp_path, teacher_cache=True)
+    cached = engine_tree(cell.run, tmp_path / "out", cache_dir=tmp_path, teacher_cache=True)
     assert cached["teacher_cache"] == str(tmp_path / "teacher_logits")
 
 
@@ -62,10 +62,10 @@ def test_results_refs_resolve_without_entering_the_hash(tmp_path):
 
 def test_tiny_models_are_named_in_dry_runs_and_built_otherwise(tmp_path):
     cell = _cell(models={"teacher": "@tiny/teacher", "student": "@tiny/student"})
-    tree = engine_tree(cell["run"], tmp_path / "o", cache_dir=tmp_path, create_models=False)
+    tree = engine_tree(cell.run, tmp_path / "o", cache_dir=tmp_path, create_models=False)
     assert tree["models"]["teacher"] == str(tmp_path / "tiny-teacher") and not (tmp_path / "tiny-teacher").exists()
     with pytest.raises(ModelRefError, match="unknown tiny model"):
-        engine_tree(_cell(models={"teacher": "@tiny/huge", "student": "S"})["run"], tmp_path / "o", cache_dir=tmp_path)
+        engine_tree(_cell(models={"teacher": "@tiny/huge", "student": "S"}).run, tmp_path / "o", cache_dir=tmp_path)
 
 
 def test_teacher_generations_replace_responses_once_and_are_reused(tmp_path, monkeypatch):
@@ -120,13 +120,13 @@ def test_reference_rows_carry_the_training_keys_only_when_staged():
              "references": ["student"], "defaults": {**base, "train": {"lr": 1.0}}}
     other_lr = {**plain, "defaults": {**base, "train": {"lr": 2.0}}}
     start = [expand(parse_spec(s))[0] for s in (plain, other_lr)]
-    assert start[0]["run"] == {"models": {"teacher": "T", "student": "S"}}
-    assert start[0]["config_hash"] == start[1]["config_hash"]  # a base model does not depend on lr
+    assert start[0].run == {"models": {"teacher": "T", "student": "S"}}
+    assert start[0].config_hash == start[1].config_hash  # a base model does not depend on lr
     staged = [expand(parse_spec({**s, "stages": {"student_sft": {"train": {"max_steps": 3}}}}))[0]
               for s in (plain, other_lr)]
-    assert staged[0]["stages"]["student"]["train"] == {"lr": 1.0, "max_steps": 3}
-    assert staged[0]["stages"]["student"]["loss"] == {"objective": "ce"}
-    assert staged[0]["config_hash"] != staged[1]["config_hash"]
+    assert staged[0].stages["student"]["train"] == {"lr": 1.0, "max_steps": 3}
+    assert staged[0].stages["student"]["loss"] == {"objective": "ce"}
+    assert staged[0].config_hash != staged[1].config_hash
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path,
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(60))}) + "\n"
                             for i in range(12)))
-    cells = {c["method"]: c for c in expand(parse_spec(_staged_spec(docs)))}
+    cells = {c.arm.method: c for c in expand(parse_spec(_staged_spec(docs)))}
     cache, shared = tmp_path / "res" / ".cache", tmp_path / "res" / ".shared"
     start, _ = run_cell_inprocess(cells["Start"], tmp_path / "start", cache_dir=cache, shared_dir=shared)
     stages = [p for p in shared.iterdir() if p.name.startswith("student_sft-") and p.is_dir()]
@@ -191,24 +191,24 @@ def test_a_cell_trained_by_its_slurm_job_is_evaluated_without_retraining(tmp_pat
     spec_path = tmp_path / "staged.yaml"
     spec_path.write_text(yaml.safe_dump(_staged_spec(docs)))
     results = tmp_path / "results"
-    cells = {c["method"]: c for c in expand(parse_spec(_staged_spec(docs)))}
+    cells = {c.arm.method: c for c in expand(parse_spec(_staged_spec(docs)))}
     kl = cells["KL"]
 
     assert bench_main([str(spec_path), "--dry-run", "--slurm", "--results-dir", str(results)]) == 0
     assert "student_sft stage has not run yet" in capsys.readouterr().out  # the stage comes first
     cache, shared = results / ".cache", results / ".shared"
-    run_cell_inprocess(cells["Start"], results / ".staging" / cells["Start"]["id"], cache_dir=cache,
+    run_cell_inprocess(cells["Start"], results / ".staging" / cells["Start"].id, cache_dir=cache,
                        shared_dir=shared)
     assert bench_main([str(spec_path), "--dry-run", "--slurm", "--results-dir", str(results)]) == 0
     launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rlkd launch slurm")]
-    assert len(launches) == 1 and kl["id"][:60] in launches[0]
-    job_config = results / ".slurm" / f"{kl['id']}.yaml"
+    assert len(launches) == 1 and kl.id[:60] in launches[0]
+    job_config = results / ".slurm" / f"{kl.id}.yaml"
     assert "student_sft-pretrain-" in yaml.safe_load(job_config.read_text())["models"]["student"]
 
     run_training(job_config)  # what the Slurm job runs
     monkeypatch.setattr("rlkd.engine.train.run_training",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
-    metrics, _ = run_cell_inprocess(kl, results / ".staging" / kl["id"], cache_dir=cache, shared_dir=shared)
+    metrics, _ = run_cell_inprocess(kl, results / ".staging" / kl.id, cache_dir=cache, shared_dir=shared)
     assert {"cr@1", "mor@20", "ppl", "heldout_cr@1", "final_train_loss"} <= set(metrics)
 
 
@@ -242,12 +242,12 @@ def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(
     docs.write_text("".join(json.dumps({"text": " ".join(words[(i * j + j) % 16] for j in range(60))}) + "\n"
                             for i in range(12)))
     sft = {"student_sft": {"data": {"skip": 3, "limit": None, "max_samples": None}, "train": {"max_steps": 2}}}
-    a = {c["method"]: c for c in expand(parse_spec(_healed_spec(docs, "a", _heal(), **sft)))}
-    b = {c["method"]: c for c in expand(parse_spec(_healed_spec(docs, "b", _heal())))}
-    assert a["Start"]["stages"]["student_heal"]["loss"]["objective"] == "kl"
-    assert a["Start"]["stages"]["student_heal"]["models"]["student"] == "@tiny/student"
+    a = {c.arm.method: c for c in expand(parse_spec(_healed_spec(docs, "a", _heal(), **sft)))}
+    b = {c.arm.method: c for c in expand(parse_spec(_healed_spec(docs, "b", _heal())))}
+    assert a["Start"].stages["student_heal"]["loss"]["objective"] == "kl"
+    assert a["Start"].stages["student_heal"]["models"]["student"] == "@tiny/student"
     other = expand(parse_spec(_healed_spec(docs, "b", _heal(lr=2e-3))))
-    assert {c["config_hash"] for c in other}.isdisjoint(c["config_hash"] for c in b.values())  # healing enters every cell
+    assert {c.config_hash for c in other}.isdisjoint(c.config_hash for c in b.values())  # healing enters every cell
 
     results = tmp_path / "results"
     for spec_name, cells in (("a", a), ("b", b)):
@@ -304,7 +304,7 @@ def test_a_parallel_run_trains_each_missing_stage_first_in_one_cell_with_every_c
 
         def run(self, cell, workdir):
             heal = stage_dir(cell, "student_heal", out / ".shared")
-            runs.append((cell["id"], self.threads, finished_stage(cell, "student_heal", out / ".shared") is None))
+            runs.append((cell.id, self.threads, finished_stage(cell, "student_heal", out / ".shared") is None))
             (heal / "export").mkdir(parents=True, exist_ok=True)  # what the stage leaves behind
             # atomically, as the real stage does: the other cell's thread may be reading it
             temporary = heal / f"done.json.{threading.get_ident()}"
@@ -318,7 +318,7 @@ def test_a_parallel_run_trains_each_missing_stage_first_in_one_cell_with_every_c
     first, rest = runs[0], runs[1:]
     assert first[1] is None and first[2]  # the stage ran in the first cell, with no thread limit
     assert all(threads == 1 and not missing for _, threads, missing in rest)
-    assert sorted(r[0] for r in runs) == sorted(c["id"] for c in cells)  # each cell exactly once
+    assert sorted(r[0] for r in runs) == sorted(c.id for c in cells)  # each cell exactly once
     times = json.loads((out / orchestrate.RUN_TIMES).read_text())
     assert times["runs"][-1]["cells_run"] == len(cells)
 
@@ -335,8 +335,8 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
 
     from rlkd.bench import orchestrate
     from rlkd.bench.stages import stage_dir
-    from rlkd.bench.store import load_cells
-    from rlkd.bench.tables import stage_version_notes
+    from rlkd.bench.store import load_results
+    from rlkd.bench.report.tables import stage_version_notes
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("")
@@ -359,7 +359,7 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
 
     monkeypatch.setattr(orchestrate, "LocalExecutor", FakeExecutor)
     assert orchestrate.run_cells(cells[:2], out, spec_source="a.yaml", layout=None, jobs=1, tables=False) == 0
-    assert stage_version_notes(load_cells(out)) == []  # both started from the same export
+    assert stage_version_notes(load_results(out)) == []  # both started from the same export
 
     # A fresh machine: the stage is gone, runs again and gives other weights.
     heal = stage_dir(cells[0], "student_heal", out / ".shared")
@@ -372,24 +372,24 @@ def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cell
     def expected(content: bytes) -> str:  # the checkpoint hash: sha256 over "name\0sha256(file)\n"
         return hashlib.sha256(f"model.safetensors\0{hashlib.sha256(content).hexdigest()}\n".encode()).hexdigest()
 
-    recorded = {c["id"]: json.loads((out / c["id"] / "provenance.json").read_text())["stages"] for c in cells}
-    assert recorded[cells[0]["id"]] == recorded[cells[1]["id"]] == {"student_heal": expected(weights["first"])}
-    assert recorded[cells[2]["id"]] == {"student_heal": expected(weights["second"])}
+    recorded = {c.id: json.loads((out / c.id / "provenance.json").read_text())["stages"] for c in cells}
+    assert recorded[cells[0].id] == recorded[cells[1].id] == {"student_heal": expected(weights["first"])}
+    assert recorded[cells[2].id] == {"student_heal": expected(weights["second"])}
     assert json.loads((heal / "done.json").read_text())["export_sha256"] == expected(weights["second"])
-    notes = stage_version_notes(load_cells(out))
+    notes = stage_version_notes(load_results(out))
     assert notes[0].startswith("These cells started from 2 different exports")
     assert f"student_heal@{expected(weights['first'])[:10]}: 2 cell(s)" in notes[1]
-    assert f"student_heal@{expected(weights['second'])[:10]}: 1 cell(s): `{cells[2]['id']}`" in notes[2]
+    assert f"student_heal@{expected(weights['second'])[:10]}: 1 cell(s): `{cells[2].id}`" in notes[2]
 
     # The same grouping tells cells that ran on other code (a sha and a dirty flag recorded apart).
-    from rlkd.bench.tables import code_version_notes
+    from rlkd.bench.report.tables import code_version_notes
 
-    assert code_version_notes(load_cells(out)) == []
-    moved = out / cells[1]["id"] / "provenance.json"
+    assert code_version_notes(load_results(out)) == []
+    moved = out / cells[1].id / "provenance.json"
     moved.write_text(json.dumps({**json.loads(moved.read_text()), "git_sha": "f" * 40, "git_dirty": True}))
-    notes = code_version_notes(load_cells(out))
+    notes = code_version_notes(load_results(out))
     assert notes[0].startswith("These cells ran on 2 different code versions")
-    assert notes[2] == f"ffffffffff (uncommitted changes): 1 cell(s): `{cells[1]['id']}`"
+    assert notes[2] == f"ffffffffff (uncommitted changes): 1 cell(s): `{cells[1].id}`"
 
 
 def test_a_cell_from_another_stage_export_than_the_tables_is_refused(tmp_path, monkeypatch):
@@ -398,16 +398,27 @@ def test_a_cell_from_another_stage_export_than_the_tables_is_refused(tmp_path, m
     from rlkd.bench import stages as stages_module
 
     first, other = "a" * 64, "b" * 64
-    (tmp_path / "dolly-KL-s1-x").mkdir()
-    (tmp_path / "dolly-KL-s1-x" / "provenance.json").write_text(json.dumps({"stages": {"student_heal": first}}))
-    (tmp_path / "old-cell").mkdir()
-    (tmp_path / "old-cell" / "provenance.json").write_text(json.dumps({"git_sha": "0"}))  # before stages were recorded
-    (tmp_path / "torn-cell").mkdir()
-    (tmp_path / "torn-cell" / "provenance.json").write_text('{"stages": ')
+
+    def finished(name: str, provenance: str) -> None:
+        """A done cell's record as the runner writes it, with this provenance.json text."""
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"id": name, "spec": "s", "config_hash": name, "task": "dolly", "kind": "distill", "method": "KL",
+                  "objective_label": "KL", "variant": "none", "seed": 1, "sweep": {}, "reference": None,
+                  "candidate": None, "run": {}, "stages": {}, "teacher_generations": None, "teacher_cache": False,
+                  "keep_checkpoints": False, "eval": {}}
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "status.json").write_text(json.dumps({"status": "done", "config_hash": name}))
+        (folder / "metrics.json").write_text(json.dumps({"score": 1.0}))
+        (folder / "provenance.json").write_text(provenance)
+
+    finished("dolly-KL-s1-x", json.dumps({"stages": {"student_heal": first}}))
+    finished("old-cell", json.dumps({"git_sha": "0"}))  # before stages were recorded
+    finished("torn-cell", '{"stages": ')
     monkeypatch.setattr(stages_module, "stage_fingerprints", lambda cell, shared: {"student_heal": first})
-    stages_module.check_stage_exports({}, tmp_path / ".shared", tmp_path)  # the same export: runs
+    stages_module.check_stage_exports(None, tmp_path / ".shared", tmp_path)  # the same export: runs
     monkeypatch.setattr(stages_module, "stage_fingerprints", lambda cell, shared: {"student_heal": other})
     with pytest.raises(stages_module.StageExportMismatch) as info:
-        stages_module.check_stage_exports({}, tmp_path / ".shared", tmp_path)
+        stages_module.check_stage_exports(None, tmp_path / ".shared", tmp_path)
     text = str(info.value)
     assert "dolly-KL-s1-x" in text and first[:12] in text and other[:12] in text and "student_heal" in text

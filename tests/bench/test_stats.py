@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rlkd.bench.effects import EXAMPLES, NONE, SEEDS, ranking_pairs, verdict
-from rlkd.bench.layouts import get_layout
+from rlkd.bench.report.effects import EXAMPLES, NONE, SEEDS, ranking_pairs, verdict
+from rlkd.bench.report.layouts import get_layout
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.paper import paper_table
-from rlkd.bench.stats import BOOTSTRAP_RESAMPLES, holm, holm_bounds, paired_bootstrap, random_effects
-from rlkd.bench.store import load_cells
+from rlkd.bench.report.paper import paper_table
+from rlkd.bench.report.stats import BOOTSTRAP_RESAMPLES, holm, holm_bounds, paired_bootstrap, random_effects
+from rlkd.bench.store import load_results
 from rlkd.bench.table_cli import main as table_main
-from rlkd.bench.tables import collect, row_order
+from rlkd.bench.report.tables import collect, row_order
 
 BASE_RUN = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
 
@@ -130,7 +130,7 @@ def test_random_effects_closed_forms():
 def _grid(tmp_path, raw, executor):
     run_grid(expand(parse_spec(_with_base(raw))), tmp_path, executor, progress=False)
     layout = get_layout(raw.get("layout"))
-    return layout, collect(load_cells(tmp_path), layout)
+    return layout, collect(load_results(tmp_path), layout)
 
 
 def test_pairing_uses_cell_fields_so_a_user_label_may_contain_plus_r(tmp_path):
@@ -141,7 +141,7 @@ def test_pairing_uses_cell_fields_so_a_user_label_may_contain_plus_r(tmp_path):
 
     class Executor:
         def run(self, cell, workdir):
-            return {"ppl": value[(cell["objective_label"], cell["variant"])][cell["seed"] - 1]}
+            return {"ppl": value[(cell.arm.objective_label, cell.arm.variant)][cell.arm.seed - 1]}
 
     raw = {"name": "p", "tasks": [{"name": "pretrain"}], "seeds": [1, 2, 3],
            "objectives": [{"name": "kl", "label": "KL+RKL"}, {"name": "rkl", "label": "RKL"}]}
@@ -163,8 +163,8 @@ def test_pairing_uses_cell_fields_so_a_user_label_may_contain_plus_r(tmp_path):
 def test_a_ranking_sweep_pairs_each_k_with_the_same_base(tmp_path):
     class Executor:
         def run(self, cell, workdir):
-            k = cell["run"]["loss"]["ranking"].get("k", 0) if cell["run"]["loss"]["ranking"]["enabled"] else 0
-            return {"ppl": 10.0 - k / 10 + cell["seed"]}
+            k = cell.run["loss"]["ranking"].get("k", 0) if cell.run["loss"]["ranking"]["enabled"] else 0
+            return {"ppl": 10.0 - k / 10 + cell.arm.seed}
 
     raw = {"name": "k", "tasks": [{"name": "pretrain"}], "objectives": ["kl"], "variants": ["none", "R"],
            "sweep": {"k": [5, 10]}, "seeds": [1]}
@@ -178,7 +178,7 @@ def test_a_ranking_sweep_pairs_each_k_with_the_same_base(tmp_path):
 def test_too_few_seeds_prints_the_per_seed_differences(tmp_path):
     class Executor:
         def run(self, cell, workdir):
-            return {"cr@2": {"none": [60.0, 61.0], "R": [70.0, 69.0]}[cell["variant"]][cell["seed"] - 1]}
+            return {"cr@2": {"none": [60.0, 61.0], "R": [70.0, 69.0]}[cell.arm.variant][cell.arm.seed - 1]}
 
     raw = {"name": "few", "layout": "generic", "tasks": [{"name": "pretrain"}], "objectives": ["kl"],
            "variants": ["none", "R"], "seeds": [1, 2]}
@@ -200,7 +200,7 @@ def test_one_seed_with_per_example_scores_gets_a_bootstrap_interval(tmp_path):
 
     class Executor:
         def run(self, cell, workdir):
-            scores = ranked if cell["variant"] == "R" else base
+            scores = ranked if cell.arm.variant == "R" else base
             per_example = {"score": scores, "correct": [s / 100 for s in scores]}  # correct: a count, not a mean
             (workdir / "per_example.json").write_text(json.dumps(per_example))
             return {"score": sum(scores) / len(scores), "correct": sum(s / 100 for s in scores)}
@@ -232,7 +232,7 @@ def test_three_seeds_with_per_example_scores_also_get_the_bootstrap_over_evaluat
 
     class Executor:
         def run(self, cell, workdir):
-            values = scores[(cell["variant"], cell["seed"])].tolist()
+            values = scores[(cell.arm.variant, cell.arm.seed)].tolist()
             (workdir / "per_example.json").write_text(json.dumps({"score": values}))
             return {"score": sum(values) / len(values)}
 
@@ -264,8 +264,8 @@ def _table1_results(tmp_path, seeds=(1, 2, 3)):
 
     class Executor:
         def run(self, cell, workdir):
-            i = cell["seed"] - 1
-            metrics = {f"cr@{k}": cr[cell["variant"]][i] + k for k in (2, 3, 4, 5)}
+            i = cell.arm.seed - 1
+            metrics = {f"cr@{k}": cr[cell.arm.variant][i] + k for k in (2, 3, 4, 5)}
             metrics.update({f"mor@{k}": 50.0 + k + i for k in (3, 5, 10, 20)}, ppl=8.0 + i)
             return metrics
 
@@ -301,7 +301,11 @@ def test_cells_without_the_fields_are_not_paired_by_their_labels(tmp_path):
     _table1_results(tmp_path, seeds=(1,))
     for config_file in tmp_path.glob("*/config.json"):
         config = json.loads(config_file.read_text())
-        del config["objective_label"], config["variant"]
+        # as an rlkd of before both the fields and the record's schema version wrote it (v0: the arm's
+        # other fields at the top level)
+        arm = config.pop("arm")
+        del config["schema_version"], arm["objective_label"], arm["variant"]
+        config.update(arm)
         config_file.write_text(json.dumps(config))
     assert table_main([str(tmp_path), "--layout", "table1"]) == 0
     verdict_section = (tmp_path / "table.md").read_text().split("\n### ")[0]
@@ -316,8 +320,8 @@ def test_table2_verdict_pairs_within_each_task(tmp_path):
 
     class Executor:
         def run(self, cell, workdir):
-            value = score[(cell["task"], cell["variant"])] + cell["seed"] / 10
-            return {"score": value} if cell["task"] == "gsm8k" else {"rougeL": value}
+            value = score[(cell.task, cell.arm.variant)] + cell.arm.seed / 10
+            return {"score": value} if cell.task == "gsm8k" else {"rougeL": value}
 
     raw = {"name": "t2", "layout": "table2", "tasks": [{"name": "gsm8k"}, {"name": "dolly"}], "objectives": ["kl"],
            "variants": ["none", "R"], "seeds": [1, 2, 3]}
@@ -345,7 +349,7 @@ def test_mini_table2_verdict_families_floor_and_pooled_row(tmp_path):
 
     class Executor:
         def run(self, cell, workdir):
-            values = scores[(cell["objective_label"], cell["variant"], cell["seed"])]
+            values = scores[(cell.arm.objective_label, cell.arm.variant, cell.arm.seed)]
             pkg = values * 0.9 + 1.0
             (workdir / "per_example.json").write_text(json.dumps({"rougeL": values.tolist(),
                                                                   "rouge_pkg_rougeL": pkg.tolist()}))
@@ -359,7 +363,7 @@ def test_mini_table2_verdict_families_floor_and_pooled_row(tmp_path):
 
         shutil.rmtree(folder)
     layout = get_layout("mini_table2")
-    grid = collect(load_cells(tmp_path), layout)
+    grid = collect(load_results(tmp_path), layout)
     result = verdict(layout, grid, row_order(layout, grid))
     primary, beside = result.headlines
     assert primary.tested and not beside.tested

@@ -9,14 +9,14 @@ import math
 import pytest
 from scipy import stats
 
-from rlkd.bench.layouts import get_layout
-from rlkd.bench.paper import paper_table
+from rlkd.bench.report.layouts import get_layout
+from rlkd.bench.report.paper import paper_table
 from rlkd.bench.runner import run_grid
 from rlkd.bench.spec import expand, parse_spec
-from rlkd.bench.stats import mean_ci, paired_t
-from rlkd.bench.store import load_cells
+from rlkd.bench.report.stats import mean_ci, paired_t
+from rlkd.bench.store import load_results
 from rlkd.bench.table_cli import main as table_main
-from rlkd.bench.tables import build_tables, collect, ranking_effects
+from rlkd.bench.report.tables import build_tables, collect, ranking_effects
 
 BASE_RUN = {"models": {"teacher": "T", "student": "S"}, "data": {"task": "gsm8k"}}
 
@@ -34,8 +34,8 @@ CR2 = {"KL": [60.0, 61.0, 65.0], "KL+R": [70.0, 69.0, 74.0], "RKL": [50.0, 52.0,
 
 class TableExecutor:
     def run(self, cell, workdir):
-        i = cell["seed"] - 1
-        return {"ppl": PPL[cell["method"]][i], "cr@2": CR2[cell["method"]][i]}
+        i = cell.arm.seed - 1
+        return {"ppl": PPL[cell.arm.method][i], "cr@2": CR2[cell.arm.method][i]}
 
 
 @pytest.fixture()
@@ -77,7 +77,7 @@ def test_paired_t_against_hand_formula():
 
 def test_table1_cells_paper_columns_and_best(table1_results):
     layout = get_layout("table1")
-    grid = collect(load_cells(table1_results), layout)
+    grid = collect(load_results(table1_results), layout)
     (table,) = build_tables(layout, grid)
     assert table.rows == ["KL", "KL+R", "RKL", "RKL+R"]  # the paper's row order
     est = table.estimates[("KL", "pretrain/ppl")]
@@ -91,7 +91,7 @@ def test_table1_cells_paper_columns_and_best(table1_results):
 
 def test_ranking_effects_are_paired_over_seeds(table1_results):
     layout = get_layout("table1")
-    grid = collect(load_cells(table1_results), layout)
+    grid = collect(load_results(table1_results), layout)
     effects = {(e.ranked_row, e.column.key): e for e in ranking_effects(layout, grid)}
     assert set(effects) == {(r, c) for r in ("KL+R", "RKL+R") for c in ("pretrain/ppl", "pretrain/cr@2")}
     kl = effects[("KL+R", "pretrain/cr@2")]
@@ -119,14 +119,14 @@ def test_table_cli_writes_markdown_csv_latex_and_plot(table1_results, capsys):
 def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
     class Correct:
         def run(self, cell, workdir):
-            return {"correct": 100.0 + cell["run"]["loss"]["ranking"].get("k", 0)}
+            return {"correct": 100.0 + cell.run["loss"]["ranking"].get("k", 0)}
 
     raw = {"name": "t5", "tasks": [{"name": "gsm8k"}], "objectives": ["kl"], "variants": ["R", "rank_only"],
            "sweep": {"k": [5, 10]}, "seeds": [72]}
     out5 = tmp_path / "t5"
     run_grid(expand(parse_spec(_with_base(raw))), out5, Correct(), progress=False)
     layout = get_layout("table5")
-    (table,) = build_tables(layout, collect(load_cells(out5), layout))
+    (table,) = build_tables(layout, collect(load_results(out5), layout))
     assert table.rows == ["Rank-k", "KL+R"]
     assert table.estimates[("Rank-k", "gsm8k/correct|k=10")].mean == 110.0
     assert table.paper[("Rank-k", "gsm8k/correct|k=10")] == 240 and table.paper[("KL+R", "gsm8k/correct|k=5")] == 267
@@ -137,7 +137,7 @@ def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
     out8 = tmp_path / "t8"
     run_grid(expand(parse_spec(_with_base(raw8))), out8, Correct(), progress=False)
     layout = get_layout("table8")
-    (table,) = build_tables(layout, collect(load_cells(out8), layout))
+    (table,) = build_tables(layout, collect(load_results(out8), layout))
     assert table.rows == ["KL+R"]
     assert table.paper[("KL+R", "Pearson:gsm8k/correct")] == 230 and table.paper[("KL+R", "SRCC:gsm8k/correct")] == 267
 
@@ -145,7 +145,7 @@ def test_table5_k_columns_and_table8_transposed_paper(tmp_path):
 def test_failed_cells_are_listed_not_tabulated(tmp_path):
     class Half:
         def run(self, cell, workdir):
-            if cell["method"] == "RKL":
+            if cell.arm.method == "RKL":
                 raise ValueError("diverged")
             return {"ppl": 9.0}
 
@@ -176,19 +176,19 @@ def test_mini_table1_layout_puts_the_paper_beside_the_trained_on_section_only():
 
 
 def test_curves_leave_out_a_model_scored_against_itself(tmp_path):
-    from rlkd.bench.plots import curve_series
+    from rlkd.bench.report.plots import curve_series
 
     class Executor:
         def run(self, cell, workdir):
-            if cell["method"] == "Teacher":
+            if cell.arm.method == "Teacher":
                 return {"cr@1": 100.0, "cr@2": 100.0, "mor@3": 100.0}
-            return {"cr@1": 50.0 + cell["seed"], "cr@2": 20.0, "mor@3": 40.0}
+            return {"cr@1": 50.0 + cell.arm.seed, "cr@2": 20.0, "mor@3": 40.0}
 
     raw = {"name": "c", "layout": "table1", "tasks": [{"name": "pretrain"}], "objectives": ["kl"],
            "variants": ["none"], "seeds": [1, 2], "references": ["teacher"],
            "defaults": {"models": {"teacher": "T", "student": "S"}}}
     run_grid(expand(parse_spec(_with_base(raw))), tmp_path, Executor(), progress=False)
-    series = curve_series(collect(load_cells(tmp_path), get_layout("table1")))
+    series = curve_series(collect(load_results(tmp_path), get_layout("table1")))
     assert series == {("KL", "cr"): {1: 51.5, 2: 20.0}, ("KL", "mor"): {3: 40.0}}
 
 
@@ -209,11 +209,11 @@ def test_a_revised_spec_in_the_same_folder_tabulates_only_its_own_cells(tmp_path
     old = expand(parse_spec(_with_base(raw)))
     run_cells(old, tmp_path, spec_source="v.yaml", layout="table1", executor=Ppl(50.0), tables=False)
     revised = expand(parse_spec(_with_base({**raw, "defaults": {"train": {"lr": 3e-4}}})))
-    assert {c["id"] for c in revised}.isdisjoint(c["id"] for c in old)
+    assert {c.id for c in revised}.isdisjoint(c.id for c in old)
     assert run_cells(revised[:1], tmp_path, spec_source="v.yaml", layout="table1", executor=Ppl(10.0),
                      spec_cells=revised) == 0  # --only: one of the revised spec's two cells
     assert "2 cell folder(s)" in capsys.readouterr().err
-    assert len(load_cells(tmp_path)) == 3
+    assert len(load_results(tmp_path)) == 3
     md = (tmp_path / "table.md").read_text()
     assert "| KL | **10.00** | 7.85 |" in md and "50.00" not in md and "30.00" not in md
 
@@ -224,7 +224,7 @@ def test_plot_titles_are_wrapped_inside_the_figure(width):
     width, every line must lie inside it, measured by matplotlib's own text extents."""
     import matplotlib.pyplot as plt
 
-    from rlkd.bench.plots import _fitted
+    from rlkd.bench.report.plots import _fitted
 
     title = ("Mini reproduction of Table 2, Dolly (SmolLM2-135M teacher, healed 16-layer student): effect of "
              "the ranking loss, Δ(+R) = with R − without R; every objective, with and without the ranking loss")

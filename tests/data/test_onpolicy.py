@@ -119,12 +119,12 @@ def test_the_lambda_grid_spec_gives_each_cell_its_on_policy_block(tmp_path):
     from rlkd.bench.spec import expand, load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "benchmarks" / "onpolicy" / "gkd_lambda.yaml")
-    trained = [c for c in expand(spec) if c["kind"] == "distill"]
+    trained = [c for c in expand(spec) if c.kind == "distill"]
     assert len(trained) == 2 * 2 * 3  # (KL, JSD) x (none, R) x three lmbda values
     seen = set()
     for cell in trained:
-        cfg = load_config(base=dict(cell["run"], output_dir=str(tmp_path / cell["id"])))
-        assert cfg.data.on_policy.lmbda == cell["sweep"]["lmbda"] and not cell["teacher_cache"]
+        cfg = load_config(base=dict(cell.run, output_dir=str(tmp_path / cell.id)))
+        assert cfg.data.on_policy.lmbda == cell.arm.sweep["lmbda"] and not cell.teacher_cache
         assert cfg.data.on_policy.max_new_tokens == 256 and cfg.data.on_policy.temperature == 0.9
         seen.add((cfg.loss.label(), cfg.data.on_policy.lmbda))
     assert len(seen) == 12

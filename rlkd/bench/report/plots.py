@@ -3,7 +3,6 @@ the forest plot of the ranking loss's effect."""
 
 from __future__ import annotations
 
-import re
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -13,12 +12,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rlkd.bench.effects import EXAMPLES, NONE, RANKED_VARIANTS, SEEDS, Verdict  # noqa: E402
-from rlkd.bench.grid import Grid  # noqa: E402
+from rlkd.bench.report.effects import EXAMPLES, NONE, RANKED_VARIANTS, SEEDS, Verdict  # noqa: E402
+from rlkd.bench.report.grid import Grid  # noqa: E402
+from rlkd.bench.report.layouts import at_k  # noqa: E402
 
 REFERENCE_STYLE = {"Teacher": "black", "Start": "grey"}  # evaluation-only rows, dotted
-_AT_K = re.compile(r"^(?P<task>[^/|:]+)/(?P<prefix>[a-z_]*?)(?P<metric>cr|mor)@(?P<k>\d+)$")
-_SWEEP = re.compile(r"^(?P<base>[^|]+)\|k=(?P<k>\d+)$")
 
 
 def _row_kinds(grid: Grid) -> dict[str, tuple[str, str]]:
@@ -39,10 +37,11 @@ def curve_series(grid: Grid, prefix: str = "") -> dict[tuple[str, str], dict[int
     """{(row, "cr" | "mor"): {k: mean}} for the columns with this metric prefix."""
     series: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for (row, column) in grid.values:
-        match = _AT_K.match(column)
-        if not match or match["prefix"] != prefix:
+        key = grid.keys[column]
+        found = at_k(key.metric) if key.sweep is None and key.correlation is None else None
+        if found is None or found.prefix != prefix:
             continue
-        series[(row, match["metric"])][int(match["k"])] = grid.estimate(row, column).mean
+        series[(row, found.family)][found.k] = grid.estimate(row, column).mean
     # A model scored against itself (the teacher against the teacher) is 100 everywhere: it says
     # nothing and would squeeze every other curve into the bottom of the axes.
     identical = {row for row, _ in series if all(v == 100.0 for (r, _), pts in series.items() if r == row
@@ -89,9 +88,9 @@ def k_sweep(grid: Grid, out_path: Path, title: str = "") -> Path | None:
     """Metric against the ranking range k, one line per row (Table 5 / k sweeps)."""
     series: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for (row, column) in grid.values:
-        match = _SWEEP.match(column)
-        if match:
-            series[(row, match["base"])][int(match["k"])] = grid.estimate(row, column).mean
+        key = grid.keys[column]
+        if key.sweep is not None and key.sweep[0] == "k" and str(key.sweep[1]).isdigit():
+            series[(row, key.without_sweep().text)][int(key.sweep[1])] = grid.estimate(row, column).mean
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))

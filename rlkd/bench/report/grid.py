@@ -3,7 +3,7 @@
 A *row* is what a table prints (the layout's label). An *arm* is what a ±R comparison pairs: the
 cell's own fields (objective label, variant, sweep values), never parsed from a label, because a
 user's label may itself contain "+R". Metrics averaged over evaluation examples may come with their
-per-example values (``per_example.json`` in the cell directory); they are kept per arm too.
+per-example values (the record's ``per_example``); they are kept per arm too.
 """
 
 from __future__ import annotations
@@ -12,27 +12,26 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from rlkd.bench.layouts import Layout
-from rlkd.bench.stats import Estimate, mean_ci
-
-PER_EXAMPLE_FILE = "per_example.json"  # {metric: [value per evaluation example, fixed example order]}
+from rlkd.bench.report.layouts import ColumnKey, Layout
+from rlkd.bench.records import Cell, CellResult
+from rlkd.bench.report.stats import Estimate, mean_ci
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One side of a ±R comparison: the cell fields that identify a trained configuration."""
+    """One side of a ±R comparison: the fields of a cell's arm (rlkd.bench.records.CellArm) that
+    identify a trained configuration, its seed and row label left out (a pair is compared over seeds)."""
 
     objective_label: str | None  # None for Rank-only and reference rows
     variant: str | None  # "none", "R", "R_dynamic", "pearson", "rank_only", ...; None for references
     sweep: tuple[tuple[str, Any], ...]  # sorted (key, value) pairs
 
     @classmethod
-    def of(cls, config: dict[str, Any]) -> Arm:
-        sweep = tuple(sorted((str(k), _hashable(v)) for k, v in (config.get("sweep") or {}).items()))
-        return cls(config.get("objective_label"), config.get("variant"), sweep)
+    def of(cls, cell: Cell) -> Arm:
+        sweep = tuple(sorted((str(k), _hashable(v)) for k, v in cell.arm.sweep.items()))
+        return cls(cell.arm.objective_label, cell.arm.variant, sweep)
 
 
 def _hashable(value: Any) -> Any:
@@ -50,6 +49,7 @@ class Grid:
     examples: dict[tuple[Arm, str], dict[Any, list[float]]] = field(default_factory=lambda: defaultdict(dict))
     arm_rows: dict[Arm, str] = field(default_factory=dict)
     ranking_keys: dict[Arm, frozenset[str]] = field(default_factory=dict)  # keys of the arm's loss.ranking
+    keys: dict[str, ColumnKey] = field(default_factory=dict)  # column text -> its parts
     notes: list[str] = field(default_factory=list)
     without_fields: list[str] = field(default_factory=list)  # trained cells lacking objective_label/variant
 
@@ -72,14 +72,6 @@ class Grid:
         return mean_ci(list(found.values())) if found else None
 
 
-def _read_per_example(cell_dir: Path | None) -> dict[str, list[float]]:
-    if cell_dir is None or not (Path(cell_dir) / PER_EXAMPLE_FILE).is_file():
-        return {}
-    with (Path(cell_dir) / PER_EXAMPLE_FILE).open() as handle:
-        raw = json.load(handle)
-    return {str(k): [float(x) for x in v] for k, v in raw.items() if isinstance(v, list) and v}
-
-
 def _reproduces(values: list[float], metric: float) -> bool:
     """Per-example values are used only if their mean is the cell's metric: then they are the
     examples that metric averaged (not, say, 0/1 flags behind a count)."""
@@ -87,30 +79,30 @@ def _reproduces(values: list[float], metric: float) -> bool:
     return math.isclose(mean, metric, rel_tol=1e-6, abs_tol=1e-9)
 
 
-def collect(cells: list[dict[str, Any]], layout: Layout) -> Grid:
+def collect(results: list[CellResult], layout: Layout) -> Grid:
     grid = Grid()
-    for entry in cells:
-        config = entry["config"]
-        if entry["status"].get("status") != "done":
-            grid.failed.append((config["id"], entry["status"].get("error", "")))
+    for result in results:
+        cell = result.cell
+        if not result.done:
+            grid.failed.append((cell.id, result.status.error or ""))
             continue
-        arm = Arm.of(config) if config.get("variant") is not None else None
-        if config.get("kind") == "distill" and "variant" not in config:
-            grid.without_fields.append(config["id"])  # written before cells carried the fields
+        arm = Arm.of(cell) if cell.arm.variant is not None else None
+        if cell.kind == "distill" and cell.arm.variant is None:
+            grid.without_fields.append(cell.id)  # written before cells carried the fields
         if arm is not None:
-            ranking = ((config.get("run") or {}).get("loss") or {}).get("ranking") or {}
-            grid.ranking_keys[arm] = grid.ranking_keys.get(arm, frozenset()) | frozenset(ranking)
-        metrics = entry["metrics"]
-        for row, column, value in layout.entries(config, metrics):
-            grid.add(row, column, config.get("seed"), value, arm)
+            grid.ranking_keys[arm] = grid.ranking_keys.get(arm, frozenset()) | frozenset(cell.ranking)
+        metrics = result.metrics
+        for row, column, value in layout.entries(cell, metrics):
+            grid.keys[column.text] = column
+            grid.add(row, column.text, cell.arm.seed, value, arm)
         if arm is None:
             continue
-        for metric, values in _read_per_example(entry.get("dir")).items():
+        for metric, values in result.per_example.items():
             if metric not in metrics:
                 continue
             if not _reproduces(values, float(metrics[metric])):
-                grid.notes.append(f"`{config['id']}`: {PER_EXAMPLE_FILE} values for {metric} do not average to "
+                grid.notes.append(f"`{cell.id}`: per_example.json values for {metric} do not average to "
                                   "its metric; not used")
                 continue
-            grid.examples[(arm, layout.column_key(config, metric))][config.get("seed")] = values
+            grid.examples[(arm, layout.column_key(cell, metric))][cell.arm.seed] = values
     return grid

@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from rlkd.bench.grid import Arm, Grid
-from rlkd.bench.layouts import Column, Headline, Layout
+from rlkd.bench.report.grid import Arm, Grid
+from rlkd.bench.report.layouts import Column, Headline, Layout
 from rlkd.bench.spec import RANKED_VARIANTS
-from rlkd.bench.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, BootstrapTest, PairedTest, RandomEffects, holm,
+from rlkd.bench.report.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, BootstrapTest, PairedTest, RandomEffects, holm,
                               holm_bounds, paired_bootstrap, paired_t, random_effects)
 
 UNRANKED = "none"
@@ -225,7 +225,7 @@ def headlines(layout: Layout, grid: Grid) -> list[Headline]:
     """The layout's headline metrics; a layout without any puts every tabulated column in the verdict."""
     if layout.headlines:
         return list(layout.headlines)
-    return [Headline(c.header, (c.key,)) for c in tabulated_columns(layout, grid)]
+    return [Headline(c.header, (c.key,), better=c.better) for c in tabulated_columns(layout, grid)]
 
 
 def verdict(layout: Layout, grid: Grid, row_order: list[str] | None = None) -> Verdict:

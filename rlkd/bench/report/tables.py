@@ -1,7 +1,7 @@
 """Results directory -> tables beside the paper: Markdown, CSV and LaTeX.
 
 Every output opens with the verdict: the effect of the ranking loss, Δ(+R) per objective and
-headline metric with its interval and Holm-adjusted p (``rlkd/bench/effects.py``). Then each
+headline metric with its interval and Holm-adjusted p (``rlkd/bench/report/effects.py``). Then each
 (row, column) aggregates the seeds of the cells that land there: mean ± the half-width of the 95%
 Student-t interval when there are several seeds. The paper's number and ours − paper sit in
 adjacent columns. The best row of each column (lowest for PPL/time, highest otherwise; reference
@@ -16,13 +16,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
-from rlkd.bench.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Pooled, Verdict,
+from rlkd.bench.report.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Pooled, Verdict,
                                 VerdictCell, method_sentence, ranking_effects, verdict)
-from rlkd.bench.grid import Grid, collect
-from rlkd.bench.layouts import Column, Layout
-from rlkd.bench.stats import Estimate
+from rlkd.bench.report.grid import Grid, collect
+from rlkd.bench.report.layouts import Column, Layout
+from rlkd.bench.records import Cell, CellResult, Provenance
+from rlkd.bench.report.stats import Estimate
 
 __all__ = ["Grid", "collect", "build_tables", "ranking_effects", "verdict", "write_tables"]
 
@@ -419,16 +420,16 @@ def render_latex(tables: list[RenderedTable], result: Verdict | None = None) -> 
     return "\n".join(out)
 
 
-def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]], out_dir: Path | None = None,
+def write_tables(results_dir: Path, layout: Layout, results: list[CellResult], out_dir: Path | None = None,
                  unreadable: list[tuple[str, str]] = ()) -> dict[str, Path]:
     """``unreadable``: (cell id, problem) of records that could not be read; listed with the failed cells."""
     from rlkd.bench.store import write_text_atomic
 
     out_dir = out_dir or results_dir
-    grid = collect(cells, layout)
+    grid = collect(results, layout)
     grid.failed.extend((cell_id, f"record unreadable: {problem}") for cell_id, problem in unreadable)
-    grid.notes.extend(code_version_notes(cells))
-    grid.notes.extend(stage_version_notes(cells))
+    grid.notes.extend(code_version_notes(results))
+    grid.notes.extend(stage_version_notes(results))
     tables = build_tables(layout, grid)
     order = row_order(layout, grid)
     effects = ranking_effects(layout, grid, order)
@@ -441,22 +442,17 @@ def write_tables(results_dir: Path, layout: Layout, cells: list[dict[str, Any]],
     return paths
 
 
-def _provenance_groups(cells: list[dict[str, Any]], label, heading: str) -> list[str]:
-    """Finished cells grouped by ``label(recorded provenance, cell config)`` (None: not counted):
-    nothing when they all agree, else ``heading`` and a line per group naming its cells."""
-    import json
-
+def _provenance_groups(results: list[CellResult], label: Callable[[Provenance, Cell], str | None],
+                       heading: str) -> list[str]:
+    """Finished cells grouped by ``label(recorded provenance, cell)`` (None: not counted): nothing
+    when they all agree, else ``heading`` and a line per group naming its cells."""
     groups: dict[str, list[str]] = {}
-    for entry in cells:
-        if entry["status"].get("status") != "done" or entry.get("dir") is None:
+    for result in results:
+        if not result.done:
             continue
-        try:
-            recorded = json.loads((Path(entry["dir"]) / "provenance.json").read_text())
-        except (OSError, ValueError):
-            recorded = {}
-        name = label(recorded, entry["config"])
+        name = label(result.provenance, result.cell)
         if name is not None:
-            groups.setdefault(name, []).append(entry["config"]["id"])
+            groups.setdefault(name, []).append(result.cell.id)
     if len(groups) <= 1:
         return []
     notes = [heading.format(n=len(groups))]
@@ -466,32 +462,32 @@ def _provenance_groups(cells: list[dict[str, Any]], label, heading: str) -> list
     return notes
 
 
-def code_version_notes(cells: list[dict[str, Any]]) -> list[str]:
+def code_version_notes(results: list[CellResult]) -> list[str]:
     """A note per code version when the finished cells did not all run on the same code (git sha,
     dirty checkout, plug-in sources), naming the cells of each; nothing when they all agree."""
-    def label(recorded, config):
-        sha = recorded.get("git_sha")
-        name = (sha[:10] if sha else "unknown code") + (" (uncommitted changes)" if recorded.get("git_dirty") else "")
-        plugins = recorded.get("plugins") or {}
+    def label(recorded: Provenance, cell: Cell) -> str:
+        sha = recorded.git_sha
+        name = (sha[:10] if sha else "unknown code") + (" (uncommitted changes)" if recorded.git_dirty else "")
+        plugins = recorded.plugins
         if plugins:
             name += "; plug-ins " + ", ".join(f"{Path(n).name}@{(h or '?')[:8]}" for n, h in sorted(plugins.items()))
         return name
 
-    return _provenance_groups(cells, label, "These cells ran on {n} different code versions (`rlkd bench SPEC "
+    return _provenance_groups(results, label, "These cells ran on {n} different code versions (`rlkd bench SPEC "
                                             "--rerun-stale` re-runs the ones that differ from the current code):")
 
 
-def stage_version_notes(cells: list[dict[str, Any]]) -> list[str]:
+def stage_version_notes(results: list[CellResult]) -> list[str]:
     """A note when the finished cells did not all start from the same exports of their cached stages
     (healing, SFT): a stage is keyed by its config, but a re-run of it on another machine is not
     bit-identical, so each cell's provenance records the content hash of the exports it used."""
-    def label(recorded, config):
-        if not config.get("stages"):
+    def label(recorded: Provenance, cell: Cell) -> str | None:
+        if not cell.stages:
             return None
-        stages = recorded.get("stages")
+        stages = recorded.stages
         if not stages:
             return "stage exports not recorded (finished before rlkd recorded their hashes)"
         return "; ".join(f"{role}@{(sha or '?')[:10]}" for role, sha in sorted(stages.items()))
 
-    return _provenance_groups(cells, label, "These cells started from {n} different exports of their cached "
+    return _provenance_groups(results, label, "These cells started from {n} different exports of their cached "
                                             "stages (same stage config, a separate run of it):")

@@ -1,0 +1,116 @@
+"""Layouts are data: the shipped layouts are declarations (rlkd/bench/table_layouts/*.yaml), and a
+spec may declare its own, so a metric rlkd has never heard of gets its verdict table and plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import yaml
+from scipy import stats
+
+from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout, shipped_layout_names
+from rlkd.bench.spec import SpecError, expand, load_spec
+from rlkd.bench.store import publish, write_cell_config, write_done, write_spec_record
+from rlkd.bench.table_cli import main as table_main
+
+SPEC = """
+name: mine
+layout:
+  name: mine
+  title: My own benchmark
+  sections:
+    - title: Scores
+      columns: [{key: t/my_score, header: my_score}, {key: t/my_cost, header: my_cost, better: lower}]
+  headlines: [{header: my_score, keys: [t/my_score]}]
+defaults: {models: {teacher: T, student: S}, data: {task: gsm8k}}
+tasks: [{name: t}]
+objectives: [kl]
+variants: [none, R]
+seeds: [1, 2, 3]
+"""
+# my_score of each arm per seed (chosen so that the differences vary: a real t statistic).
+WITHOUT_R = {1: 0.50, 2: 0.61, 3: 0.55}
+WITH_R = {1: 0.58, 2: 0.64, 3: 0.66}
+
+
+def test_a_spec_with_its_own_layout_gets_its_own_verdict_and_plot(tmp_path):
+    spec_path = tmp_path / "mine.yaml"
+    spec_path.write_text(SPEC)
+    spec = load_spec(spec_path)
+    cells = expand(spec, source=str(spec_path))
+    assert sorted((c.arm.variant, c.arm.seed) for c in cells) == [(v, s) for v in ("R", "none") for s in (1, 2, 3)]
+    results = tmp_path / "results"
+    for cell in cells:
+        score = (WITH_R if cell.arm.variant == "R" else WITHOUT_R)[cell.arm.seed]
+        staging = results / ".staging" / cell.id
+        staging.mkdir(parents=True)
+        write_cell_config(staging, cell)
+        write_done(staging, cell, {"my_score": score, "my_cost": 10.0 + cell.arm.seed}, {}, {"duration_s": 1.0})
+        publish(staging, results / cell.id)
+    write_spec_record(results, source=str(spec_path), layout=spec.layout, cell_ids=[c.id for c in cells])
+    spec_path.unlink()  # the folder renders from its own records
+
+    assert table_main([str(results)]) == 0
+
+    verdict = (results / "table.md").read_text().split("\n### ")[0]
+    assert "| Comparison | seeds | my_score |" in verdict and "KL+R − KL" in verdict
+    rows = [r for r in csv.DictReader(io.StringIO((results / "table.csv").read_text()))
+            if r["table"] == "Effect of the ranking loss"]
+    assert [(r["row"], r["header"], r["interval"]) for r in rows] == [("KL+R − KL", "my_score", "seeds")]
+    expected = stats.ttest_rel([WITH_R[s] for s in (1, 2, 3)], [WITHOUT_R[s] for s in (1, 2, 3)])
+    assert float(rows[0]["mean"]) == pytest.approx(sum(WITH_R.values()) / 3 - sum(WITHOUT_R.values()) / 3)
+    assert float(rows[0]["p"]) == pytest.approx(expected.pvalue)
+    png = (results / "effect.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    # the declared table: its own title and section, my_cost marked best where it is lowest
+    md = (results / "table.md").read_text()
+    assert "My own benchmark — Scores" in md and "| KL | " in md
+
+
+def test_shipped_layouts_are_declarations_and_a_spec_names_them(tmp_path):
+    names = shipped_layout_names()
+    assert {"generic", "default", "mini_table1", "mini_table2"} | {f"table{i}" for i in range(1, 9)} == set(names)
+    for name in names:
+        assert shipped_layout(name).name == name
+    # the mean-of headline, written as data: Table 1's mean CR@2–5
+    (mean_cr,) = [h for h in shipped_layout("table1").headlines if h.header == "mean CR@2–5"]
+    assert mean_cr.keys == [f"pretrain/cr@{k}" for k in (2, 3, 4, 5)]
+    raw = yaml.safe_load(SPEC)
+    (tmp_path / "named.yaml").write_text(yaml.safe_dump({**raw, "layout": "table1"}))
+    assert load_spec(tmp_path / "named.yaml").layout == "table1"
+    assert isinstance(load_spec(_write(tmp_path, SPEC)).layout, LayoutDeclaration)
+
+
+def _write(tmp_path, text, name="spec.yaml"):
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("layout, field", [
+    ("tabel1", "layout"),
+    (json.dumps({"name": "x", "title": "X", "headlines": [{"header": "h", "keys": []}]}),
+     "layout.declaration.headlines[0].keys"),
+    (json.dumps({"name": "x", "title": "X", "sections": [{"columns": [{"key": "t/a", "header": "a",
+                                                                         "better": "up"}]}]}),
+     "layout.declaration.sections[0].columns[0].better"),
+])
+def test_a_bad_layout_is_refused_when_the_spec_is_read(tmp_path, layout, field):
+    raw = yaml.safe_load(SPEC)
+    raw["layout"] = yaml.safe_load(layout)
+    with pytest.raises(SpecError) as error:
+        load_spec(_write(tmp_path, yaml.safe_dump(raw)))
+    assert field in str(error.value)
+
+
+def test_column_keys_are_built_from_their_parts_and_metric_names_read_once():
+    from rlkd.bench.report.layouts import AtK, ColumnKey, at_k
+
+    # the key texts the shipped layouts and the paper's numbers use (e.g. Table 5, Table 8)
+    swept = ColumnKey("gsm8k", "correct", ("k", 15))
+    assert swept.text == "gsm8k/correct|k=15" and swept.without_sweep().text == "gsm8k/correct"
+    assert ColumnKey("gsm8k", "correct", None, "Pearson").text == "Pearson:gsm8k/correct"
+    assert at_k("heldout_cr@2") == AtK("heldout_", "cr", 2) and at_k("true_mor@20") == AtK("true_", "mor", 20)
+    assert at_k("cr@5") == AtK("", "cr", 5) and at_k("ppl") is None and at_k("rouge_pkg_rougeL") is None
