@@ -67,7 +67,10 @@ def _train_sequences(cell: Cell, cache_dir: Path):
         from rlkd.config import load_config
         from rlkd.data import build_samples
 
-        tree = engine_tree({**cell.run, "loss": {"objective": "ce"}}, Path("unused"), cache_dir=cache_dir,
+        # Only the data section matters here: the loss becomes plain CE, and a top-K teacher cache
+        # setting goes with the cache it needs (the evaluation reads the exact teacher).
+        run = {key: value for key, value in cell.run.items() if not key.startswith("teacher_cache")}
+        tree = engine_tree({**run, "loss": {"objective": "ce"}}, Path("unused"), cache_dir=cache_dir,
                            create_models=False)
         return [s.input_ids for s in build_samples(load_config(base=tree).data, tokenizer)]
     return sequences

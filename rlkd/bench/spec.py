@@ -51,6 +51,9 @@ RANKED_VARIANTS = ("R", "R_dynamic", "pearson")
 # Sweep shorthand: `k: [5, 15]` means the ranking range.
 SWEEP_ALIASES = {"k": "loss.ranking.k"}
 PLACEHOLDER_OUTPUT = "<cell>"
+# A top-K teacher cache is validated against this folder: the benchmark fills in the cell's real
+# cache folder (the spec's `teacher_cache: true`) only when the cell runs.
+PLACEHOLDER_TEACHER_CACHE = "<teacher cache>"
 # The training seed of a spec that names none, and of a cached stage (part of every stage's config
 # hash, so of the cell ids that depend on it: never change it).
 DEFAULT_SEED = 72
@@ -408,7 +411,12 @@ def parse_spec(raw: Any, *, source: str = "<spec>", default_name: str | None = N
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise SpecError(f"{source}: objectives: duplicate row label(s) {duplicates}; give each a distinct 'label'")
-    expand(spec, source=source)  # every cell's run config and evaluation settings must validate
+    cells = expand(spec, source=source)  # every cell's run config and evaluation settings must validate
+    if not spec.teacher_cache:
+        for cell in cells:
+            if cell.run.get("teacher_cache_top_k") is not None and not cell.run.get("teacher_cache"):
+                raise SpecError(f"{source}: {cell.id}: teacher_cache_top_k needs the spec's `teacher_cache: true` "
+                                "(the benchmark builds and shares the cache)")
     return spec
 
 
@@ -480,8 +488,12 @@ def method_label(objective: str | None, variant: str, k: int | None) -> str:
 
 
 def run_config(tree: dict[str, Any]) -> RunConfig:
-    """A partial run tree validated as RunConfig (its output folder a placeholder)."""
-    return RunConfig.model_validate({**tree, "output_dir": PLACEHOLDER_OUTPUT})
+    """A partial run tree validated as RunConfig (its output folder a placeholder, and so is the
+    teacher cache's folder where the tree asks for a top-K cache without naming one)."""
+    placeholders = {"output_dir": PLACEHOLDER_OUTPUT}
+    if tree.get("teacher_cache_top_k") is not None and not tree.get("teacher_cache"):
+        placeholders["teacher_cache"] = PLACEHOLDER_TEACHER_CACHE
+    return RunConfig.model_validate({**tree, **placeholders})
 
 
 def canonical_dump(config: RunConfig) -> dict[str, Any]:
@@ -490,6 +502,8 @@ def canonical_dump(config: RunConfig) -> dict[str, Any]:
     change existing hashes."""
     dumped = config.model_dump(mode="json", exclude_defaults=True)
     dumped.pop("output_dir", None)
+    if dumped.get("teacher_cache") == PLACEHOLDER_TEACHER_CACHE:
+        del dumped["teacher_cache"]
     return dumped
 
 

@@ -1,7 +1,8 @@
 """Cell ids never change: each ends in a hash of the cell's canonical config, and the committed
 results folders (and any benchmark still running) find their cells by it.
 
-``shipped_cell_ids.json`` was written by the code of commit d01433e, before cells became typed: the
+``shipped_cell_ids.json`` was written by the code of commit d01433e, before cells became typed
+(a spec added later is pinned by the commit that adds it): the
 ids of every shipped spec (benchmarks/**.yaml), with and without its ``tiny`` overrides, and of the
 embedded benchmark with and without --quick."""
 

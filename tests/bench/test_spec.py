@@ -199,3 +199,21 @@ def test_bad_seeds_on_the_command_line_are_one_clear_line(capsys):
     assert bench_main(["--seeds", "1,a", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "rlkd bench: --seeds: expected comma-separated integers, got '1,a'"
+
+
+def test_a_top_k_teacher_cache_sweep_validates_with_the_benchmark_cache_and_hashes_without_it(tmp_path):
+    # The cache folder is the benchmark's (filled in when a cell runs): a top-K sweep validates with
+    # `teacher_cache: true`, its exact (None) cells hash as the same cells without the sweep's
+    # setting would (the same config hash ends their ids), and without `teacher_cache: true` the spec is refused, naming the setting.
+    grid = (BASE + "tasks: [{name: t}]\nobjectives: [kl]\nvariants: [none]\n"
+            "sweep: {teacher_cache_top_k: [null, 32]}\n")
+    cells = expand(load_spec(_write(tmp_path, grid + "teacher_cache: true\n")))
+    by_k = {cell.arm.sweep["teacher_cache_top_k"]: cell for cell in cells}
+    assert set(by_k) == {None, 32}
+    assert by_k[32].run["teacher_cache_top_k"] == 32 and "teacher_cache" not in by_k[32].run
+    plain_grid = BASE + "tasks: [{name: t}]\nobjectives: [kl]\nvariants: [none]\nteacher_cache: true\n"
+    plain = expand(load_spec(_write(tmp_path, plain_grid, "plain.yaml")))
+    assert by_k[None].id.rsplit("-", 1)[1] == plain[0].id.rsplit("-", 1)[1]
+    assert by_k[32].id.rsplit("-", 1)[1] != plain[0].id.rsplit("-", 1)[1]
+    with pytest.raises(SpecError, match="teacher_cache_top_k needs the spec's `teacher_cache: true`"):
+        load_spec(_write(tmp_path, grid, "no_cache.yaml"))
