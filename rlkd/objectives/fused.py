@@ -265,7 +265,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
                 ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
                 part = loss.chunk_loss_and_grad(logits[rows], t_rows, lab, ids, plan.weights,
-                                                want_grad=want_h or want_w, grad_scale=plan.grad_scale)
+                                                want_grad=want_h or want_w, grad_scale=plan.grad_scale,
+                                                pad_rows=chunk)
                 if part.grad is not None:
                     logits[rows] = part.grad
                 per_token[start : start + chunk] = part.total
