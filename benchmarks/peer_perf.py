@@ -4,6 +4,11 @@
     python benchmarks/peer_perf.py               # the full run -> results/perf/peers.{md,json}
     python benchmarks/peer_perf.py --quick       # small shapes, a smoke test (-> results/perf/peers_quick.*)
 
+Run time of the full default on a quiet 2-core CPU (2 threads), estimated from the committed fused.md
+step times and Liger at ~0.7x rlkd's: parity 0.5 min, logits path 1.5 min (1 untimed + 3 rounds),
+fused H=576 ~8 min (2 rounds), fused H=2048 ~11 min (1 round: its steps take ~3x H=576's), step
+target 1 min: about 20-23 min. ``--fused-rounds 1 1`` takes about 18 min.
+
 What runs (forward + backward, fp32, on the CPU unless --device cuda):
 
 * **Parity**, at a small shape: each peer's value and gradient against rlkd's after aligning the
@@ -46,7 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from perf_common import WORKER_ENV, alternating_rounds, timed_step
+from perf_common import alternating_rounds, timed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB, MIB = 1024**3, 1024**2
@@ -217,7 +222,7 @@ def worker_logits(args) -> dict:
         step(fn)
         drop()
     results = alternating_rounds({name: functools.partial(step, fn) for name, (fn, _) in impls.items()}, args.rounds,
-                                 after_step=drop, progress=_progress)
+                                 after_step=drop, trim=True, progress=_progress)
     return {"skipped": skipped, "impls": _summary(results, {name: a for name, (_, a) in impls.items()})}
 
 
@@ -243,11 +248,11 @@ def worker_fused(args) -> dict:
     first, first_rows = {}, {}
     for name, (fn, _) in impls.items():
         first_rows[name] = n if name.startswith("Liger") else min(args.warm_tokens, n)
-        first[name] = timed_step(functools.partial(step, fn, first_rows[name]))[0]
+        first[name] = timed_step(functools.partial(step, fn, first_rows[name]), trim=True)[0]
         drop()
         _progress(f"first call: {name}", first[name])
     results = alternating_rounds({name: functools.partial(step, fn, n) for name, (fn, _) in impls.items()},
-                                 args.rounds, after_step=drop, progress=_progress)
+                                 args.rounds, after_step=drop, trim=True, progress=_progress)
     aligned = {name: a if a is not None else (lambda x: x * n) for name, (_, a) in impls.items()}
     out = _summary(results, aligned)
     for name, entry in out.items():
@@ -335,7 +340,11 @@ def spawn(args, kind: str, **shape) -> dict:
     cmd += ["--rlkd-compile", args.fused_compile if kind == "fused" else args.logits_compile]
     for key, value in shape.items():
         cmd += [f"--{key}", str(value)]
-    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(args.threads), "TRL_EXPERIMENTAL_SILENCE": "1",
+    # glibc's default malloc (what a user's process gets), its heap trimmed before each step (perf_common):
+    # not WORKER_ENV, whose fresh mapping of every buffer over 1 MiB would charge the chunked losses, with
+    # their many small per-chunk temporaries, a page fault per 4 KiB of each, every chunk.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, "OMP_NUM_THREADS": str(args.threads),
+           "TRL_EXPERIMENTAL_SILENCE": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # A fresh inductor cache per worker: compile times are a cold start's, not a reuse of an earlier run's.
     with tempfile.TemporaryDirectory(prefix="peer_perf_inductor_") as cache:
@@ -493,8 +502,10 @@ def markdown(report: dict) -> str:
               "compiles again for another N). ≈ compile s = first call − steady time for as many rows, from an "
               "empty inductor cache (one per worker); rlkd compiles once per objective and shape, shared by both "
               "budgets, so its second row shows ~0.",
-              "- Workers run with MALLOC_MMAP_THRESHOLD_=1 MiB (peak memory per step, benchmarks/perf_common.py): "
-              "every step maps and faults in its large buffers afresh, for every implementation alike.",
+              "- Memory: glibc's default malloc, its heap trimmed (malloc_trim) before each step so that the peak "
+              "RSS growth counts everything the step allocates (benchmarks/perf_common.py); buffers over 32 MiB "
+              "are mapped afresh each step, smaller ones reused within it, for every implementation alike. "
+              "(rlkd's trainer keeps freed host memory on the CPU, rlkd/engine/host_memory.py; not applied here.)",
               "- Value: the implementation's loss in rlkd's convention (see the alignments), from the last timed "
               "round; rlkd's and a peer's agree to fp32 rounding when they compute the same quantity."]
     return "\n".join(lines) + "\n"
@@ -520,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds per --fused-hidden entry (H=2048 steps take ~4x H=576's)")
     parser.add_argument("--floor-hidden", type=int, nargs="*", default=[576],
                         help="hidden sizes whose fused table includes the F.cross_entropy floor (it costs a step)")
-    parser.add_argument("--warm-tokens", type=int, default=LIGER_CHUNK,
-                        help="rows of the first (compiling) call of each fused implementation")
+    parser.add_argument("--warm-tokens", type=int, default=128,
+                        help="rows of rlkd's first (compiling) fused call: one default block, the chunk shape of "
+                        "every budget (Liger's first call takes all N rows, see the notes)")
     parser.add_argument("--liger-chunk", type=int, default=LIGER_CHUNK)
     parser.add_argument("--logits-compile", default="auto", choices=["auto", "true", "false"],
                         help="rlkd's loss.compile on the logits path (auto: eager on the CPU)")
@@ -537,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         logits_shape = {"tokens": 256, "vocab": 4096, "rounds": 2}
-        args.liger_chunk = args.warm_tokens = 64
+        args.liger_chunk, args.warm_tokens = 64, 32
         args.floor_hidden = [64]
         fused_shapes = {"H=64": {"tokens": 256, "vocab": 8192, "hidden": 64, "rounds": 1}}
     else:

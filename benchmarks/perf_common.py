@@ -3,14 +3,19 @@ of one step, and steps of several implementations alternating in rounds.
 
 Peak memory on the CPU is the growth of the process' resident-set high-water mark (VmHWM, reset
 through /proc/self/clear_refs) over the resident set before the step: it counts everything the step
-allocates, gradients included. Run the process with ``MALLOC_MMAP_THRESHOLD_=1048576`` (see
-``WORKER_ENV``) so that large frees go back to the OS at once and one step's peak is not hidden by
-memory the allocator kept from an earlier one. On CUDA it is the allocator's high-water mark over
-what is allocated before the step.
+allocates, gradients included, provided the allocator holds no freed memory from an earlier step.
+Two ways to ensure that: run the process with ``MALLOC_MMAP_THRESHOLD_=1048576`` (``WORKER_ENV``:
+every buffer over 1 MiB is mapped afresh and returned on free, so every step also pays a page fault
+per 4 KiB it touches), or keep glibc's default malloc and trim its heap before each step
+(``trim=True``: buffers up to 32 MiB are then reused within a step, as in any process, and only the
+first use in a step faults). On CUDA it is the allocator's high-water mark over what is allocated
+before the step.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,8 +33,23 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def timed_step(step: Callable[[], object], cuda: bool = False) -> tuple[float, int, object]:
-    """``(seconds, peak bytes over the memory in use before, step's return value)`` of one call."""
+def release_free_heap() -> bool:
+    """glibc's ``malloc_trim(0)``: hand the heap's free memory back to the kernel, so that the next
+    step's peak RSS growth counts all it allocates (memory the heap kept from an earlier step would
+    hide that much of it). False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def timed_step(step: Callable[[], object], cuda: bool = False, trim: bool = False) -> tuple[float, int, object]:
+    """``(seconds, peak bytes over the memory in use before, step's return value)`` of one call.
+    ``trim``: release the heap's free memory first (:func:`release_free_heap`; for processes run
+    with glibc's default malloc rather than ``WORKER_ENV``)."""
+    if trim and not cuda:
+        release_free_heap()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -47,7 +67,7 @@ def timed_step(step: Callable[[], object], cuda: bool = False) -> tuple[float, i
 
 
 def alternating_rounds(steps: dict[str, Callable[[], object]], rounds: int, *, cuda: bool = False,
-                       after_step: Callable[[], None] | None = None, rotate: bool = True,
+                       after_step: Callable[[], None] | None = None, rotate: bool = True, trim: bool = False,
                        progress: Callable[[str, float], None] | None = None) -> dict[str, dict]:
     """Run every step once per round, in turn, for ``rounds`` rounds; load on the machine then hits
     every implementation alike. With ``rotate`` each round starts one implementation later, so none is
@@ -59,7 +79,7 @@ def alternating_rounds(steps: dict[str, Callable[[], object]], rounds: int, *, c
     for r in range(rounds):
         shift = r % len(names) if rotate and names else 0
         for name in names[shift:] + names[:shift]:
-            elapsed, peak, value = timed_step(steps[name], cuda)
+            elapsed, peak, value = timed_step(steps[name], cuda, trim)
             if after_step is not None:
                 after_step()
             entry = results[name]
