@@ -6,8 +6,9 @@
 
 Run time of the full default on a quiet 2-core CPU (2 threads), estimated from the committed fused.md
 step times and Liger at ~0.7x rlkd's: parity 0.5 min, logits path 1.5 min (1 untimed + 3 rounds),
-fused H=576 ~8 min (2 rounds), fused H=2048 ~11 min (1 round: its steps take ~3x H=576's), step
-target 1 min: about 20-23 min. ``--fused-rounds 1 1`` takes about 18 min.
+fused H=576 ~7 min (first calls + 1 round of 9 implementations), fused H=2048 ~11 min (first calls +
+1 round of 6: its steps take ~3x H=576's), step target 1 min: about 20-21 min. ``--fused-rounds 2 1``
+(a second round at H=576) adds about 4 min.
 
 What runs (forward + backward, fp32, on the CPU unless --device cuda):
 
@@ -149,7 +150,7 @@ def logits_impls(s, t, labels, sequences, peers, rlkd_compile="auto", k=5, chunk
 
 # ---- fused-path implementations -----------------------------------------------------------------------------
 def fused_impls(h, w, th, tw, labels, peers, *, rlkd_compile="true", liger_chunk=LIGER_CHUNK,
-                liger_compiled=True, objectives=("kl", "jsd"), floor=True) -> tuple[dict, dict]:
+                liger_compiled=True, objectives=("kl", "jsd"), floor=True, eager_too=False) -> tuple[dict, dict]:
     """(name -> (loss closure, aligned), name -> rlkd's block and chunk rows)."""
     from rlkd.objectives import DistillLoss
     from rlkd.objectives.fused import HeadInput, fused_block_rows, fused_distill_loss
@@ -159,8 +160,11 @@ def fused_impls(h, w, th, tw, labels, peers, *, rlkd_compile="true", liger_chunk
     impls, blocks = {}, {}
     for objective in objectives:
         label, beta = {"kl": ("KL", 0.0), "jsd": ("JSD", 0.5)}[objective]
-        for where, mib in (("default budget", None), ("Liger's chunk", equal_mib)):
-            loss_fn = DistillLoss(objective=objective, compile=rlkd_compile, fused_block_mib=mib)
+        budgets = [("default budget", None, rlkd_compile), ("Liger's chunk", equal_mib, rlkd_compile)]
+        if eager_too and rlkd_compile != "false":  # does compiling pay here? the same block, eager
+            budgets.append(("Liger's chunk, eager", equal_mib, "false"))
+        for where, mib, setting in budgets:
+            loss_fn = DistillLoss(objective=objective, compile=setting, fused_block_mib=mib)
             name = f"rlkd {label} ({where})"
             impls[name] = (functools.partial(lambda fn, n: fused_distill_loss(fn, HeadInput(h[:n], w),
                                                                               HeadInput(th[:n], tw)).loss_sum,
@@ -232,7 +236,7 @@ def worker_fused(args) -> dict:
     h, w, th, tw, labels = _inputs_fused(n, args.vocab, args.hidden)
     impls, blocks = fused_impls(h, w, th, tw, labels, peers, rlkd_compile=args.rlkd_compile,
                                 liger_chunk=args.liger_chunk, objectives=args.objectives,
-                                floor=args.hidden in args.floor_hidden)
+                                floor=args.hidden in args.floor_hidden, eager_too=args.hidden in args.eager_hidden)
 
     def step(fn, rows):
         loss = fn(rows)
@@ -336,7 +340,7 @@ def spawn(args, kind: str, **shape) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--rounds", str(shape.pop("rounds")),
            "--k", str(args.k), "--liger-chunk", str(args.liger_chunk), "--sequences", str(args.sequences),
            "--warm-tokens", str(args.warm_tokens), "--objectives", *args.objectives,
-           "--floor-hidden", *map(str, args.floor_hidden)]
+           "--floor-hidden", *map(str, args.floor_hidden), "--eager-hidden", *map(str, args.eager_hidden)]
     cmd += ["--rlkd-compile", args.fused_compile if kind == "fused" else args.logits_compile]
     for key, value in shape.items():
         cmd += [f"--{key}", str(value)]
@@ -392,8 +396,10 @@ def targets(report: dict) -> list[dict]:
             liger = impls.get(f"Liger {label}")
             equal, default = impls.get(f"rlkd {label} (Liger's chunk)"), impls.get(f"rlkd {label} (default budget)")
             ratio = lambda a, b, f: (a[f] / b[f]) if a and b else None  # noqa: E731
+            eager = impls.get(f"rlkd {label} (Liger's chunk, eager)")
             add(f"fused {label}, {key}, rlkd at Liger's chunk: time / Liger's", ratio(equal, liger, "time_s"),
-                TARGETS["fused_equal_memory_time"])
+                TARGETS["fused_equal_memory_time"],
+                f"eager at the same block: {ratio(eager, liger, 'time_s'):.3f}" if eager and liger else "")
             floor = weight_grad_floor(fused)
             add(f"fused {label}, {key}, rlkd default budget: peak / Liger's", ratio(default, liger, "peak_mib"),
                 TARGETS["fused_default_peak"],
@@ -527,10 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logits-rounds", type=int, default=3)
     parser.add_argument("--fused-vocab", type=int, default=128256)
     parser.add_argument("--fused-hidden", type=int, nargs="*", default=[576, 2048])
-    parser.add_argument("--fused-rounds", type=int, nargs="*", default=[2, 1],
+    parser.add_argument("--fused-rounds", type=int, nargs="*", default=[1, 1],
                         help="rounds per --fused-hidden entry (H=2048 steps take ~4x H=576's)")
     parser.add_argument("--floor-hidden", type=int, nargs="*", default=[576],
                         help="hidden sizes whose fused table includes the F.cross_entropy floor (it costs a step)")
+    parser.add_argument("--eager-hidden", type=int, nargs="*", default=[576],
+                        help="hidden sizes whose fused table adds rlkd eager at Liger's chunk (is compiling worth it?)")
     parser.add_argument("--warm-tokens", type=int, default=128,
                         help="rows of rlkd's first (compiling) fused call: one default block, the chunk shape of "
                         "every budget (Liger's first call takes all N rows, see the notes)")
@@ -550,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         logits_shape = {"tokens": 256, "vocab": 4096, "rounds": 2}
         args.liger_chunk, args.warm_tokens = 64, 32
-        args.floor_hidden = [64]
+        args.floor_hidden = args.eager_hidden = [64]
         fused_shapes = {"H=64": {"tokens": 256, "vocab": 8192, "hidden": 64, "rounds": 1}}
     else:
         logits_shape = {"tokens": args.tokens, "vocab": args.vocab, "rounds": args.logits_rounds}
