@@ -18,27 +18,21 @@ path would not fit in ``--max-gib`` is recorded as not measured, with its analyt
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from perf_common import WORKER_ENV, alternating_rounds
 from rlkd.objectives.fused import HEAD_BLOCK_ELEMENTS, fused_block_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [(n, v) for n in (4096, 8192) for v in (32000, 128256, 151936)]
 GIB = 1024**3
-
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def logits_path_bytes(n: int, v: int, h: int) -> int:
@@ -76,31 +70,17 @@ def worker(args) -> dict:
         fused_distill_loss(loss_fn, HeadInput(h, w), HeadInput(th, tw)).loss_sum.backward()
 
     steps = {"logits": logits_step, "fused": fused_step}
-    results: dict[str, dict] = {}
-    for _ in range(args.repeats):
-        for objective, loss_fn in losses.items():
-            for path, step in steps.items():
-                key = f"{objective}/{path}"
-                if cuda:  # peak = growth of the allocator's high-water mark over what is allocated now
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                else:
-                    Path("/proc/self/clear_refs").write_text("5")
-                    base = _kib("VmRSS") * 1024
-                start = time.perf_counter()
-                step(loss_fn)
-                if cuda:
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-                peak = (torch.cuda.max_memory_allocated() if cuda else _kib("VmHWM") * 1024) - base
-                h.grad = w.grad = None
-                entry = results.setdefault(key, {"times_s": [], "peaks_bytes": []})
-                entry["times_s"].append(elapsed)
-                entry["peaks_bytes"].append(peak)
-                print(json.dumps({"progress": key, "s": round(elapsed, 2)}), file=sys.stderr, flush=True)
+    ordered = {f"{objective}/{path}": functools.partial(step, loss_fn)
+               for objective, loss_fn in losses.items() for path, step in steps.items()}
+
+    def drop_grads():
+        h.grad = w.grad = None
+
+    results = alternating_rounds(ordered, args.repeats, cuda=cuda, after_step=drop_grads, rotate=False,
+                                 progress=lambda key, s: print(json.dumps({"progress": key, "s": round(s, 2)}),
+                                                               file=sys.stderr, flush=True))
     for entry in results.values():
-        entry["time_s"] = min(entry["times_s"])
+        del entry["values"], entry["peak_bytes"]
         entry["peak_gib"] = max(entry["peaks_bytes"]) / GIB
     return results
 
@@ -111,7 +91,7 @@ def measure(n, v, args) -> dict:
            "--repeats", str(args.repeats), "--threads", str(args.threads), "--k", str(args.k),
            *(["--fused-block-mib", str(args.fused_block_mib)] if args.fused_block_mib else []),
            "--objectives", *(args.large_vocab_objectives if v >= 128256 else args.objectives)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": str(args.threads),
+    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:

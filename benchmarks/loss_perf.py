@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from perf_common import WORKER_ENV, rss_kib
 from rlkd.provenance import atomic_write_json, atomic_write_text, benchmark_meta, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,13 +80,6 @@ def naive_loss(name, rank_k, s, t):
 
 
 # ---- one measurement (runs in its own process) ------------------------------------------------------
-def _rss_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def worker(args) -> dict:
     from rlkd.objectives import DistillLoss, RankingConfig
 
@@ -104,9 +98,9 @@ def worker(args) -> dict:
             naive_loss(args.objective, args.k, s, t).backward()
 
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    base_kib = _rss_kib("VmRSS")
+    base_kib = rss_kib("VmRSS")
     step()
-    peak_mib = (_rss_kib("VmHWM") - base_kib) / 1024
+    peak_mib = (rss_kib("VmHWM") - base_kib) / 1024
     s.grad = None
     times = []
     for _ in range(args.repeats):
@@ -144,7 +138,7 @@ def measure(objective, k, impl, tokens, vocab, repeats, threads) -> dict:
            "--tokens", str(tokens), "--vocab", str(vocab), "--repeats", str(repeats), "--threads", str(threads)]
     # Large frees go back to the OS at once, so the high-water mark of one case is not hidden by
     # memory the allocator kept from an earlier allocation.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300]}

@@ -42,6 +42,26 @@ def test_fused_close_to_logits_path_on_cuda_bf16(objective):
         assert (a.float() - b.float()).abs().max() <= 3e-2 * b.float().abs().max()
 
 
+def test_compiled_equals_eager_on_cuda_for_every_objective():
+    """loss.compile on CUDA (auto compiles there) against eager: one composed loss of every built-in
+    objective plus the ranking term, so each objective compiles once (Triton, a minute in all), on both
+    paths; fp32 values and gradients to fp32 rounding."""
+    import rlkd.objectives.compiled as compiled_mod
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    terms = [{"objective": name, "weight": 1.0 / (i + 1)} for i, name in enumerate(list_objectives())]
+    inputs = _cuda(fused_inputs(b=4, l=33, h=64, v=512, t_h=96))
+    results = {}
+    for setting in ("false", "true"):
+        loss_fn = DistillLoss({"terms": terms, "ranking": {"enabled": True, "k": 4, "backend": "torch"},
+                               "chunk_size": 16, "compile": setting})
+        (fused, fused_grads), (ref, ref_grads) = fused_and_logits_paths(loss_fn, *inputs)
+        results[setting] = [fused.loss_sum, fused.per_token, *fused_grads, ref.loss_sum, ref.per_token, *ref_grads]
+    assert not compiled_mod._failed, "torch.compile fell back to eager on CUDA"
+    for a, b in zip(results["true"], results["false"]):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=2e-5, atol=2e-5)
+
+
 def test_zero3_bf16_training_over_nccl_fused_matches_logits(run_config, tmp_path):
     from safetensors.torch import load_file
 

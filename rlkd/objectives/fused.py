@@ -66,10 +66,13 @@ def fused_block_rows(vocab: int, element_bytes: int, device_type: str, *, device
                      setting_mib: float | None = None, chunk: int | None = None) -> tuple[int, int]:
     """``(rows per block, rows per chunk)`` for a vocabulary of ``vocab`` logits of ``element_bytes``
     each. A block is a whole number of chunks; on a GPU it has at least GPU_BLOCK_ROW_FLOOR rows
-    unless a budget is set explicitly."""
+    unless a budget is set explicitly. A set budget smaller than one chunk shrinks the chunk to it
+    (else a block of one chunk would exceed the memory asked for)."""
     if chunk is None:
         chunk = max(1, (GPU_CHUNK_ELEMENTS if device_type == "cuda" else FUSED_CHUNK_ELEMENTS) // vocab)
     rows = fused_block_budget(device_type, element_bytes, device_bytes, setting_mib) // (vocab * element_bytes)
+    if setting_mib is not None:
+        chunk = min(chunk, max(1, rows))
     if device_type == "cuda" and setting_mib is None:
         rows = max(rows, GPU_BLOCK_ROW_FLOOR)
     return max(chunk, rows // chunk * chunk), chunk
@@ -265,7 +268,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 lab = plan.labels_sel[start : start + chunk] if plan.labels_sel is not None else None
                 ids = plan.union_ids[start : start + chunk] if plan.union_ids is not None else None
                 part = loss.chunk_loss_and_grad(logits[rows], t_rows, lab, ids, plan.weights,
-                                                want_grad=want_h or want_w, grad_scale=plan.grad_scale)
+                                                want_grad=want_h or want_w, grad_scale=plan.grad_scale,
+                                                pad_rows=chunk)
                 if part.grad is not None:
                     logits[rows] = part.grad
                 per_token[start : start + chunk] = part.total

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from rlkd.objectives.common import compute_dtype
+from rlkd.objectives.compiled import compile_wanted, compiled, give_up, usable
+from rlkd.objectives.compiled import pad_rows as pad
 from rlkd.objectives.config import LossConfig
 from rlkd.objectives.ranking import gather_scores, official_batch_union, rank_loss_from_scores, topk_ids, union_ids_for
-from rlkd.objectives.registry import get_objective, objective_origin
+from rlkd.objectives.registry import get_objective, is_builtin, objective_origin
 from rlkd.objectives.sparse_teacher import SparseTeacher
 
 CHUNK_ELEMENT_BUDGET = 2**22
@@ -133,7 +135,7 @@ class DistillLoss:
     # ---- the per-chunk computation -----------------------------------------------------------
     def chunk_loss_and_grad(self, student_rows: torch.Tensor, teacher_rows: torch.Tensor | None,
                             labels: torch.Tensor | None, union_ids: torch.Tensor | None, weights: ChunkWeights, *,
-                            want_grad: bool = True, grad_scale=1.0) -> ChunkResult:
+                            want_grad: bool = True, grad_scale=1.0, pad_rows: int | None = None) -> ChunkResult:
         """The loss of one chunk of supervised rows and its gradient with respect to those rows' logits:
         the public per-chunk seam that the logits path (``__call__``) and the fused path
         (:mod:`rlkd.objectives.fused`) both run, chunk by chunk.
@@ -143,19 +145,54 @@ class DistillLoss:
         :meth:`batch_level`'s result. The gradient is taken in fp32 (or wider) and multiplied by
         ``grad_scale`` before the caller stores it in the logits' dtype, so that fp16 does not round
         small gradients to zero. A separate call, so the chunk's autograd graph is gone on return.
+        ``pad_rows``: the caller's chunk size; with ``loss.compile`` on, a shorter (last) chunk is padded
+        to it for the compiled objectives, so that every chunk has one shape (one compile).
         """
-        leaf = student_rows.detach().to(compute_dtype(student_rows))
-        with torch.enable_grad():
-            leaf.requires_grad_(want_grad)
-            total, terms, rank_rows = self._chunk(leaf, teacher_rows, labels, union_ids, weights)
-            grad = None
-            if want_grad:
-                # (a rank-only total with logit scores does not depend on the chunk at all)
-                grad = torch.autograd.grad(total.sum(), leaf, allow_unused=True)[0] if total.requires_grad else None
-                grad = grad * grad_scale if grad is not None else torch.zeros_like(leaf)
-        return ChunkResult(total.detach(), {name: value.detach() for name, value in terms.items()}, grad, rank_rows)
+        def run(compile_: bool) -> ChunkResult:
+            leaf = student_rows.detach().to(compute_dtype(student_rows))
+            with torch.enable_grad():
+                leaf.requires_grad_(want_grad)
+                total, terms, rank_rows = self._chunk(leaf, teacher_rows, labels, union_ids, weights,
+                                                      compile_=compile_, pad_rows=pad_rows)
+                grad = None
+                if want_grad:
+                    # (a rank-only total with logit scores does not depend on the chunk at all)
+                    grad = torch.autograd.grad(total.sum(), leaf, allow_unused=True)[0] if total.requires_grad else None
+                    grad = grad * grad_scale if grad is not None else torch.zeros_like(leaf)
+            return ChunkResult(total.detach(), {name: value.detach() for name, value in terms.items()}, grad,
+                               rank_rows)
 
-    def _chunk(self, student, teacher, labels, union_ids, weights: ChunkWeights):
+        return self._compiled_or_eager(student_rows.device.type, run)
+
+    # ---- loss.compile ---------------------------------------------------------------------------------
+    def compiles_on(self, device_type: str) -> bool:
+        """Whether ``loss.compile`` runs this loss's built-in maths compiled on ``device_type``."""
+        return compile_wanted(self.config.compile, device_type) and any(usable(fn) for fn in self._compilable())
+
+    def _compilable(self) -> list:
+        """The functions ``loss.compile`` compiles: built-in objectives and the ranking term's."""
+        fns = [spec.fn for spec, _, _ in self.objectives if is_builtin(spec)]
+        return fns + ([rank_loss_from_scores] if self.ranking is not None else [])
+
+    def _compiled_or_eager(self, device_type: str, run):
+        """``run(True)`` (compiled) when ``loss.compile`` asks for it, else ``run(False)``. If the compiled
+        run raises and the eager one does not, compiling is at fault (no compiler, an unsupported
+        operation): one printed line, and this loss's functions run eagerly from then on. If the eager
+        run raises too, the inputs are at fault and its error is raised."""
+        if not self.compiles_on(device_type):
+            return run(False)
+        try:
+            return run(True)
+        except Exception as exc:  # noqa: BLE001 - decided by the eager run below
+            result = run(False)
+            give_up(self._compilable(), exc)
+            return result
+
+    def _objective(self, spec, compile_: bool):
+        return compiled(spec.fn) if compile_ and is_builtin(spec) and usable(spec.fn) else spec.fn
+
+    def _chunk(self, student, teacher, labels, union_ids, weights: ChunkWeights, *, compile_: bool = False,
+               pad_rows: int | None = None):
         """Per-token totals and logged terms for one chunk of rows.
 
         Returns ``(total, terms, rank_rows)``. With logit scores the ranking term is left out of
@@ -179,7 +216,7 @@ class DistillLoss:
                                      t.gather(-1, ids))
             else:
                 rank, degenerate = self._rank_loss(gather_scores(t, ids, r.scores), gather_scores(s, ids, r.scores),
-                                                   valid)
+                                                   valid, compile_)
                 terms.update(self._rank_terms(rank, degenerate, overlap, s.dtype))
                 if weights.rank:
                     total = total + weights.rank * rank
@@ -187,8 +224,13 @@ class DistillLoss:
                 base_weight = base_weight * overlap.to(s.dtype) / r.k
         if self.objectives and weights.base:
             base = None
+            rows = s.shape[0]
             for spec, params, weight in self.objectives:
-                value = spec.fn(s, t, labels, **params)
+                fn = self._objective(spec, compile_)
+                if fn is spec.fn or pad_rows is None or rows >= pad_rows:
+                    value = fn(s, t, labels, **params)
+                else:  # the last, shorter chunk padded to the others' shape: no second compile
+                    value = fn(pad(s, pad_rows), pad(t, pad_rows), pad(labels, pad_rows), **params)[:rows]
                 if len(self.objectives) > 1:
                     terms[f"base_{spec.name}"] = value  # each term logged on its own
                 base = weight * value if base is None else base + weight * value
@@ -204,19 +246,25 @@ class DistillLoss:
         or weight), to be scattered into the logits' gradient at ``rows.ids``.
         """
         temperature = self.config.temperature
-        with torch.enable_grad():
-            leaf = rows.student.detach().requires_grad_(want_grad and bool(weights.rank))
-            q = leaf / temperature if temperature != 1.0 else leaf
-            rank, degenerate = self._rank_loss(rows.teacher, q, rows.valid)
-            total = weights.rank * rank if weights.rank else torch.zeros_like(rank)
-            grad = torch.autograd.grad(total.sum(), leaf)[0] if leaf.requires_grad else None
-        return total.detach(), self._rank_terms(rank.detach(), degenerate, rows.overlap, rank.dtype), grad
 
-    def _rank_loss(self, p, q, valid):
+        def run(compile_: bool):
+            with torch.enable_grad():
+                leaf = rows.student.detach().requires_grad_(want_grad and bool(weights.rank))
+                q = leaf / temperature if temperature != 1.0 else leaf
+                rank, degenerate = self._rank_loss(rows.teacher, q, rows.valid, compile_)
+                total = weights.rank * rank if weights.rank else torch.zeros_like(rank)
+                grad = torch.autograd.grad(total.sum(), leaf)[0] if leaf.requires_grad else None
+            return total.detach(), self._rank_terms(rank.detach(), degenerate, rows.overlap, rank.dtype), grad
+
+        return self._compiled_or_eager(rows.student.device.type, run)
+
+    def _rank_loss(self, p, q, valid, compile_: bool = False):
         r = self.ranking
-        return rank_loss_from_scores(p, q, valid, correlation=r.correlation,
-                                     regularization_strength=r.regularization_strength, backend=r.backend,
-                                     official=r.fidelity == "official")
+        # compiled with a dynamic row count: the rows are a batch's (or a block's), not a chunk's
+        fn = compiled(rank_loss_from_scores, dynamic=True) if compile_ and usable(rank_loss_from_scores) \
+            else rank_loss_from_scores
+        return fn(p, q, valid, correlation=r.correlation, regularization_strength=r.regularization_strength,
+                  backend=r.backend, official=r.fidelity == "official")
 
     def finish_rank_rows(self, parts: list[RankRows], weights: ChunkWeights, want_grad: bool, per_token, positions,
                          sums) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -411,7 +459,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
             lab = labels_sel[start : start + chunk] if labels_sel is not None else None
             ids = union_ids[start : start + chunk] if union_ids is not None else None
             part = loss.chunk_loss_and_grad(s_rows, t_rows, lab, ids, weights, want_grad=needs_grad,
-                                            grad_scale=grad_scale)
+                                            grad_scale=grad_scale, pad_rows=chunk)
             if needs_grad:
                 grad_flat.index_copy_(0, idx, part.grad.to(grad_flat.dtype))
             per_token[start : start + chunk] = part.total

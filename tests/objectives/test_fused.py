@@ -121,6 +121,18 @@ def test_logit_blocks_of_any_size_give_the_same_result(monkeypatch, chunks_per_b
     assert_same_outputs(*fused_and_logits_paths(loss_fn, *fused_inputs(b=4, l=13, seed=8)))
 
 
+def test_a_block_budget_below_one_chunk_is_obeyed():
+    """loss.fused_block_mib of 3 rows of logits with chunks of 8 rows: blocks (and chunks) of 3 rows, never
+    the 8 rows one chunk would take; the result is the logits path's."""
+    from rlkd.objectives.fused import fused_block_rows
+
+    assert fused_block_rows(V, 4, "cpu", setting_mib=3 * V * 4 / 2**20, chunk=8) == (3, 3)
+    assert fused_block_rows(128256, 4, "cpu", setting_mib=1.0) == (2, 2)  # 1 MiB = 2 rows at V=128256
+    assert fused_block_rows(128256, 4, "cpu", setting_mib=None) == (128, 8)  # the CPU default is unchanged
+    loss_fn = DistillLoss(objective="jsd", ranking=RANKINGS["R"], chunk_size=8, fused_block_mib=3 * V * 4 / 2**20)
+    assert_same_outputs(*fused_and_logits_paths(loss_fn, *fused_inputs(seed=9)))
+
+
 def test_composed_terms_with_ranking():
     """A weighted list of terms (KL + 0.5 CE + 2 R) on both paths."""
     from rlkd.objectives import LossConfig
