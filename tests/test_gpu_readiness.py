@@ -641,11 +641,11 @@ def test_task_evaluation_and_rlkd_eval_default_to_the_gpu_in_bf16(monkeypatch):
 
 def test_bench_jobs_spread_cells_over_the_gpus_round_robin(tmp_path, monkeypatch):
     """Two cells at once on a two-GPU machine: each cell process sees another GPU (it was cuda:0 for all)."""
-    import json
     import subprocess
     import threading
+    from pathlib import Path
 
-    from rlkd.bench import executor
+    from rlkd.bench import executor, store
 
     assert [executor.gpu_for_slot(i, ["0", "1", "2"]) for i in range(5)] == ["0", "1", "2", "0", "1"]
     monkeypatch.setattr(executor, "device_type", lambda: "cuda")
@@ -656,9 +656,7 @@ def test_bench_jobs_spread_cells_over_the_gpus_round_robin(tmp_path, monkeypatch
     def fake_call(command, env, **_):
         seen.append(env.get("CUDA_VISIBLE_DEVICES"))
         both_running.wait()
-        workdir = command[3]
-        with open(os.path.join(workdir, executor.METRICS_FILE), "w") as out:
-            json.dump({"metrics": {"x": 1.0}, "per_example": {}}, out)
+        store.write_cell_result(Path(command[3]), {"x": 1.0}, {})
         return 0
 
     monkeypatch.setattr(subprocess, "call", fake_call)
@@ -666,12 +664,14 @@ def test_bench_jobs_spread_cells_over_the_gpus_round_robin(tmp_path, monkeypatch
     cells = [tmp_path / "a", tmp_path / "b"]
     for cell in cells:
         cell.mkdir()
-    threads = [threading.Thread(target=runner.run, args=({}, cell)) for cell in cells]
+    results = []
+    threads = [threading.Thread(target=lambda cell=cell: results.append(runner.run({}, cell))) for cell in cells]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert sorted(seen) == ["0", "1"]
+    assert results == [({"x": 1.0}, {}), ({"x": 1.0}, {})]  # both cells' results read back
 
 
 # ---- requirement 4: the GPU check's timeouts fit its 8-minute bound ------------------------------------

@@ -120,7 +120,7 @@ def test_train_bench_and_table_with_an_out_of_tree_objective(plugin_file, tmp_pa
     results = tmp_path / "results"
     run = _rlkd("bench", str(spec), "--results-dir", str(results), timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    cells = {json.loads((d / "config.json").read_text())["method"]: d for d in results.iterdir()
+    cells = {json.loads((d / "config.json").read_text())["arm"]["method"]: d for d in results.iterdir()
              if (d / "status.json").is_file()}
     assert set(cells) == {"SQPROB(scale=2)", "SQPROB(scale=2)+R"}
     for folder in cells.values():
