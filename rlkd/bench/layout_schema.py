@@ -94,6 +94,21 @@ def shipped_layout(name: str) -> LayoutDeclaration:
         raise ValueError(f"{path}: invalid layout declaration: {exc}") from None
 
 
+def layout_file(path: Path) -> LayoutDeclaration:
+    """A layout declared in a YAML file of one's own (``rlkd table --layout my_layout.yaml``); a
+    ValueError naming the file and the field for an invalid one."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the layout: {exc}") from None
+    try:
+        return LayoutDeclaration.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise ValueError(f"{path}: invalid layout declaration at {where}: {first['msg']}") from None
+
+
 def resolve_layout(layout: str | LayoutDeclaration | dict | None) -> LayoutDeclaration:
     """A layout as a spec or a results folder's spec record names it: None (generic), a shipped
     layout's name, or a declaration (a mapping, as read from JSON or YAML)."""

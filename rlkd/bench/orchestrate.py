@@ -30,7 +30,7 @@ def stale_cells(cells: list[Cell], out_dir: Path) -> list[str]:
             continue
         recorded = read_record(final).provenance  # a done record validates (is_done)
         plugins = cell.run.get("plugins") or []
-        if (recorded.git_sha != now["git_sha"] or recorded.git_dirty or now["git_dirty"]
+        if (recorded.git_sha != now.git_sha or recorded.git_dirty or now.git_dirty
                 or (plugins and recorded.plugins != current_hashes(plugins))):
             stale.append(cell.id)
     return stale

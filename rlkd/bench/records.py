@@ -89,17 +89,40 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class Machine(BaseModel):
+    """The machine a cell ran on: fp32 results on the CPU are bit-identical only on the same CPU kind."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    system: str | None = Field(None, description="platform.system() (Linux, ...).")
+    arch: str | None = Field(None, description="platform.machine() (x86_64, ...).")
+    cpus: int | None = Field(None, description="os.cpu_count().")
+    cpu_model: str | None = Field(None, description="The CPU's model name (/proc/cpuinfo); absent in older records.")
+    torch_cpu_capability: str | None = Field(None, description="The instruction set torch's CPU kernels use "
+                                             "(AVX2, AVX512, ...); absent in older records.")
+
+
 class Provenance(BaseModel):
-    """What ran a cell. The fields reporting reads are typed; the rest (versions, machine, times)
-    is kept as recorded."""
+    """What ran a cell, where and when. Written with only the fields that were set (older records
+    lack some); unknown fields of a record are kept as recorded."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     git_sha: str | None = Field(None, description="The rlkd commit that ran the cell.")
     git_dirty: bool | None = Field(None, description="Whether the checkout had uncommitted changes.")
+    versions: dict[str, str | None] = Field(default_factory=dict, description="{package: installed version}.")
+    machine: Machine | None = Field(None, description="The machine's kind.")
     plugins: dict[str, str | None] = Field(default_factory=dict, description="{plug-in source: content hash}.")
     stages: dict[str, str | None] | None = Field(None, description="{stage role: content hash of the export "
                                                  "the cell started from}; None: not recorded.")
+    started: str | None = Field(None, description="UTC start time, ISO 8601.")
+    finished: str | None = Field(None, description="UTC end time, ISO 8601 (done cells).")
+    duration_s: float | None = Field(None, description="Wall time of the cell's run in this attempt, seconds.")
+    resumed: bool | None = Field(None, description="Whether the cell's run resumed a killed attempt.")
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written: the fields that were set, JSON types."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 class CellResult(_Record):

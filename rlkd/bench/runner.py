@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from tqdm import tqdm
 
-from rlkd.bench.records import Cell
+from rlkd.bench.records import Cell, Machine, Provenance
 from rlkd.bench.stages import stage_fingerprints
 from rlkd.bench.store import (STAGING, has_failed, holds_only_config, invalid_done_record, is_done, kill_point,
                               publish, write_cell_config, write_done, write_failed)
@@ -45,12 +45,12 @@ class RunSummary:
         return not self.failed
 
 
-def code_provenance() -> dict[str, Any]:
+def code_provenance() -> Provenance:
     """What ran a cell: git sha and dirty flag of rlkd, package versions, the machine's kind."""
     code = git_state()
-    return {"git_sha": code["sha"], "git_dirty": code["dirty"], "versions": package_versions(),
-            "machine": {"system": platform.system(), "arch": platform.machine(), "cpus": os.cpu_count(),
-                        **cpu_identity()}}
+    return Provenance(git_sha=code["sha"], git_dirty=code["dirty"], versions=package_versions(),
+                      machine=Machine(system=platform.system(), arch=platform.machine(), cpus=os.cpu_count(),
+                                      **cpu_identity()))
 
 
 class ResultsNotWritable(OSError):
@@ -63,7 +63,7 @@ def _not_writable(out_dir: Path, exc: OSError) -> ResultsNotWritable:
                               "the cells already done are kept: make it writable (or free space) and run again")
 
 
-def run_cell(cell: Cell, out_dir: Path, executor: CellExecutor, static: dict[str, Any],
+def run_cell(cell: Cell, out_dir: Path, executor: CellExecutor, static: Provenance,
              wait: bool = False) -> str:
     """Run one cell; returns "done", "done elsewhere" (another runner finished it while this one
     waited), "failed: <error>" or "busy" (another runner holds it and ``wait`` is False)."""
@@ -81,9 +81,9 @@ def run_cell(cell: Cell, out_dir: Path, executor: CellExecutor, static: dict[str
             raise _not_writable(out_dir, exc) from None
         started = time.time()
         plugins = cell.run.get("plugins") or []
-        provenance = {**static, "plugins": current_hashes(plugins) if plugins else {},
-                      "started": datetime.now(timezone.utc).isoformat(),
-                      "resumed": not holds_only_config(staging_dir)}
+        provenance = static.model_copy(update={"plugins": current_hashes(plugins) if plugins else {},
+                                               "started": datetime.now(timezone.utc).isoformat(),
+                                               "resumed": not holds_only_config(staging_dir)})
         try:
             result = executor.run(cell, staging_dir)
             metrics, per_example = result if isinstance(result, tuple) else (result, {})
@@ -110,13 +110,13 @@ def run_cell(cell: Cell, out_dir: Path, executor: CellExecutor, static: dict[str
         return "done"
 
 
-def _commit(cell, metrics, per_example, provenance, staging_dir: Path, final_dir: Path, out_dir: Path,
-            started: float) -> None:
+def _commit(cell: Cell, metrics, per_example, provenance: Provenance, staging_dir: Path, final_dir: Path,
+            out_dir: Path, started: float) -> None:
     """Write the cell's record into its staging folder and publish it (status.json last)."""
-    provenance["finished"] = datetime.now(timezone.utc).isoformat()
-    provenance["duration_s"] = time.time() - started
+    finished = {"finished": datetime.now(timezone.utc).isoformat(), "duration_s": time.time() - started}
     if cell.stages:  # which exports of the cached stages this cell started from
-        provenance["stages"] = stage_fingerprints(cell, out_dir / ".shared")
+        finished["stages"] = stage_fingerprints(cell, out_dir / ".shared")
+    provenance = provenance.model_copy(update=finished)
     write_done(staging_dir, cell, metrics, per_example, provenance)
     publish(staging_dir, final_dir)
 

@@ -288,24 +288,24 @@ def holds_only_config(cell_dir: Path) -> bool:
     return all(p.name == CONFIG for p in cell_dir.iterdir())
 
 
-def write_failed(cell_dir: Path, cell: Cell, status: dict[str, Any], provenance: dict[str, Any]) -> None:
+def write_failed(cell_dir: Path, cell: Cell, status: dict[str, Any], provenance: Provenance) -> None:
     """A failed cell's whole record into ``cell_dir`` (to be published)."""
     write_cell_config(cell_dir, cell)
     write_json_atomic(cell_dir / STATUS, {"status": "failed", "config_hash": cell.config_hash, **status})
-    write_json_atomic(cell_dir / PROVENANCE, provenance)
+    write_json_atomic(cell_dir / PROVENANCE, provenance.to_json())
 
 
 def write_done(cell_dir: Path, cell: Cell, metrics: dict[str, float], per_example: dict[str, list[float]],
-               provenance: dict[str, Any]) -> None:
+               provenance: Provenance) -> None:
     """A finished cell's record into its staging folder, status last (a record is done only once
     every other file is complete)."""
     write_json_atomic(cell_dir / METRICS, {k: float(v) for k, v in metrics.items()})
     kill_point("mid-publish")
     if per_example:
         write_json_atomic(cell_dir / PER_EXAMPLE, per_example)
-    write_json_atomic(cell_dir / PROVENANCE, provenance)
+    write_json_atomic(cell_dir / PROVENANCE, provenance.to_json())
     write_json_atomic(cell_dir / STATUS, {"status": "done", "config_hash": cell.config_hash,
-                                          "duration_s": provenance["duration_s"]})
+                                          "duration_s": provenance.duration_s})
 
 
 def write_train_log(cell_dir: Path, rows: list[dict[str, Any]]) -> None:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout_names
+from rlkd.bench.layout_schema import LayoutDeclaration, layout_file, shipped_layout_names
 from rlkd.bench.report.effects import verdict
 from rlkd.bench.report.grid import collect
 from rlkd.bench.report.layouts import at_k, get_layout
@@ -76,8 +76,9 @@ def make_tables(results_dir: Path, layout_name: str | LayoutDeclaration | None =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlkd table", description=__doc__)
     parser.add_argument("results", type=Path, help="a results directory written by `rlkd bench`, e.g. results/default")
-    parser.add_argument("--layout", help="a shipped table layout instead of the one the spec named or declared: "
-                                         + ", ".join(shipped_layout_names()) + " (rlkd/bench/table_layouts/)")
+    parser.add_argument("--layout", help="a table layout instead of the one the spec named or declared: a YAML file "
+                        "declaring one (rlkd/bench/layout_schema.py) or a shipped layout's name: "
+                        + ", ".join(shipped_layout_names()) + " (rlkd/bench/table_layouts/)")
     parser.add_argument("--out", type=Path, help="where to write the tables (default: the results directory)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="import a module or .py file that registers objectives (repeatable)")
@@ -86,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlkd.plugins import load_plugins, resolve_plugin_names
 
         load_plugins(resolve_plugin_names(args.plugin, Path.cwd()))
-        paths = make_tables(args.results, args.layout, args.out)
+        layout = args.layout
+        if layout is not None and layout.endswith((".yaml", ".yml")):
+            layout = layout_file(Path(layout))
+        paths = make_tables(args.results, layout, args.out)
     except (FileNotFoundError, KeyError, ImportError, ValueError) as exc:
         print(f"rlkd table: {exc}", file=sys.stderr)
         return 2

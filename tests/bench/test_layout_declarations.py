@@ -12,6 +12,7 @@ import yaml
 from scipy import stats
 
 from rlkd.bench.layout_schema import LayoutDeclaration, shipped_layout, shipped_layout_names
+from rlkd.bench.records import Provenance
 from rlkd.bench.spec import SpecError, expand, load_spec
 from rlkd.bench.store import publish, write_cell_config, write_done, write_spec_record
 from rlkd.bench.table_cli import main as table_main
@@ -48,7 +49,7 @@ def test_a_spec_with_its_own_layout_gets_its_own_verdict_and_plot(tmp_path):
         staging = results / ".staging" / cell.id
         staging.mkdir(parents=True)
         write_cell_config(staging, cell)
-        write_done(staging, cell, {"my_score": score, "my_cost": 10.0 + cell.arm.seed}, {}, {"duration_s": 1.0})
+        write_done(staging, cell, {"my_score": score, "my_cost": 10.0 + cell.arm.seed}, {}, Provenance(duration_s=1.0))
         publish(staging, results / cell.id)
     write_spec_record(results, source=str(spec_path), layout=spec.layout, cell_ids=[c.id for c in cells])
     spec_path.unlink()  # the folder renders from its own records
@@ -68,6 +69,43 @@ def test_a_spec_with_its_own_layout_gets_its_own_verdict_and_plot(tmp_path):
     # the declared table: its own title and section, my_cost marked best where it is lowest
     md = (results / "table.md").read_text()
     assert "My own benchmark — Scores" in md and "| KL | " in md
+
+
+def test_rlkd_table_takes_a_layout_file_of_ones_own(tmp_path):
+    """The same folder rendered by a layout in a YAML file: its own title, its cost as the headline
+    (a paired t-test on my_cost), and a bad file refused with its name and field."""
+    spec_path = tmp_path / "mine.yaml"
+    spec_path.write_text(SPEC)
+    spec = load_spec(spec_path)
+    cells = expand(spec, source=str(spec_path))
+    results = tmp_path / "results"
+    cost = {("R", s): 10.0 + s * s for s in (1, 2, 3)} | {("none", s): 11.0 + s for s in (1, 2, 3)}
+    for cell in cells:
+        staging = results / ".staging" / cell.id
+        staging.mkdir(parents=True)
+        write_cell_config(staging, cell)
+        write_done(staging, cell, {"my_score": 0.5, "my_cost": cost[cell.arm.variant, cell.arm.seed]}, {},
+                   Provenance(duration_s=1.0))
+        publish(staging, results / cell.id)
+    write_spec_record(results, source=str(spec_path), layout=spec.layout, cell_ids=[c.id for c in cells])
+    layout = tmp_path / "cost.yaml"
+    layout.write_text(yaml.safe_dump({"name": "cost", "title": "What it costs", "sections": [
+        {"title": "Cost", "columns": [{"key": "t/my_cost", "header": "cost", "better": "lower"}]}],
+        "headlines": [{"header": "cost", "keys": ["t/my_cost"]}]}))
+    out = tmp_path / "by_cost"
+    assert table_main([str(results), "--layout", str(layout), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "What it costs — Cost" in md and "my_score" not in md.split("\n### ")[0]
+    (row,) = [r for r in csv.DictReader(io.StringIO((out / "table.csv").read_text()))
+              if r["table"] == "Effect of the ranking loss"]
+    expected = stats.ttest_rel([cost["R", s] for s in (1, 2, 3)], [cost["none", s] for s in (1, 2, 3)])
+    assert row["header"] == "cost" and float(row["p"]) == pytest.approx(expected.pvalue)
+
+    layout.write_text(yaml.safe_dump({"name": "cost", "title": "T", "headlines": [{"header": "cost", "keys": []}]}))
+    assert table_main([str(results), "--layout", str(layout), "--out", str(out)]) == 2
+    from rlkd.bench.layout_schema import layout_file
+    with pytest.raises(ValueError, match=r"cost\.yaml: invalid layout declaration at headlines\.0\.keys"):
+        layout_file(layout)
 
 
 def test_shipped_layouts_are_declarations_and_a_spec_names_them(tmp_path):

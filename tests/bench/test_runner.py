@@ -61,6 +61,11 @@ def test_every_cell_is_stored_with_config_metrics_log_provenance(tmp_path):
         assert (d / "train_log.jsonl").is_file()
         provenance = json.loads((d / "provenance.json").read_text())
         assert provenance["versions"]["python"] and provenance["duration_s"] >= 0
+        # exactly the fields set: no null "stages" for a cell without cached stages
+        assert set(provenance) == {"git_sha", "git_dirty", "versions", "machine", "plugins", "started",
+                                   "finished", "duration_s", "resumed"}
+        assert provenance["machine"]["cpu_model"] and provenance["resumed"] is False
+        assert provenance["started"] <= provenance["finished"]
     assert not (tmp_path / STAGING).exists()  # no staging folder, no lock files left by a finished run
 
 

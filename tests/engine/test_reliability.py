@@ -383,6 +383,6 @@ def test_cells_and_benchmarks_record_the_cpu_kind_their_fp32_bits_depend_on():
 
     capability = torch.backends.cpu.get_cpu_capability()
     names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    machine = code_provenance()["machine"]
-    assert machine["torch_cpu_capability"] == capability and machine["cpu_model"] == names[0]
+    machine = code_provenance().machine
+    assert machine.torch_cpu_capability == capability and machine.cpu_model == names[0]
     assert f"{names[0]} ({capability})" in provenance.benchmark_meta("benchmarks/x.py", [])["machine"]
