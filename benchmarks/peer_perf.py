@@ -6,8 +6,8 @@
 
 Run time of the full default on a quiet 2-core CPU (2 threads), estimated from the committed fused.md
 step times and Liger at ~0.7x rlkd's: parity 0.5 min, logits path 1.5 min (1 untimed + 3 rounds),
-fused H=576 ~7 min (first calls + 1 round of 9 implementations), fused H=2048 ~11 min (first calls +
-1 round of 6: its steps take ~3x H=576's), step target 1 min: about 20-21 min. ``--fused-rounds 2 1``
+fused H=576 ~7 min (first calls + 1 round of 9 implementations), fused H=2048 ~13 min (first calls +
+1 round of 8: its steps take ~3x H=576's), step target 1 min: about 23 min. ``--fused-rounds 2 1``
 (a second round at H=576) adds about 4 min.
 
 What runs (forward + backward, fp32, on the CPU unless --device cuda):
@@ -24,7 +24,9 @@ What runs (forward + backward, fp32, on the CPU unless --device cuda):
 * **Fused path** (hidden states and head weights given, the head matmuls included): rlkd's
   ``fused_distill_loss`` at its default block budget and at Liger's chunk (``loss.fused_block_mib``
   set to Liger's ``chunk_size`` rows of logits: equal memory for the logits), with ``loss.compile``
-  as given (default true: Liger compiles its per-chunk maths too); Liger's
+  as given (default auto, rlkd's own default: eager on the CPU, compiled on CUDA) and, beside it at
+  Liger's chunk, the other setting (does compiling pay on this device? Liger compiles its chunks);
+  Liger's
   ``LigerFusedLinearJSDLoss`` (beta 0: KL; 0.5: JSD) at its default chunk; ``F.cross_entropy`` on
   ``h @ W.T``.
 
@@ -150,9 +152,10 @@ def logits_impls(s, t, labels, sequences, peers, rlkd_compile="auto", k=5, chunk
 
 # ---- fused-path implementations -----------------------------------------------------------------------------
 def fused_impls(h, w, th, tw, labels, peers, *, rlkd_compile="true", liger_chunk=LIGER_CHUNK,
-                liger_compiled=True, objectives=("kl", "jsd"), floor=True, eager_too=False) -> tuple[dict, dict]:
+                liger_compiled=True, objectives=("kl", "jsd"), floor=True, contrast=False) -> tuple[dict, dict]:
     """(name -> (loss closure, aligned), name -> rlkd's block and chunk rows)."""
     from rlkd.objectives import DistillLoss
+    from rlkd.objectives.compiled import compile_wanted
     from rlkd.objectives.fused import HeadInput, fused_block_rows, fused_distill_loss
 
     v = w.shape[0]
@@ -161,8 +164,9 @@ def fused_impls(h, w, th, tw, labels, peers, *, rlkd_compile="true", liger_chunk
     for objective in objectives:
         label, beta = {"kl": ("KL", 0.0), "jsd": ("JSD", 0.5)}[objective]
         budgets = [("default budget", None, rlkd_compile), ("Liger's chunk", equal_mib, rlkd_compile)]
-        if eager_too and rlkd_compile != "false":  # does compiling pay here? the same block, eager
-            budgets.append(("Liger's chunk, eager", equal_mib, "false"))
+        if contrast:  # does compiling pay here? the same block with the other setting
+            other = "false" if compile_wanted(rlkd_compile, w.device.type) else "true"
+            budgets.append((f"Liger's chunk, {'eager' if other == 'false' else 'compiled'}", equal_mib, other))
         for where, mib, setting in budgets:
             loss_fn = DistillLoss(objective=objective, compile=setting, fused_block_mib=mib)
             name = f"rlkd {label} ({where})"
@@ -236,7 +240,7 @@ def worker_fused(args) -> dict:
     h, w, th, tw, labels = _inputs_fused(n, args.vocab, args.hidden)
     impls, blocks = fused_impls(h, w, th, tw, labels, peers, rlkd_compile=args.rlkd_compile,
                                 liger_chunk=args.liger_chunk, objectives=args.objectives,
-                                floor=args.hidden in args.floor_hidden, eager_too=args.hidden in args.eager_hidden)
+                                floor=args.hidden in args.floor_hidden, contrast=args.hidden in args.contrast_hidden)
 
     def step(fn, rows):
         loss = fn(rows)
@@ -340,7 +344,7 @@ def spawn(args, kind: str, **shape) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--rounds", str(shape.pop("rounds")),
            "--k", str(args.k), "--liger-chunk", str(args.liger_chunk), "--sequences", str(args.sequences),
            "--warm-tokens", str(args.warm_tokens), "--objectives", *args.objectives,
-           "--floor-hidden", *map(str, args.floor_hidden), "--eager-hidden", *map(str, args.eager_hidden)]
+           "--floor-hidden", *map(str, args.floor_hidden), "--contrast-hidden", *map(str, args.contrast_hidden)]
     cmd += ["--rlkd-compile", args.fused_compile if kind == "fused" else args.logits_compile]
     for key, value in shape.items():
         cmd += [f"--{key}", str(value)]
@@ -396,16 +400,20 @@ def targets(report: dict) -> list[dict]:
             liger = impls.get(f"Liger {label}")
             equal, default = impls.get(f"rlkd {label} (Liger's chunk)"), impls.get(f"rlkd {label} (default budget)")
             ratio = lambda a, b, f: (a[f] / b[f]) if a and b else None  # noqa: E731
-            eager = impls.get(f"rlkd {label} (Liger's chunk, eager)")
+            other = next(((n.split(", ")[-1].rstrip(")"), e) for n, e in impls.items()
+                          if n.startswith(f"rlkd {label} (Liger's chunk, ")), (None, None))
             add(f"fused {label}, {key}, rlkd at Liger's chunk: time / Liger's", ratio(equal, liger, "time_s"),
                 TARGETS["fused_equal_memory_time"],
-                f"eager at the same block: {ratio(eager, liger, 'time_s'):.3f}" if eager and liger else "")
+                f"{other[0]} at the same block: {ratio(other[1], liger, 'time_s'):.3f}" if other[1] and liger else "")
             floor = weight_grad_floor(fused)
             add(f"fused {label}, {key}, rlkd default budget: peak / Liger's", ratio(default, liger, "peak_mib"),
                 TARGETS["fused_default_peak"],
                 f"floor: W's fp32 gradient alone is {floor[1]:.2f}x Liger KL's peak" if floor else "")
             add(f"fused {label}, {key}, rlkd default budget: time / Liger's", ratio(default, liger, "time_s"),
-                TARGETS["fused_default_time"])
+                TARGETS["fused_default_time"],
+                (f"the same code at Liger's chunk: {ratio(equal, liger, 'time_s'):.3f}; the difference is the "
+                 f"block of {default['block_rows']} rows (this CPU's matmul of a small block: block_matmul.md)")
+                if default and equal and liger and default.get("block_rows") else "")
     impls = report.get("logits", {}).get("impls", {})
     if "rlkd KL" in impls:
         peers = {n: e for n, e in impls.items() if not n.startswith("rlkd") and "floor" not in n}
@@ -419,7 +427,9 @@ def targets(report: dict) -> list[dict]:
         add("logits path: rlkd KL peak / the leanest peer KD loss", ours["peak_mib"] / leanest if leanest else None, 1.0,
             "leaner: " + ", ".join(fatter) if fatter else "")
         klr = impls.get("rlkd KL+R")
-        add("logits path: (KL+R)/KL time", klr["time_s"] / ours["time_s"] if klr else None, TARGETS["logits_klr_over_kl"])
+        add("logits path: (KL+R)/KL time", klr["time_s"] / ours["time_s"] if klr else None, TARGETS["logits_klr_over_kl"],
+            "the top-k reads both N x V tensors once more than KL does, and every implementation here runs on "
+            "glibc's default malloc; rlkd's trainer keeps host memory, as rank_cost.md measures it")
     step = report.get("step", {})
     add("training step (benchmarks/step_perf.py): (KL+R)/KL time", step.get("klr_over_kl"), TARGETS["step_klr_over_kl"],
         step.get("command", step.get("error", "")))
@@ -537,16 +547,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds per --fused-hidden entry (H=2048 steps take ~4x H=576's)")
     parser.add_argument("--floor-hidden", type=int, nargs="*", default=[576],
                         help="hidden sizes whose fused table includes the F.cross_entropy floor (it costs a step)")
-    parser.add_argument("--eager-hidden", type=int, nargs="*", default=[576],
-                        help="hidden sizes whose fused table adds rlkd eager at Liger's chunk (is compiling worth it?)")
+    parser.add_argument("--contrast-hidden", type=int, nargs="*", default=[576, 2048],
+                        help="hidden sizes whose fused table adds rlkd at Liger's chunk with the other loss.compile "
+                        "setting (does compiling pay on this device?)")
     parser.add_argument("--warm-tokens", type=int, default=128,
                         help="rows of rlkd's first (compiling) fused call: one default block, the chunk shape of "
                         "every budget (Liger's first call takes all N rows, see the notes)")
     parser.add_argument("--liger-chunk", type=int, default=LIGER_CHUNK)
     parser.add_argument("--logits-compile", default="auto", choices=["auto", "true", "false"],
                         help="rlkd's loss.compile on the logits path (auto: eager on the CPU)")
-    parser.add_argument("--fused-compile", default="true", choices=["auto", "true", "false"],
-                        help="rlkd's loss.compile on the fused path (true: Liger compiles its chunks too)")
+    parser.add_argument("--fused-compile", default="auto", choices=["auto", "true", "false"],
+                        help="rlkd's loss.compile on the fused path (auto, rlkd's default: eager on the CPU, compiled on "
+                        "CUDA; the other setting is timed beside it, --contrast-hidden)")
     parser.add_argument("--skip-step", action="store_true", help="do not run benchmarks/step_perf.py")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "perf")
@@ -558,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         logits_shape = {"tokens": 256, "vocab": 4096, "rounds": 2}
         args.liger_chunk, args.warm_tokens = 64, 32
-        args.floor_hidden = args.eager_hidden = [64]
+        args.floor_hidden = args.contrast_hidden = [64]
         fused_shapes = {"H=64": {"tokens": 256, "vocab": 8192, "hidden": 64, "rounds": 1}}
     else:
         logits_shape = {"tokens": args.tokens, "vocab": args.vocab, "rounds": args.logits_rounds}

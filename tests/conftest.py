@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
+import threading
 from pathlib import Path
 
 # DeepSpeed reads these at import time; set them before any test imports it.
@@ -209,3 +211,42 @@ def assert_same_outputs(fused, ref, rtol=1e-5, atol=1e-5):
     assert out.metrics.keys() == ref_out.metrics.keys()
     for key in ref_out.metrics:
         assert out.metrics[key] == pytest.approx(ref_out.metrics[key], rel=1e-5, abs=1e-5), key
+
+
+class ThreadRanks:
+    """torch.distributed's barrier and broadcast for ranks that are threads of this process."""
+
+    def __init__(self, world: int):
+        self.world, self._barrier, self._local, self._box = world, threading.Barrier(world), threading.local(), {}
+
+    def as_rank(self, rank: int):
+        self._local.rank = rank
+
+    def dist(self):
+        return self, self._local.rank, self.world
+
+    def barrier(self):
+        self._barrier.wait()
+
+    def broadcast(self, tensor, src=0):
+        if self._local.rank == src:
+            self._box["value"] = tensor.clone()
+        self._barrier.wait()
+        tensor.copy_(self._box["value"])
+        self._barrier.wait()
+
+
+@pytest.fixture
+def thread_ranks(monkeypatch):
+    """``ThreadRanks``: threads of one interpreter standing in for rank processes. numpy reads a
+    .npy header with ``ast.literal_eval``, which CPython 3.11 cannot run in two threads at once
+    (SystemError "AST constructor recursion depth mismatch", CPython gh-106905; seen once in a full
+    run); rank processes never share an interpreter, so the stand-in serialises that call."""
+    lock, literal_eval = threading.Lock(), ast.literal_eval
+
+    def serialised(node_or_string):
+        with lock:
+            return literal_eval(node_or_string)
+
+    monkeypatch.setattr(ast, "literal_eval", serialised)
+    return ThreadRanks

@@ -208,31 +208,6 @@ class _PageWritebackMap(bytearray):
         os.close(self._fd)
 
 
-class _ThreadRanks:
-    """torch.distributed's barrier and broadcast for ranks that are threads of this process."""
-
-    def __init__(self, world: int):
-        import threading
-
-        self.world, self._barrier, self._local, self._box = world, threading.Barrier(world), threading.local(), {}
-
-    def as_rank(self, rank: int):
-        self._local.rank = rank
-
-    def dist(self):
-        return self, self._local.rank, self.world
-
-    def barrier(self):
-        self._barrier.wait()
-
-    def broadcast(self, tensor, src=0):
-        if self._local.rank == src:
-            self._box["value"] = tensor.clone()
-        self._barrier.wait()
-        tensor.copy_(self._box["value"])
-        self._barrier.wait()
-
-
 class _IdsTeacher:
     """A deterministic 'teacher': logit v at position t of a row is a function of the ids up to t."""
 
@@ -246,7 +221,7 @@ class _IdsTeacher:
         return SimpleNamespace(logits=(torch.sin(prefix * 0.37 + torch.arange(self.vocab) * 0.11)).float())
 
 
-def test_teacher_cache_ranks_write_no_shared_page(tmp_path, monkeypatch):
+def test_teacher_cache_ranks_write_no_shared_page(tmp_path, monkeypatch, thread_ranks):
     """Two ranks build one cache entry through page-granular write-back (a network filesystem):
     every cached row must be the teacher's. With both ranks' rows interleaved in one file, rows that
     share a page with the other rank's were overwritten by its stale copy of that page."""
@@ -257,7 +232,7 @@ def test_teacher_cache_ranks_write_no_shared_page(tmp_path, monkeypatch):
 
     vocab, world = 37, 2
     sequences = [[1 + (5 * i + 3 * j) % 90 for j in range(3 + i % 9)] for i in range(24)]
-    ranks = _ThreadRanks(world)
+    ranks = thread_ranks(world)
     monkeypatch.setattr(mmap, "mmap", _PageWritebackMap)
     monkeypatch.setattr(teacher_cache, "_dist", ranks.dist)
     errors = []

@@ -170,32 +170,7 @@ def test_training_on_a_top_k_cache_runs_end_to_end_and_with_k_equal_to_v_equals_
     assert (top8.export_dir / "model.safetensors").is_file()
 
 
-class _ThreadRanks:
-    """torch.distributed's barrier and broadcast for ranks that are threads of this process."""
-
-    def __init__(self, world: int):
-        import threading
-
-        self.world, self._barrier, self._local, self._box = world, threading.Barrier(world), threading.local(), {}
-
-    def as_rank(self, rank: int):
-        self._local.rank = rank
-
-    def dist(self):
-        return self, self._local.rank, self.world
-
-    def barrier(self):
-        self._barrier.wait()
-
-    def broadcast(self, tensor, src=0):
-        if self._local.rank == src:
-            self._box["value"] = tensor.clone()
-        self._barrier.wait()
-        tensor.copy_(self._box["value"])
-        self._barrier.wait()
-
-
-def test_two_ranks_build_one_entry_each_writing_its_own_files(tmp_path, monkeypatch):
+def test_two_ranks_build_one_entry_each_writing_its_own_files(tmp_path, monkeypatch, thread_ranks):
     import threading
 
     vocab, world, k = 37, 2, 5
@@ -207,7 +182,7 @@ def test_two_ranks_build_one_entry_each_writing_its_own_files(tmp_path, monkeypa
         prefix = input_ids.double().cumsum(-1).unsqueeze(-1)
         return SimpleNamespace(logits=torch.sin(prefix * 0.37 + torch.arange(vocab) * 0.11).float())
 
-    ranks = _ThreadRanks(world)
+    ranks = thread_ranks(world)
     monkeypatch.setattr(teacher_cache, "_dist", ranks.dist)
     errors = []
 

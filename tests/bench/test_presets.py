@@ -187,19 +187,19 @@ def test_mini_table2_spec_has_every_row_and_shares_its_healing_with_mini_table1(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, only, expected", [
-    ("paper/table4", None, {"KL", "KL+R", "Rank-15"}),            # downstream GSM8K, Table 4 timing column
+    ("paper/table4", "KL+R", {"KL+R"}),                           # downstream GSM8K, Table 4 timing column
     ("paper/table2", "re:^dolly-KL-", {"KL"}),                    # teacher SFT stage first, then ROUGE
     ("paper/table2", "re:^gsm8k-(SeqKD|FD)-", {"SeqKD", "FD"}),   # trained on cached teacher generations
     ("paper/table1", "Start,KL+R", {"Start", "KL+R"}),             # pre-training, CR/MOR/PPL alignment
     ("paper/table5", "Rank-10", {"Rank-10"}),                      # ranking loss alone, swept k
     ("paper/table6", r"re:^gsm8k-KL\+R_Dynamic-", {"KL+R (Dynamic)"}),  # Eq. 2 dynamic allocation
     ("paper/table7", "JSD+R", {"JSD+R"}),
-    ("paper/table3", "13B (Llama-2),7B (Llama-2)", {"13B (Llama-2)", "7B (Llama-2)"}),  # evaluation only
+    ("paper/table3", "7B (Llama-2)", {"7B (Llama-2)"}),           # evaluation only
     ("paper/table8", r"re:^gsm8k-TVD\+R_Pearson-", {"TVD+R (Pearson)"}),  # Pearson instead of Spearman
     # The mini specs: healing stage, teacher SFT, teacher cache, both ROUGE libraries.
     # (teacher generations: paper/table2's SeqKD and FD above)
-    ("mini/table2_dolly", r"re:^dolly-(Start-ref|KL-s1|KL\+R-s1)-", {"Start", "KL", "KL+R"}),
-    ("mini/table1_smollm2", "Start,Teacher,TVD,TVD+R", {"Start", "Teacher", "TVD", "TVD+R"}),
+    ("mini/table2_dolly", r"re:^dolly-(Start-ref|KL\+R-s1)-", {"Start", "KL+R"}),
+    ("mini/table1_smollm2", "Teacher,TVD+R", {"Teacher", "TVD+R"}),
 ])
 def test_tiny_preset_runs_end_to_end(preset, only, expected, tmp_path, monkeypatch, capsys):
     from rlkd.factory import shared_tokenizer

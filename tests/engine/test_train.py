@@ -224,7 +224,7 @@ def test_bad_config_key_is_named(run_config, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_is_bit_exact(run_config, tmp_path, cli_env):
-    run_config["train"].update(max_steps=40, micro_batch_size=2, schedule="cosine", warmup_steps=3)
+    run_config["train"].update(max_steps=20, micro_batch_size=2, schedule="cosine", warmup_steps=3)
     run_config["loss"] = {"objective": "kl", "ranking": {"enabled": True, "k": 5}}
     run_config["checkpoint"] = {"every_steps": 5, "keep_last": 2}
 
@@ -245,7 +245,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(run_config, tmp_path,
     resumed = subprocess.run(command + ["--resume"], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads((Path(killed["output_dir"]) / "manifest.json").read_text())
-    assert manifest["resumed_from"] is not None and 0 < manifest["resumed_from"] < 40
+    assert manifest["resumed_from"] is not None and 0 < manifest["resumed_from"] < 20
 
     straight = run_training(dict(run_config, output_dir=str(tmp_path / "straight")))
     a, b = _state(Path(killed["output_dir"]) / "export"), _state(straight.export_dir)
@@ -253,4 +253,4 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(run_config, tmp_path,
     for key in a:
         assert torch.equal(a[key], b[key]), key
     steps = [json.loads(line)["step"] for line in (Path(killed["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41))
+    assert steps == list(range(1, 21))

@@ -196,7 +196,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_we
     shell only) but at a moment the test picks, so that nothing depends on this machine's speed: the
     run stops at a step boundary, checkpoints, requeues itself, resumes and ends with the weights of
     an uninterrupted run. Slurm's own timer firing the warning is the opt-in test below."""
-    steps = 300
+    steps = 160  # the warning is sent at step 20; the run must still be going when it arrives
     config = dict(distil_config, train=dict(distil_config["train"], max_steps=steps))
     path = _write_config(config, tmp_path / "requeued")
     requeued = path.parent / "run"
