@@ -413,7 +413,7 @@ def targets(report: dict) -> list[dict]:
                 TARGETS["fused_default_time"],
                 (f"the same code at Liger's chunk: {ratio(equal, liger, 'time_s'):.3f}; the difference is the "
                  f"block of {default['block_rows']} rows (this CPU's matmul of a small block: block_matmul.md)")
-                if default and equal and liger and default.get("block_rows") else "")
+                if default and equal and liger and default.get("block_rows", 0) < equal.get("block_rows", 0) else "")
     impls = report.get("logits", {}).get("impls", {})
     if "rlkd KL" in impls:
         peers = {n: e for n, e in impls.items() if not n.startswith("rlkd") and "floor" not in n}
