@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"checkpoint in {result.output_dir / 'checkpoints'} (continue with --resume)")
         else:
             print(f"run finished: export {result.export_dir}; metrics {result.metrics_path}")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Every rank leaves together and closes its group before the interpreter exits: left to
+        # process teardown, a rank's gloo threads can outlive a peer that exited first, and an
+        # aborting rank fails a Slurm job whose run had finished (seen once in a full test run).
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
