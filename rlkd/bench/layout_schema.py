@@ -104,9 +104,9 @@ def layout_file(path: Path) -> LayoutDeclaration:
     try:
         return LayoutDeclaration.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ValueError(f"{path}: invalid layout declaration at {where}: {first['msg']}") from None
+        from rlkd.config import validation_lines
+
+        raise ValueError("\n".join([f"{path}: invalid layout declaration"] + validation_lines(exc))) from None
 
 
 def resolve_layout(layout: str | LayoutDeclaration | dict | None) -> LayoutDeclaration:

@@ -104,7 +104,7 @@ def test_rlkd_table_takes_a_layout_file_of_ones_own(tmp_path):
     layout.write_text(yaml.safe_dump({"name": "cost", "title": "T", "headlines": [{"header": "cost", "keys": []}]}))
     assert table_main([str(results), "--layout", str(layout), "--out", str(out)]) == 2
     from rlkd.bench.layout_schema import layout_file
-    with pytest.raises(ValueError, match=r"cost\.yaml: invalid layout declaration at headlines\.0\.keys"):
+    with pytest.raises(ValueError, match=r"cost\.yaml: invalid layout declaration\n  headlines\[0\]\.keys: "):
         layout_file(layout)
 
 
