@@ -57,6 +57,14 @@ class SectionDeclaration(_Declaration):
                                              "is left out.")
 
 
+class ContrastDeclaration(_Declaration):
+    sweep: str = Field(description="A sweep key of the spec (the last part of its path, as in cell ids).")
+    reference: str | int | float | bool | None = Field(None, description="The swept value every other value is "
+                                                      "compared with (null: the sweep's null entry, e.g. the exact "
+                                                      "teacher cache).")
+    title: str | None = Field(None, description="The contrast table's title; None: 'Effect of <sweep>'.")
+
+
 class LayoutDeclaration(_Declaration):
     """How a results folder's cells are laid out as tables, verdict and plots."""
 
@@ -76,6 +84,10 @@ class LayoutDeclaration(_Declaration):
                                       "marked best (models scored without distillation).")
     row_order: list[str] = Field(default_factory=list, description="Rows first, in this order (then the paper "
                                  "table's rows, then the rest).")
+    contrasts: list[ContrastDeclaration] = Field(default_factory=list, description="Tables of Δ = (a swept value) "
+                                                 "− (the reference value) per headline, pairing the cells that "
+                                                 "differ in that sweep key alone, over their shared seeds (e.g. "
+                                                 "sparse − exact teacher cache).")
 
 
 def shipped_layout_names() -> list[str]:

@@ -108,9 +108,52 @@ def test_rlkd_table_takes_a_layout_file_of_ones_own(tmp_path):
         layout_file(layout)
 
 
+def test_a_contrast_pairs_cells_that_differ_in_one_sweep_key(tmp_path):
+    """A layout's contrast: Δ = (temperature 2) − (temperature 1) per objective and variant over the
+    shared seeds, against scipy's paired t-test and Holm over the table's two tests."""
+    raw = yaml.safe_load(SPEC)
+    raw["sweep"] = {"loss.temperature": [1.0, 2.0]}
+    raw["layout"]["contrasts"] = [{"sweep": "temperature", "reference": 1.0, "title": "Hot − cold"}]
+    spec_path = _write(tmp_path, yaml.safe_dump(raw))
+    spec = load_spec(spec_path)
+    cells = expand(spec, source=str(spec_path))
+    assert len(cells) == 12
+    score = {}
+    for cell in cells:
+        hot, ranked, seed = cell.arm.sweep["temperature"] == 2.0, cell.arm.variant == "R", cell.arm.seed
+        score[cell.id] = 0.5 + 0.1 * ranked + (0.03 * seed * seed + 0.02 if hot else 0.0) + 0.01 * seed
+    results = tmp_path / "results"
+    for cell in cells:
+        staging = results / ".staging" / cell.id
+        staging.mkdir(parents=True)
+        write_cell_config(staging, cell)
+        write_done(staging, cell, {"my_score": score[cell.id], "my_cost": 1.0}, {}, Provenance(duration_s=1.0))
+        publish(staging, results / cell.id)
+    write_spec_record(results, source=str(spec_path), layout=spec.layout, cell_ids=[c.id for c in cells])
+    assert table_main([str(results)]) == 0
+
+    md = (results / "table.md").read_text()
+    assert "### Hot − cold" in md and "| KL+R [temperature=2.0] − KL+R [temperature=1.0] | 3 |" in md
+    rows = [r for r in csv.DictReader(io.StringIO((results / "table.csv").read_text())) if r["table"] == "Hot − cold"]
+    assert sorted(r["row"] for r in rows) == ["KL [temperature=2.0] − KL [temperature=1.0]",
+                                              "KL+R [temperature=2.0] − KL+R [temperature=1.0]"]
+    hot = [0.03 * s * s + 0.02 for s in (1, 2, 3)]
+    expected = stats.ttest_rel([h + 0.01 * s for h, s in zip(hot, (1, 2, 3))], [0.01 * s for s in (1, 2, 3)])
+    for row in rows:
+        assert float(row["mean"]) == pytest.approx(sum(hot) / 3)
+        assert float(row["p"]) == pytest.approx(expected.pvalue)
+        assert float(row["p_holm"]) == pytest.approx(min(1.0, 2 * expected.pvalue))  # Holm over 2 equal p
+    # the ±R verdict still pairs within each temperature
+    verdict = [r["row"] for r in csv.DictReader(io.StringIO((results / "table.csv").read_text()))
+               if r["table"] == "Effect of the ranking loss"]
+    assert sorted(verdict) == ["KL+R [temperature=1.0] − KL [temperature=1.0]",
+                               "KL+R [temperature=2.0] − KL [temperature=2.0]"]
+
+
 def test_shipped_layouts_are_declarations_and_a_spec_names_them(tmp_path):
     names = shipped_layout_names()
-    assert {"generic", "default", "mini_table1", "mini_table2"} | {f"table{i}" for i in range(1, 9)} == set(names)
+    assert ({"generic", "default", "mini_table1", "mini_table2", "sparse_teacher"} | {f"table{i}" for i in range(1, 9)}
+            == set(names))
     for name in names:
         assert shipped_layout(name).name == name
     # the mean-of headline, written as data: Table 1's mean CR@2–5

@@ -354,3 +354,79 @@ def method_sentence(result: Verdict) -> str:
                      "intervals); these p are not Holm-adjusted"
                      + (f"; {len(pooled.left_out)} pair(s) without an interval left out" if pooled.left_out else ""))
     return "; ".join(parts) + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep contrasts: Δ = (a swept value) − (the reference value), e.g. sparse − exact teacher cache
+
+
+@dataclass
+class ContrastCell:
+    seeds: int
+    test: PairedTest | None  # None with fewer than MIN_SEEDS_FOR_INTERVAL seeds
+    per_seed: list[float] = field(default_factory=list)  # the differences, where there is no test
+    p_holm: float | None = None
+
+    @property
+    def mean(self) -> float:
+        return self.test.diff.mean if self.test is not None else math.fsum(self.per_seed) / len(self.per_seed)
+
+
+@dataclass
+class Contrast:
+    title: str
+    sweep: str
+    reference: Any
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (row, reference row)
+    headlines: list[Headline] = field(default_factory=list)
+    cells: dict[tuple[tuple[str, str], str], ContrastCell] = field(default_factory=dict)  # ((row, ref), header)
+
+
+def _without(sweep: tuple[tuple[str, Any], ...], key: str) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, v) for k, v in sweep if k != key)
+
+
+def sweep_contrasts(layout: Layout, grid: Grid, row_order: list[str] | None = None) -> list[Contrast]:
+    """Per contrast of the layout: each arm whose ``sweep`` value differs from the reference, paired
+    with the arm that differs in that key alone (same objective label, variant and other sweep
+    values), per headline over their shared seeds: a paired t-test with >= 3 seeds (Holm-adjusted
+    within the contrast's table), else the per-seed differences."""
+    out = []
+    order = {row: i for i, row in enumerate(row_order or grid.rows)}
+    for key, reference, title in layout.contrasts:
+        contrast = Contrast(title, key, reference)
+        references = {}
+        for arm in grid.arm_rows:
+            if dict(arm.sweep).get(key) == reference:  # a sweep without the key counts as its null entry
+                references[(arm.objective_label, arm.variant, _without(arm.sweep, key))] = arm
+        pairs = []
+        for arm, row in grid.arm_rows.items():
+            if key not in dict(arm.sweep) or dict(arm.sweep)[key] == reference:
+                continue
+            base = references.get((arm.objective_label, arm.variant, _without(arm.sweep, key)))
+            if base is not None:
+                pairs.append((arm, base))
+        pairs.sort(key=lambda p: (order.get(grid.arm_rows[p[1]], len(order)), order.get(grid.arm_rows[p[0]], len(order))))
+        for headline in headlines(layout, grid):
+            for arm, base in pairs:
+                ours, ref = _composite(grid, arm, headline), _composite(grid, base, headline)
+                seeds = sorted(set(ours) & set(ref), key=str)
+                if not seeds:
+                    continue
+                label = (grid.arm_rows[arm], grid.arm_rows[base])
+                if label not in contrast.pairs:
+                    contrast.pairs.append(label)
+                if headline not in contrast.headlines:
+                    contrast.headlines.append(headline)
+                if len(seeds) >= MIN_SEEDS_FOR_INTERVAL:
+                    cell = ContrastCell(len(seeds), paired_t([ours[s] for s in seeds], [ref[s] for s in seeds]))
+                else:
+                    cell = ContrastCell(len(seeds), None, per_seed=[ours[s] - ref[s] for s in seeds])
+                contrast.cells[(label, headline.header)] = cell
+        tested = [c for (_, header), c in contrast.cells.items()
+                  if c.test is not None and c.test.p is not None
+                  and any(h.header == header and h.tested for h in contrast.headlines)]
+        for cell, adjusted in zip(tested, holm([c.test.p for c in tested])):
+            cell.p_holm = adjusted
+        out.append(contrast)
+    return out

@@ -109,6 +109,8 @@ class Layout:
     row_order: tuple[str, ...] = ()  # preferred row order where there is no paper table
     # The verdict table's metrics; empty: every column of the sections (or, generic, every metric).
     headlines: tuple[Headline, ...] = ()
+    # (sweep key, reference value, title) of each sweep contrast table.
+    contrasts: tuple[tuple[str, Any, str], ...] = ()
 
     @classmethod
     def of(cls, declaration: LayoutDeclaration) -> Layout:
@@ -119,7 +121,9 @@ class Layout:
                    split_by_correlation=declaration.split_by_correlation,
                    reference_rows=tuple(declaration.reference_rows), row_order=tuple(declaration.row_order),
                    headlines=tuple(Headline(h.header, tuple(h.keys), h.tested, h.better)
-                                   for h in declaration.headlines))
+                                   for h in declaration.headlines),
+                   contrasts=tuple((c.sweep, c.reference, c.title or f"Effect of {c.sweep}")
+                                   for c in declaration.contrasts))
 
     # -- placing cells ------------------------------------------------------------------------
     def row_label(self, cell: Cell) -> str:

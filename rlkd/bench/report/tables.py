@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rlkd.bench.report.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Effect, Pooled, Verdict,
-                                VerdictCell, method_sentence, ranking_effects, verdict)
+from rlkd.bench.report.effects import (EXAMPLES, MIN_SEEDS_FOR_INTERVAL, NONE, RANKED_VARIANTS, Contrast, ContrastCell,
+                                       Effect, Pooled, Verdict, VerdictCell, method_sentence, ranking_effects,
+                                       sweep_contrasts, verdict)
 from rlkd.bench.report.grid import Grid, collect
 from rlkd.bench.report.layouts import Column, Layout
 from rlkd.bench.records import Cell, CellResult, Provenance
@@ -231,9 +232,43 @@ def render_verdict_markdown(result: Verdict, without_fields: list[str] = ()) -> 
     return out
 
 
+def contrast_cell_text(cell: ContrastCell | None) -> str:
+    """Δ [t-interval], Holm p (bold where < 0.05); with fewer seeds the per-seed differences."""
+    if cell is None:
+        return ""
+    if cell.test is None:
+        return ", ".join(_signed(d) for d in cell.per_seed) + " (per seed)"
+    d = cell.test.diff
+    text = f"{_signed(d.mean)} [{_signed(d.low)}, {_signed(d.high)}]"
+    if cell.p_holm is not None:
+        text += f", {_p_text(cell.p_holm)}"
+    return f"**{text}**" if cell.p_holm is not None and cell.p_holm < 0.05 else text
+
+
+def render_contrast_markdown(contrast: Contrast) -> list[str]:
+    if not contrast.pairs:
+        return []
+    reference = "null" if contrast.reference is None else contrast.reference
+    out = [f"### {contrast.title}\n",
+           f"Δ = (the row) − (the same row with {contrast.sweep} = {reference}), per seed then averaged over the "
+           f"seeds both have; with ≥ {MIN_SEEDS_FOR_INTERVAL} seeds the 95% t-interval and the paired t-test's p, "
+           "Holm-adjusted over this table's tested cells (**bold**: < 0.05).\n",
+           "| Comparison | seeds | " + " | ".join(h.header for h in contrast.headlines) + " |",
+           "|---|---|" + "---|" * len(contrast.headlines)]
+    for pair in contrast.pairs:
+        cells = [contrast.cells.get((pair, h.header)) for h in contrast.headlines]
+        seeds = sorted({c.seeds for c in cells if c is not None})
+        out.append(f"| {pair[0]} − {pair[1]} | {', '.join(map(str, seeds))} | "
+                   + " | ".join(contrast_cell_text(c) for c in cells) + " |")
+    return out + [""]
+
+
 def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: list[tuple[str, str]],
-                    result: Verdict | None = None, notes: list[str] = (), without_fields: list[str] = ()) -> str:
+                    result: Verdict | None = None, notes: list[str] = (), without_fields: list[str] = (),
+                    contrasts: list[Contrast] = ()) -> str:
     out = render_verdict_markdown(result, without_fields) if result is not None else []
+    for contrast in contrasts:
+        out += render_contrast_markdown(contrast)
     for table in tables:
         with_paper = bool(table.paper)
         out.append(f"### {table.title}\n")
@@ -294,7 +329,7 @@ def render_markdown(tables: list[RenderedTable], effects: list[Effect], failed: 
     return "\n".join(out)
 
 
-def render_csv(tables: list[RenderedTable], result: Verdict | None = None) -> str:
+def render_csv(tables: list[RenderedTable], result: Verdict | None = None, contrasts: list[Contrast] = ()) -> str:
     """One line per (table, row, column): machine-readable, paper value and difference included.
     The verdict's lines come first (table = "Effect of the ranking loss", mean = Δ(+R), `interval`
     = seeds | examples | none, `p`, `p_holm` of the primary family (seed t-tests), `se` the standard
@@ -323,6 +358,14 @@ def render_csv(tables: list[RenderedTable], result: Verdict | None = None) -> st
                          number(None if pooled.paper_mean is None else e.mean - pooled.paper_mean), "",
                          "random_effects_dl", repr(e.p) if headline.tested else "", "", repr(e.se), "", "", "", "",
                          "", repr(e.tau2), repr(e.i2), number(pooled.p_paper)])
+    for contrast in contrasts:  # interval = seeds (t-interval, p, p_holm within the contrast) or none
+        for ((row, reference), header), cell in contrast.cells.items():
+            keys = next("+".join(h.keys) for h in contrast.headlines if h.header == header)
+            d = cell.test.diff if cell.test is not None else None
+            writer.writerow([contrast.title, f"{row} − {reference}", keys, header, cell.seeds, repr(cell.mean), "",
+                             number(d and d.low), number(d and d.high), "", "", "",
+                             "seeds" if cell.test is not None else "none", number(cell.test and cell.test.p),
+                             number(cell.p_holm)] + [""] * 9)
     for table in tables:
         for row in table.rows:
             for column in table.columns:
@@ -434,10 +477,11 @@ def write_tables(results_dir: Path, layout: Layout, results: list[CellResult], o
     order = row_order(layout, grid)
     effects = ranking_effects(layout, grid, order)
     result = verdict(layout, grid, order)
+    contrasts = sweep_contrasts(layout, grid, order)
     paths = {"md": out_dir / "table.md", "csv": out_dir / "table.csv", "tex": out_dir / "table.tex"}
     write_text_atomic(paths["md"], render_markdown(tables, effects, grid.failed, result, grid.notes,
-                                                    grid.without_fields))
-    write_text_atomic(paths["csv"], render_csv(tables, result))
+                                                    grid.without_fields, contrasts))
+    write_text_atomic(paths["csv"], render_csv(tables, result, contrasts))
     write_text_atomic(paths["tex"], render_latex(tables, result))
     return paths
 
