@@ -100,15 +100,12 @@ def shipped_layout(name: str) -> LayoutDeclaration:
     path = SHIPPED_LAYOUT_DIR / f"{name}.yaml"
     if not re.fullmatch(r"[A-Za-z0-9_]+", name) or not path.is_file():
         raise KeyError(f"unknown table layout {name!r}; known: {', '.join(shipped_layout_names())}")
-    try:
-        return LayoutDeclaration.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except ValidationError as exc:
-        raise ValueError(f"{path}: invalid layout declaration: {exc}") from None
+    return layout_file(path)
 
 
 def layout_file(path: Path) -> LayoutDeclaration:
-    """A layout declared in a YAML file of one's own (``rlkd table --layout my_layout.yaml``); a
-    ValueError naming the file and the field for an invalid one."""
+    """A layout declared in a YAML file (a shipped one, or one's own: ``rlkd table --layout
+    my_layout.yaml``); a ValueError naming the file and the field for an invalid one."""
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:

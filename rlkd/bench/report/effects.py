@@ -102,21 +102,25 @@ def tabulated_columns(layout: Layout, grid: Grid) -> list[Column]:
     return [c for s in layout.present_sections(grid.columns()) for c in s.columns]
 
 
+def seed_comparison(ours: dict[Any, float], ref: dict[Any, float]) -> tuple[int, PairedTest | None, list[float]]:
+    """(shared seeds, paired t-test of ours − ref over them or None with fewer than
+    MIN_SEEDS_FOR_INTERVAL, the per-seed differences where there is no test)."""
+    seeds = sorted(set(ours) & set(ref), key=str)
+    if len(seeds) >= MIN_SEEDS_FOR_INTERVAL:
+        return len(seeds), paired_t([ours[s] for s in seeds], [ref[s] for s in seeds]), []
+    return len(seeds), None, [ours[s] - ref[s] for s in seeds]
+
+
 def ranking_effects(layout: Layout, grid: Grid, row_order: list[str] | None = None) -> list[Effect]:
     """Paired ±R t-tests over shared seeds for each pair and column; p Holm-adjusted over them all."""
     columns = tabulated_columns(layout, grid)
     effects = []
     for pair in ranking_pairs(grid, row_order):
         for column in columns:
-            with_r = grid.arm_values.get((pair.ranked, column.key), {})
-            without = grid.arm_values.get((pair.base, column.key), {})
-            seeds = sorted(set(with_r) & set(without), key=str)
-            if len(seeds) >= MIN_SEEDS_FOR_INTERVAL:
-                test = paired_t([with_r[s] for s in seeds], [without[s] for s in seeds])
-                effects.append(Effect(pair.base_row, pair.ranked_row, column, test, len(seeds)))
-            elif seeds:  # too few seeds for a test: the per-seed differences only
-                effects.append(Effect(pair.base_row, pair.ranked_row, column, None, len(seeds),
-                                      per_seed=[with_r[s] - without[s] for s in seeds]))
+            n, test, per_seed = seed_comparison(grid.arm_values.get((pair.ranked, column.key), {}),
+                                                grid.arm_values.get((pair.base, column.key), {}))
+            if n:  # with too few seeds for a test, the per-seed differences only
+                effects.append(Effect(pair.base_row, pair.ranked_row, column, test, n, per_seed=per_seed))
     tested = [e for e in effects if e.test is not None and e.test.p is not None]
     for effect, adjusted in zip(tested, holm([e.test.p for e in tested])):
         effect.p_holm = adjusted
@@ -379,7 +383,7 @@ class Contrast:
     reference: Any
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (row, reference row)
     headlines: list[Headline] = field(default_factory=list)
-    cells: dict[tuple[tuple[str, str], str], ContrastCell] = field(default_factory=dict)  # ((row, ref), header)
+    cells: dict[tuple[tuple[str, str], Headline], ContrastCell] = field(default_factory=dict)  # ((row, ref), headline)
 
 
 def _without(sweep: tuple[tuple[str, Any], ...], key: str) -> tuple[tuple[str, Any], ...]:
@@ -395,37 +399,29 @@ def sweep_contrasts(layout: Layout, grid: Grid, row_order: list[str] | None = No
     order = {row: i for i, row in enumerate(row_order or grid.rows)}
     for key, reference, title in layout.contrasts:
         contrast = Contrast(title, key, reference)
-        references = {}
+        references, swept = {}, []
         for arm in grid.arm_rows:
-            if dict(arm.sweep).get(key) == reference:  # a sweep without the key counts as its null entry
+            sweep = dict(arm.sweep)
+            if sweep.get(key) == reference:  # a sweep without the key counts as its null entry
                 references[(arm.objective_label, arm.variant, _without(arm.sweep, key))] = arm
-        pairs = []
-        for arm, row in grid.arm_rows.items():
-            if key not in dict(arm.sweep) or dict(arm.sweep)[key] == reference:
-                continue
-            base = references.get((arm.objective_label, arm.variant, _without(arm.sweep, key)))
-            if base is not None:
-                pairs.append((arm, base))
+            elif key in sweep:
+                swept.append(arm)
+        pairs = [(arm, references[(arm.objective_label, arm.variant, _without(arm.sweep, key))]) for arm in swept
+                 if (arm.objective_label, arm.variant, _without(arm.sweep, key)) in references]
         pairs.sort(key=lambda p: (order.get(grid.arm_rows[p[1]], len(order)), order.get(grid.arm_rows[p[0]], len(order))))
         for headline in headlines(layout, grid):
             for arm, base in pairs:
-                ours, ref = _composite(grid, arm, headline), _composite(grid, base, headline)
-                seeds = sorted(set(ours) & set(ref), key=str)
-                if not seeds:
+                n, test, per_seed = seed_comparison(_composite(grid, arm, headline), _composite(grid, base, headline))
+                if not n:
                     continue
                 label = (grid.arm_rows[arm], grid.arm_rows[base])
                 if label not in contrast.pairs:
                     contrast.pairs.append(label)
                 if headline not in contrast.headlines:
                     contrast.headlines.append(headline)
-                if len(seeds) >= MIN_SEEDS_FOR_INTERVAL:
-                    cell = ContrastCell(len(seeds), paired_t([ours[s] for s in seeds], [ref[s] for s in seeds]))
-                else:
-                    cell = ContrastCell(len(seeds), None, per_seed=[ours[s] - ref[s] for s in seeds])
-                contrast.cells[(label, headline.header)] = cell
-        tested = [c for (_, header), c in contrast.cells.items()
-                  if c.test is not None and c.test.p is not None
-                  and any(h.header == header and h.tested for h in contrast.headlines)]
+                contrast.cells[(label, headline)] = ContrastCell(n, test, per_seed)
+        tested = [c for (_, headline), c in contrast.cells.items()
+                  if headline.tested and c.test is not None and c.test.p is not None]
         for cell, adjusted in zip(tested, holm([c.test.p for c in tested])):
             cell.p_holm = adjusted
         out.append(contrast)

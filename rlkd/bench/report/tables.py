@@ -256,7 +256,7 @@ def render_contrast_markdown(contrast: Contrast) -> list[str]:
            "| Comparison | seeds | " + " | ".join(h.header for h in contrast.headlines) + " |",
            "|---|---|" + "---|" * len(contrast.headlines)]
     for pair in contrast.pairs:
-        cells = [contrast.cells.get((pair, h.header)) for h in contrast.headlines]
+        cells = [contrast.cells.get((pair, h)) for h in contrast.headlines]
         seeds = sorted({c.seeds for c in cells if c is not None})
         out.append(f"| {pair[0]} − {pair[1]} | {', '.join(map(str, seeds))} | "
                    + " | ".join(contrast_cell_text(c) for c in cells) + " |")
@@ -359,10 +359,10 @@ def render_csv(tables: list[RenderedTable], result: Verdict | None = None, contr
                          "random_effects_dl", repr(e.p) if headline.tested else "", "", repr(e.se), "", "", "", "",
                          "", repr(e.tau2), repr(e.i2), number(pooled.p_paper)])
     for contrast in contrasts:  # interval = seeds (t-interval, p, p_holm within the contrast) or none
-        for ((row, reference), header), cell in contrast.cells.items():
-            keys = next("+".join(h.keys) for h in contrast.headlines if h.header == header)
+        for ((row, reference), headline), cell in contrast.cells.items():
             d = cell.test.diff if cell.test is not None else None
-            writer.writerow([contrast.title, f"{row} − {reference}", keys, header, cell.seeds, repr(cell.mean), "",
+            writer.writerow([contrast.title, f"{row} − {reference}", "+".join(headline.keys), headline.header,
+                             cell.seeds, repr(cell.mean), "",
                              number(d and d.low), number(d and d.high), "", "", "",
                              "seeds" if cell.test is not None else "none", number(cell.test and cell.test.p),
                              number(cell.p_holm)] + [""] * 9)
