@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodes", type=_at_least_one, default=1, help="--slurm: nodes per cell job")
     parser.add_argument("--gpus-per-node", type=_at_least_one, default=8, help="--slurm: GPUs per node")
     parser.add_argument("--no-table", action="store_true", help="do not write tables after the run")
-    parser.add_argument("--seeds", help="comma-separated seeds replacing the spec's (finished seeds are reused), "
-                                        "e.g. --seeds 1,2,3")
+    parser.add_argument("--seeds", help="comma-separated seeds for every cell, replacing the spec's and each "
+                                        "variant's own (finished seeds are reused), e.g. --seeds 1,2,3")
     parser.add_argument("--quick", action="store_true", help="embedded benchmark only: a smaller, faster version")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="import a module or .py file that registers objectives (repeatable)")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         path = resolve_spec_path(args.spec)
         spec = load_spec(path, tiny=args.tiny, plugins=args.plugin)
         if args.seeds:
-            spec.seeds = parse_seeds(args.seeds)
+            spec = spec.with_seeds(parse_seeds(args.seeds))
         spec_cells = expand(spec, source=str(path))
         cells = filter_cells(spec_cells, args.only)
     except SpecError as exc:

@@ -150,7 +150,7 @@ def run_default(args) -> int:
     root = getattr(args, "results_dir", None) or Path("results") / ("default-quick" if quick else "default")
     spec = default_spec(quick, getattr(args, "plugin", ()) or ())
     if getattr(args, "seeds", None):
-        spec.seeds = parse_seeds(args.seeds)
+        spec = spec.with_seeds(parse_seeds(args.seeds))
     cells = filter_cells(expand(spec, source=str(SPEC_FILE)), getattr(args, "only", None))
     if getattr(args, "dry_run", False):
         return dry_run(cells, root, show_config=getattr(args, "show_config", False))

@@ -251,6 +251,13 @@ class GridSpec(_Strict):
                              "declaration (name, title, sections, headlines, ...)")
         return layout
 
+    def with_seeds(self, seeds: list[int]) -> "GridSpec":
+        """This spec with every cell on ``seeds`` (``rlkd bench --seeds``): the spec's own seeds and a
+        variant's (e.g. mini Table 2's 5 seeds per ±R pair, 3 for SFT) alike, so ``--seeds 1`` runs
+        seed 1 of every row; cells of seeds already finished are reused as always."""
+        variants = [variant.model_copy(update={"seeds": None}) for variant in self.variants]
+        return self.model_copy(update={"seeds": list(seeds), "variants": variants})
+
     @field_validator("objectives", "variants", mode="before")
     @classmethod
     def _bare_names(cls, value: Any) -> Any:

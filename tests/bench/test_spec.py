@@ -4,6 +4,7 @@ and the dotted field before any work, expansion that matches a hand count."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -199,6 +200,17 @@ def test_bad_seeds_on_the_command_line_are_one_clear_line(capsys):
     assert bench_main(["--seeds", "1,a", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "rlkd bench: --seeds: expected comma-separated integers, got '1,a'"
+
+
+def test_seeds_on_the_command_line_replace_each_variants_own_seeds_too(capsys):
+    # mini Table 2 sets seeds per variant (1-5 for the ±R pairs, 1-3 for SFT): --seeds 2 leaves seed 2
+    # of every trained row and the seedless reference rows, nothing else.
+    spec_cells = expand(load_spec(Path(__file__).parents[2] / "benchmarks" / "mini" / "table2_dolly.yaml"))
+    assert bench_main(["mini/table2_dolly", "--seeds", "2", "--dry-run", "--results-dir", "/nonexistent"]) == 0
+    listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("  [")]
+    expected = [c.id for c in spec_cells if c.arm.seed in (2, None)]
+    assert listed == expected and len(expected) == 2 + 15
+    assert {c.arm.method for c in spec_cells if c.id in listed} == {c.arm.method for c in spec_cells}
 
 
 def test_a_top_k_teacher_cache_sweep_validates_with_the_benchmark_cache_and_hashes_without_it(tmp_path):
