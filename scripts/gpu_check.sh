@@ -125,7 +125,8 @@ json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info, indent=2))
 PY
 
-run_step gpu_tests python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+# -o addopts=-ra: the project's -n 2 needs pytest-xdist, which the device machine does not have
+run_step gpu_tests python3 -m pytest -q -o addopts=-ra -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 
 run_step cell_prepare python3 scripts/gpu_check_cell.py prepare "$WORK/cell" --dtype "$DTYPE"
 

@@ -26,7 +26,8 @@ from rlkd.engine.distributed import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol")
-pytestmark = pytest.mark.slow
+# One local cluster (module-scoped) serves every test here: keep them in one xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm_cluster")]
 
 
 def _free_port() -> int:
