@@ -52,6 +52,20 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | LayoutDec
             if cell.id in stale:
                 _retire(out_dir, cell.id)
     started = time.time()
+    # This invocation's entry in run_times.json, rewritten after every cell it finishes: a run killed
+    # (e.g. at the end of a sitting) keeps its wall time up to its last cell.
+    import datetime
+
+    from rlkd.provenance import utc_now
+
+    # to the millisecond: the entry's key, and two invocations of one grid may start in one second
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    this_run = {"started": now, "finished": None, "wall_minutes": 0.0, "jobs": jobs, "cells_run": 0}
+
+    def cell_done(_cell: Cell) -> None:
+        this_run.update(cells_run=this_run["cells_run"] + 1, wall_minutes=round((time.time() - started) / 60, 2))
+        record_run_times(spec_cells or cells, out_dir, run=this_run)
+
     leaders = stage_leaders(cells, out_dir) if executor is None and jobs > 1 and not threads else []
     first_done: list[str] = []
     if leaders:
@@ -61,14 +75,15 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | LayoutDec
         print(f"rlkd bench: {len(leaders)} cell(s) first, one at a time with every core, for the stages "
               "the others wait for")
         try:
-            first_done = run_grid(leaders, out_dir, LocalExecutor(out_dir), jobs=1, retry_failed=retry_failed).done
+            first_done = run_grid(leaders, out_dir, LocalExecutor(out_dir), jobs=1, retry_failed=retry_failed,
+                                  on_cell_done=cell_done).done
         except ResultsNotWritable as exc:
             print(f"rlkd bench: {exc}", file=sys.stderr)
             return 1
     executor = executor or LocalExecutor(out_dir, threads=threads if threads else (None if jobs <= 1 else 1),
                                          reuse_processes=reuse_processes)
     try:
-        summary = run_grid(cells, out_dir, executor, jobs=jobs, retry_failed=retry_failed)
+        summary = run_grid(cells, out_dir, executor, jobs=jobs, retry_failed=retry_failed, on_cell_done=cell_done)
     except ResultsNotWritable as exc:
         print(f"rlkd bench: {exc}", file=sys.stderr)
         return 1
@@ -78,7 +93,8 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | LayoutDec
     summary.done[:0] = first_done
     summary.skipped = [c for c in summary.skipped if c not in first_done]
     # Every spec cell's minutes, not only this invocation's: a grid resumed with --only keeps the others'.
-    record_run_times(spec_cells or cells, out_dir, wall_s=time.time() - started, jobs=jobs, ran=len(summary.done))
+    this_run.update(finished=utc_now(), wall_minutes=round((time.time() - started) / 60, 2))
+    record_run_times(spec_cells or cells, out_dir, run=this_run if this_run["cells_run"] else None)
     print(f"rlkd bench: {len(summary.done)} run, {len(summary.skipped)} already done, "
           f"{len(summary.elsewhere)} done by another runner, {len(summary.failed)} failed of {summary.total} cells")
     for cell_id, error in summary.failed.items():
@@ -113,34 +129,38 @@ def stage_leaders(cells: list[Cell], out_dir: Path) -> list[Cell]:
 RUN_TIMES = "run_times.json"
 
 
-def record_run_times(cells, out_dir: Path, *, wall_s: float, jobs: int, ran: int) -> None:
+def record_run_times(cells, out_dir: Path, *, run: dict | None = None) -> None:
     """``run_times.json``: the measured minutes of each finished cell and cached stage, and the wall
-    time of every invocation that ran cells (a resumed grid has several). A cell's minutes include
-    the stages, teacher generations and teacher-logit cache it happened to build first. A ``note``
-    written by hand (contention, machine) is kept."""
+    time of every invocation that ran cells (a resumed grid has several). ``run``: this invocation's
+    entry (``started``, ``finished``, ``wall_minutes``, ``jobs``, ``cells_run``), added or, if its
+    ``started`` is there already, replaced; an entry whose ``finished`` is null is a run that was
+    killed (or is still running), its wall time counted to its last finished cell. A cell's minutes
+    include the stages, teacher generations and teacher-logit cache it happened to build first. A
+    ``note`` written by hand (contention, machine) is kept. Runners sharing the folder take turns."""
     from rlkd.bench.stages import stage_seconds
-    from rlkd.provenance import utc_now
+    from rlkd.provenance import file_lock
 
     path = out_dir / RUN_TIMES
-    previous = read_json(path) if path.is_file() else {}
-    runs = list(previous.get("runs") or [])
-    if ran:
-        runs.append({"finished": utc_now(), "wall_minutes": round(wall_s / 60, 2), "jobs": jobs, "cells_run": ran})
-    stages: dict[str, float] = {}
-    minutes: dict[str, float] = {}
-    for cell in cells:
-        for name, seconds in stage_seconds(cell, out_dir / ".shared").items():
-            stages[name] = round(seconds / 60, 2)
-        status = cell_status(out_dir / cell.id)
-        if status is not None and status.status == "done" and status.duration_s is not None:
-            minutes[cell.id] = round(status.duration_s / 60, 2)
-    if not (runs or minutes):
-        return
-    note = {"note": previous["note"]} if previous.get("note") else {}
-    write_json_atomic(path, {"stage_minutes": stages, "cell_minutes": minutes,
-                             "cell_minutes_total": round(sum(minutes.values()), 1),
-                             "wall_minutes_total": round(sum(r["wall_minutes"] for r in runs), 1), "runs": runs,
-                             **note})
+    with file_lock(out_dir / f".{RUN_TIMES}.lock"):
+        previous = read_json(path) if path.is_file() else {}
+        runs = [r for r in previous.get("runs") or [] if run is None or r.get("started") != run["started"]]
+        if run is not None:
+            runs.append(dict(run))
+        stages: dict[str, float] = {}
+        minutes: dict[str, float] = {}
+        for cell in cells:
+            for name, seconds in stage_seconds(cell, out_dir / ".shared").items():
+                stages[name] = round(seconds / 60, 2)
+            status = cell_status(out_dir / cell.id)
+            if status is not None and status.status == "done" and status.duration_s is not None:
+                minutes[cell.id] = round(status.duration_s / 60, 2)
+        if not (runs or minutes):
+            return
+        note = {"note": previous["note"]} if previous.get("note") else {}
+        write_json_atomic(path, {"stage_minutes": stages, "cell_minutes": minutes,
+                                 "cell_minutes_total": round(sum(minutes.values()), 1),
+                                 "wall_minutes_total": round(sum(r["wall_minutes"] for r in runs), 1), "runs": runs,
+                                 **note})
 
 
 def _repo_relative(source: str) -> str:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from tqdm import tqdm
 
@@ -129,7 +129,10 @@ def run_grid(
     jobs: int = 1,
     retry_failed: bool = True,
     progress: bool = True,
+    on_cell_done: Callable[[Cell], None] | None = None,
 ) -> RunSummary:
+    """Run the cells of ``cells`` not done yet into ``out_dir``, ``jobs`` at a time; ``on_cell_done``
+    is called (in this thread) after each cell this call finished."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(total=len(cells))
     pending = []
@@ -155,6 +158,8 @@ def run_grid(
     def record(cell: Cell, outcome: str) -> None:
         if outcome == "done":
             summary.done.append(cell.id)
+            if on_cell_done is not None:
+                on_cell_done(cell)
         elif outcome == "done elsewhere":
             summary.elsewhere.append(cell.id)
         elif outcome == "busy":

@@ -265,10 +265,13 @@ def test_heal_stage_is_shared_across_specs_and_the_student_stage_starts_from_it(
     assert set(stages_module.stage_seconds(a["Start"], results / "a" / ".shared")) == {"student_heal", "student_sft"}
     from rlkd.bench.orchestrate import RUN_TIMES, record_run_times
 
-    record_run_times(list(a.values()), results / "a", wall_s=90.0, jobs=1, ran=1)
+    def run(started, minutes, jobs):
+        return {"started": started, "finished": "later", "wall_minutes": minutes, "jobs": jobs, "cells_run": 1}
+
+    record_run_times(list(a.values()), results / "a", run=run("t1", 1.5, 1))
     times = json.loads((results / "a" / RUN_TIMES).read_text())
     (results / "a" / RUN_TIMES).write_text(json.dumps({**times, "note": "quiet machine"}))
-    record_run_times(list(a.values()), results / "a", wall_s=30.0, jobs=2, ran=1)  # a resumed run adds its wall time
+    record_run_times(list(a.values()), results / "a", run=run("t2", 0.5, 2))  # a resumed run adds its wall time
     times = json.loads((results / "a" / RUN_TIMES).read_text())
     assert set(times["stage_minutes"]) == {"student_heal", "student_sft"} and times["wall_minutes_total"] == 2.0
     assert [r["jobs"] for r in times["runs"]] == [1, 2] and times["note"] == "quiet machine"
@@ -320,11 +323,43 @@ def test_a_parallel_run_trains_each_missing_stage_first_in_one_cell_with_every_c
     assert all(threads == 1 and not missing for _, threads, missing in rest)
     assert sorted(r[0] for r in runs) == sorted(c.id for c in cells)  # each cell exactly once
     times = json.loads((out / orchestrate.RUN_TIMES).read_text())
-    assert times["runs"][-1]["cells_run"] == len(cells)
+    assert len(times["runs"]) == 1 and times["runs"][0]["cells_run"] == len(cells) and times["runs"][0]["finished"]
 
     # Nothing is missing any more: a second parallel run starts no cell alone.
     assert orchestrate.stage_leaders(cells, tmp_path / "elsewhere") == cells[:1]
     assert orchestrate.stage_leaders(cells, out) == []
+
+
+def test_a_killed_run_keeps_its_wall_time_up_to_its_last_finished_cell(tmp_path):
+    """Issue 29 runs over several sittings, each ended by a kill: every invocation's wall time must
+    be in run_times.json, not only those that reached the end."""
+    from rlkd.bench import orchestrate
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("")
+    cells = expand(parse_spec(_healed_spec(docs, "a", _heal())))
+    out = tmp_path / "results" / "a"
+
+    class KilledAtTheSecondCell:
+        def __init__(self, results_dir, **_):
+            self.calls = 0
+
+        def run(self, cell, workdir):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt  # what a kill leaves of this invocation: nothing after this point
+            return {"cr@1": 1.0}, {}
+
+    with pytest.raises(KeyboardInterrupt):
+        orchestrate.run_cells(cells, out, spec_source="a.yaml", layout=None, jobs=1, tables=False,
+                              executor=KilledAtTheSecondCell(out))
+    (killed,) = json.loads((out / orchestrate.RUN_TIMES).read_text())["runs"]
+    assert killed["finished"] is None and killed["cells_run"] == 1 and killed["wall_minutes"] >= 0
+    # the resumed run adds its own entry and keeps the killed one
+    assert orchestrate.run_cells(cells, out, spec_source="a.yaml", layout=None, jobs=1, tables=False,
+                                 executor=type("Fine", (), {"run": lambda self, c, w: ({"cr@1": 1.0}, {})})()) == 0
+    first, resumed = json.loads((out / orchestrate.RUN_TIMES).read_text())["runs"]
+    assert first == killed and resumed["finished"] and resumed["cells_run"] == len(cells) - 1
 
 
 def test_each_cell_records_the_export_of_its_stages_and_the_table_says_when_cells_differ(tmp_path, monkeypatch):
