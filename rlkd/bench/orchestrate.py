@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import shlex
 import sys
@@ -54,8 +55,6 @@ def run_cells(cells, out_dir: Path, *, spec_source: str, layout: str | LayoutDec
     started = time.time()
     # This invocation's entry in run_times.json, rewritten after every cell it finishes: a run killed
     # (e.g. at the end of a sitting) keeps its wall time up to its last cell.
-    import datetime
-
     from rlkd.provenance import utc_now
 
     # to the millisecond: the entry's key, and two invocations of one grid may start in one second
