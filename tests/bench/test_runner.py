@@ -158,11 +158,13 @@ _KILLABLE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
+def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path, cli_env):
     script = tmp_path / "runner.py"
     script.write_text(_KILLABLE)
     out = tmp_path / "results"
-    proc = subprocess.Popen([sys.executable, str(script), str(out), "RKL"], stdout=subprocess.PIPE, text=True)
+    # cli_env: this checkout's rlkd first on the path, not whichever one is installed
+    proc = subprocess.Popen([sys.executable, str(script), str(out), "RKL"], stdout=subprocess.PIPE, text=True,
+                            env=cli_env())
     assert proc.stdout.readline().strip() == "HANGING"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -174,7 +176,7 @@ def test_kill_and_restart_loses_nothing_and_repeats_no_finished_cell(tmp_path):
     hung_id = calls_before[-1]
     assert (out / STAGING / hung_id / "checkpoint.json").is_file()
 
-    subprocess.run([sys.executable, str(script), str(out), "RKL"], check=True, timeout=120)
+    subprocess.run([sys.executable, str(script), str(out), "RKL"], check=True, timeout=120, env=cli_env())
     calls_after = (tmp_path / "calls.txt").read_text().split()[len(calls_before):]
     assert published["KL"].cell.id not in calls_after  # finished cell not repeated
     final = {e.cell.arm.method: e.metrics for e in load_results(out)}
