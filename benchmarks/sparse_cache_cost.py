@@ -40,7 +40,8 @@ from rlkd.teacher_topk_cache import TopKLogProbs  # noqa: E402
 def spec_sequences(spec_name: str, tokenizer, work: Path) -> tuple[list[list[int]], int]:
     """The training sequences of the spec's first distillation cell (every cell of mini/sparse_teacher
     trains on the same ones) as the engine tokenises them, and its micro-batch size."""
-    from rlkd.bench.spec import expand, load_spec, resolve_spec_path
+    from rlkd.bench.cli import resolve_spec_path
+    from rlkd.bench.spec import expand, load_spec
     from rlkd.bench.stages import engine_tree
     from rlkd.config import load_config
     from rlkd.data import build_samples
