@@ -117,6 +117,35 @@ def _smollm2(ref: str, cache_dir: Path, create: bool) -> str:
     return str(target)
 
 
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what prepare_smollm2.sh converts (its config's sizes)
+
+
+def ref_config_source(ref: str) -> tuple[str | None, dict]:
+    """Where the config of the model ``ref`` names comes from, without building it (``rlkd plan``):
+    ``(Hub id, fields to override)`` for ``@smollm2/...`` (a pruned copy keeps fewer layers), ``(None,
+    every field)`` for ``@tiny/...``; a Hub id or path is returned as ``(ref, {})``."""
+    if ref.startswith("@tiny/"):
+        role = ref.removeprefix("@tiny/")
+        if role not in TINY_SIZES:
+            raise ModelRefError(f"unknown tiny model {ref!r}; use @tiny/teacher or @tiny/student")
+        size = TINY_SIZES[role]
+        return None, {"model_type": "llama", "vocab_size": 32000, "hidden_size": size["hidden"],
+                      "intermediate_size": size["hidden"] * 2, "num_hidden_layers": size["layers"],
+                      "num_attention_heads": size["heads"], "num_key_value_heads": size["heads"],
+                      "tie_word_embeddings": False}
+    if not ref.startswith("@smollm2/"):
+        return ref, {}
+    name = ref.removeprefix("@smollm2/")
+    if name == "teacher":
+        return SMOLLM2_HUB_ID, {}
+    if name.startswith("pruned-") and name.removeprefix("pruned-").isdigit():
+        return SMOLLM2_HUB_ID, {"num_hidden_layers": int(name.removeprefix("pruned-"))}
+    if name.startswith("layers-") and (layer_list := _layer_list(name)) is not None:
+        return SMOLLM2_HUB_ID, {"num_hidden_layers": len(layer_list)}
+    raise ModelRefError(f"unknown SmolLM2 model {ref!r}; use @smollm2/teacher, @smollm2/pruned-N or "
+                        "@smollm2/layers-I.J.K (layer indices, increasing)")
+
+
 def _layer_list(name: str) -> list[int] | None:
     """``layers-0.1.5`` -> [0, 1, 5]; None unless the indices are distinct and increasing."""
     parts = name.removeprefix("layers-").split(".")

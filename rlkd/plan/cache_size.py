@@ -24,6 +24,11 @@ def cache_size_lines(vocab: int, top_ks: tuple[int, ...], value_dtype: str, seq_
     for label, size in rows:
         line = f"   {label:<35} {size:>14,}   {size * MILLION / GIB:>20.2f}"
         if samples:
-            line += f"   {size * samples * seq_len / GIB:>10.1f} GiB"
+            line += f"   {_human(size * samples * seq_len):>14}"
         lines.append(line)
     return lines
+
+
+def _human(n_bytes: float) -> str:
+    """GiB from one GiB up, MiB below (a top-K cache of a small preset is a few MiB, not "0.0 GiB")."""
+    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.1f} MiB"

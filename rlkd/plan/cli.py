@@ -1,9 +1,9 @@
 """`rlkd plan CONFIG_OR_SPEC --gpus N --gpu-mem GB [--nodes M]`: per-GPU memory of a run before it is queued.
 
 A run config (`rlkd train --config`) gives one teacher/student pair with its micro-batch, sequence
-length, dtype, offload, checkpointing and fused-loss settings; a benchmark spec gives a pair per
-task (its `defaults.student` and each task's `train.teacher`, read best-effort) with the spec's
-`micro_batch` and `seq_len`. Models are resolved from config files only (see rlkd.plan.shapes).
+length, dtype, offload, checkpointing and fused-loss settings; a benchmark spec gives each pair its
+training cells use (the cells as `rlkd bench` expands them) with their micro-batch and sequence
+length. Models are resolved from config files only (see rlkd.plan.shapes).
 """
 
 from __future__ import annotations
@@ -26,14 +26,6 @@ VARIANTS = [Variant(offload=o, checkpointing=c, fused=f) for o in (False, True) 
 
 class PlanInputError(ValueError):
     pass
-
-
-def _dig(tree: dict, *keys: str):
-    for key in keys:
-        if not isinstance(tree, dict):
-            return None
-        tree = tree.get(key)
-    return tree
 
 
 def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
@@ -67,34 +59,51 @@ def _pairs_from(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
                     "samples": {"run": cfg.data.limit}, "cache_dtype": cfg.teacher_cache_dtype,
                     "cache_top_ks": (cfg.teacher_cache_top_k,) if cfg.teacher_cache_top_k else None}
         return [(cfg.models.student, cfg.models.teacher if needs_teacher else None, "run")], settings
-    if "tasks" in tree:  # a benchmark spec: per-cell run-config trees (older specs: flat keys)
-        defaults = tree.get("defaults") or {}
-        student = _dig(defaults, "models", "student") or defaults.get("student")
-        pairs: list[tuple[str, str | None, str]] = []
-        samples: dict[str, int | None] = {}  # a pair's label -> its tasks' sample caps summed (None: one has none)
-        for task in tree["tasks"]:
-            task = task or {}
-            run = task.get("run") or task.get("train") or {}
-            pair = (_dig(run, "models", "student") or run.get("student") or student,
-                    _dig(run, "models", "teacher") or run.get("teacher"))
-            if pair[0] is None:
-                raise PlanInputError(f"{path}: task {task.get('name')!r} has no student (defaults.models.student)")
-            known = [p[:2] for p in pairs]
-            limit = _dig(run, "data", "limit")
-            if pair in known:
-                index = known.index(pair)
-                before = samples.pop(pairs[index][2])
-                pairs[index] = (*pair, f"{pairs[index][2]}, {task.get('name')}")
-                samples[pairs[index][2]] = before + limit if before and limit else None
-            else:
-                pairs.append((*pair, str(task.get("name"))))
-                samples[pairs[-1][2]] = limit
-        settings = {"micro_batch": int(_dig(defaults, "train", "micro_batch_size") or defaults.get("micro_batch") or 1),
-                    "seq_len": int(_dig(defaults, "data", "max_length") or defaults.get("seq_len") or 2048),
-                    "dtype": _dig(defaults, "models", "dtype") or defaults.get("precision") or "auto",
-                    "samples": samples}
-        return pairs, settings
+    if "tasks" in tree:
+        return _spec_pairs(path)
     raise PlanInputError(f"{path}: neither a run config (no `models:`) nor a benchmark spec (no `tasks:`)")
+
+
+def _spec_pairs(path: Path) -> tuple[list[tuple[str, str | None, str]], dict]:
+    """The (student, teacher) pairs a benchmark spec's training cells use, each labelled by its tasks,
+    read from the cells as `rlkd bench` expands them (defaults, task, objective and variant merged);
+    the teacher only where a cell's loss loads one. A student trained without a teacher (SFT,
+    SeqKD) is planned only if no cell pairs it with one: that run needs less of everything.
+    Micro-batch, sequence length and dtype are the first training cell's."""
+    from rlkd.bench.spec import SpecError, expand, load_spec, run_config
+    from rlkd.objectives import DistillLoss
+
+    try:
+        cells = [cell for cell in expand(load_spec(path)) if cell.kind == "distill"]
+    except SpecError as exc:
+        raise PlanInputError(str(exc)) from None
+    if not cells:
+        raise PlanInputError(f"{path}: no cell of this spec trains a model (evaluation only): nothing to plan")
+    tasks: dict[tuple[str, str | None], list[str]] = {}
+    limits: dict[tuple[str, str | None], dict[str, int | None]] = {}
+    top_ks: list[int] = []
+    cache_dtype = None
+    for cell in cells:
+        cfg = run_config(cell.run)
+        pair = (cfg.models.student, cfg.models.teacher if DistillLoss(cfg.loss).needs_teacher else None)
+        tasks.setdefault(pair, [])
+        if cell.task not in tasks[pair]:
+            tasks[pair].append(cell.task)
+        limits.setdefault(pair, {})[cell.task] = cfg.data.limit
+        if cfg.teacher_cache_top_k is not None:
+            top_ks += [] if cfg.teacher_cache_top_k in top_ks else [cfg.teacher_cache_top_k]
+            cache_dtype = cfg.teacher_cache_dtype
+    taught = {student for student, teacher in tasks if teacher is not None}
+    kept = [pair for pair in tasks if pair[1] is not None or pair[0] not in taught]
+    pairs = [(student, teacher, ", ".join(tasks[(student, teacher)])) for student, teacher in kept]
+    # a pair's positions: its tasks' sample caps summed (None where one task has no cap)
+    samples = {label: (None if None in limits[(student, teacher)].values() else sum(limits[(student, teacher)].values()))
+               for student, teacher, label in pairs}
+    first = run_config(cells[0].run)
+    settings = {"micro_batch": first.train.micro_batch_size, "seq_len": first.data.max_length,
+                "dtype": first.models.dtype, "samples": samples,
+                "cache_top_ks": tuple(sorted(top_ks)) or None, "cache_dtype": cache_dtype}
+    return pairs, settings
 
 
 def _gb(n: int) -> str:

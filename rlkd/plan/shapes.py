@@ -28,9 +28,23 @@ class ModelShape:
 
 def resolve_config(name: str, config_dir: str | Path | None = None):
     """The transformers config of ``name``: a local folder or config.json, ``config_dir/<name>/config.json``,
-    or the Hub (its cache when offline)."""
+    or the Hub (its cache when offline); a benchmark's model reference (``@smollm2/layers-0.1.29``,
+    ``@tiny/student``) as the config it stands for."""
     from transformers import AutoConfig
 
+    if name.startswith("@"):
+        from rlkd.factory import ModelRefError, ref_config_source
+
+        try:
+            source, overrides = ref_config_source(name)
+        except ModelRefError as err:
+            raise ModelConfigNotFound(str(err)) from None
+        if source is None:
+            return AutoConfig.for_model(**overrides)
+        config = resolve_config(source, config_dir)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
     local = Path(name)
     if local.is_file():
         return AutoConfig.for_model(**json.loads(local.read_text(encoding="utf-8")))

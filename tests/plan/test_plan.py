@@ -34,6 +34,26 @@ def test_paper_models_sized_on_the_meta_device(name, params):
     assert shape.largest_layer_params == shape.vocab * shape.hidden  # the embedding / the untied head
 
 
+def _smollm2_params(layers: int) -> int:
+    """SmolLM2-135M's parameters by its architecture: hidden 576, 9 query heads and 3 KV heads of 64,
+    MLP 1536, two norms per layer, a final norm, and a 49152-id embedding tied to the head."""
+    hidden, kv, mlp, vocab = 576, 3 * 64, 1536, 49152
+    layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp + 2 * hidden
+    return layers * layer + hidden + vocab * hidden
+
+
+@pytest.mark.parametrize("ref, layers", [
+    ("@smollm2/teacher", 30),
+    ("@smollm2/layers-0.1.2.8.9.10.11.20.21.22.23.24.25.27.28.29", 16),  # the mini tables' student
+    ("@smollm2/pruned-15", 15),
+])
+def test_a_benchmark_model_reference_is_sized_from_the_config_it_stands_for(ref, layers):
+    shape = model_shape(ref, CONFIGS)
+    assert (shape.layers, shape.vocab, shape.tied) == (layers, 49152, True)
+    assert shape.params == _smollm2_params(layers)
+    assert _smollm2_params(30) == 134_515_008  # the total the prepared checkpoint loads with
+
+
 def test_tied_embeddings_are_counted_once(tmp_path):
     config = json.loads((CONFIGS / "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T/config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
@@ -121,6 +141,28 @@ def test_cli_on_the_table2_spec_lists_each_teacher_once():
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("== ") == 2 and "== dolly, xsum:" in done.stdout
     assert "seq 2048" in done.stdout and "no offload, ckpt, fused" in done.stdout
+
+
+def test_a_spec_plans_the_teacher_its_cells_train_with(capsys):
+    # paper/table1 names its teacher in `defaults.models`: the cells distil from Llama-2-7B, and the
+    # plan used to say "teacher none" for it (it read only each task's own teacher)
+    from rlkd.plan.cli import main
+
+    assert main([str(REPO / "benchmarks/paper/table1.yaml"), "--gpus", "8", "--gpu-mem", "80",
+                 "--config-dir", str(CONFIGS)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("== ") == 1
+    assert "== pretrain: student TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T (1.10B params), " \
+           "teacher meta-llama/Llama-2-7b-hf (6.74B)" in out
+    assert "micro-batch 5 x seq 400" in out
+
+
+def test_an_evaluation_only_spec_is_refused_by_name(capsys):
+    from rlkd.plan.cli import main
+
+    assert main([str(REPO / "benchmarks/paper/table3.yaml"), "--gpus", "1", "--gpu-mem", "80",
+                 "--config-dir", str(CONFIGS)]) == 2
+    assert "table3.yaml: no cell of this spec trains a model" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -45,3 +45,20 @@ def test_a_run_config_reports_its_own_top_k_and_dtype(tmp_path, run_config, caps
     rows = _table(capsys.readouterr().out)
     assert list(rows) == ["exact, float32 logits", "top-16, float16 log-probs + tail"]
     assert rows["top-16, float16 log-probs + tail"][-1] == f"{(16 * 4 + 4) * 1e6 / 2**30:.2f}"
+
+
+def test_the_sparse_teacher_preset_reports_its_own_top_k_caches(capsys):
+    # mini/sparse_teacher sweeps teacher_cache_top_k over [null, 32, 128] in float32 on SmolLM2's
+    # 49152-id vocabulary (uint16 ids), 80 sequences of 256 tokens
+    assert main([str(REPO / "benchmarks/mini/sparse_teacher.yaml"), "--gpus", "1", "--gpu-mem", "80",
+                 "--config-dir", str(CONFIGS)]) == 0
+    out = capsys.readouterr().out
+    assert "teacher @smollm2/teacher" in out and "<= 80 x 256 positions" in out
+    rows = _table(out)
+    assert list(rows) == ["exact, float32 logits", "top-32, float32 log-probs + tail",
+                          "top-128, float32 log-probs + tail"]
+    assert rows["exact, float32 logits"][3] == f"{4 * 49152:,}"
+    assert rows["top-32, float32 log-probs + tail"][-4] == str(32 * (2 + 4) + 4)
+    assert rows["top-128, float32 log-probs + tail"][-4] == str(128 * (2 + 4) + 4)
+    assert rows["exact, float32 logits"][-2:] == [f"{4 * 49152 * 80 * 256 / 2**30:.1f}", "GiB"]
+    assert rows["top-32, float32 log-probs + tail"][-2:] == [f"{196 * 80 * 256 / 2**20:.1f}", "MiB"]
