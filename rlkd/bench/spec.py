@@ -271,6 +271,16 @@ class GridSpec(_Strict):
 # Small helpers
 
 
+def tree_get(tree: dict[str, Any], *keys: str) -> Any:
+    """``tree[k1][k2]...`` of a partial run tree, None where a level is missing or null (a spec may
+    write ``models:`` with nothing under it)."""
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """``override`` laid over ``base``: nested dicts merge, everything else is replaced."""
     merged = copy.deepcopy(base)
@@ -468,7 +478,7 @@ def objective_label(ref: ObjectiveRef) -> str:
     from rlkd.objectives import LossConfig, get_objective
 
     if ref.name is None:
-        terms = (ref.run.get("loss") or {}).get("terms") or []
+        terms = tree_get(ref.run, "loss", "terms") or []
         try:
             return LossConfig(terms=terms).base_label()
         except (ValueError, TypeError):
@@ -543,7 +553,7 @@ def stage_run(task_run: dict[str, Any], role: str, overrides: dict[str, Any]) ->
     base = {k: v for k, v in task_run.items() if k not in ("loss", "seed")}
     tree = deep_merge(base, overrides)
     models = tree.setdefault("models", {})
-    model = (task_run.get("models") or {}).get(role)
+    model = tree_get(task_run, "models", role)
     models["student"] = model  # the model being fine-tuned (cross-entropy loads no teacher)
     tree["loss"] = {"objective": "ce"}
     tree.setdefault("seed", DEFAULT_SEED)
@@ -562,7 +572,7 @@ def heal_run(task_run: dict[str, Any], heal: dict[str, Any]) -> dict[str, Any]:
     """The run tree of a ``student_heal`` stage: its own complete run (data, teacher, loss), training
     the task's student, DEFAULT_SEED unless given. Nothing of the task's run but the student enters it."""
     tree = copy.deepcopy(heal)
-    tree.setdefault("models", {})["student"] = (task_run.get("models") or {}).get("student")
+    tree.setdefault("models", {})["student"] = tree_get(task_run, "models", "student")
     tree.setdefault("seed", DEFAULT_SEED)
     return tree
 
