@@ -26,17 +26,25 @@ class ModelRefError(ValueError):
     """A model reference cannot be resolved; the message names it."""
 
 
+def tiny_llama_settings(*, vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int = 512,
+                        **config_overrides) -> dict:
+    """The LlamaConfig fields of a tiny Llama (what :func:`tiny_llama_model` builds)."""
+    settings = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                    max_position_embeddings=max_positions, tie_word_embeddings=False,
+                    bos_token_id=1, eos_token_id=2)
+    settings.update(config_overrides)
+    return settings
+
+
 def tiny_llama_model(*, vocab_size: int, hidden: int, layers: int, heads: int, seed: int = 0,
                      max_positions: int = 512, **config_overrides):
     """A randomly initialised Llama (weights drawn after ``torch.manual_seed(seed)``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    settings = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                    max_position_embeddings=max_positions, tie_word_embeddings=False,
-                    bos_token_id=1, eos_token_id=2)
-    settings.update(config_overrides)
+    settings = tiny_llama_settings(vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads,
+                                   max_positions=max_positions, **config_overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**settings))
 
@@ -77,32 +85,47 @@ def resolve_model(ref: str, cache_dir: Path, *, create: bool = True) -> str:
         return _smollm2(ref, cache_dir, create)
     if not ref.startswith("@tiny/"):
         return ref
-    role = ref.removeprefix("@tiny/")
-    if role not in TINY_SIZES:
-        raise ModelRefError(f"unknown tiny model {ref!r}; use @tiny/teacher or @tiny/student")
+    role = _tiny_role(ref)
     target = cache_dir / f"tiny-{role}"
     if not create:
         return str(target)
     tokenizer = shared_tokenizer()
     if tokenizer is None:
         raise ModelRefError(f"{ref}: needs the local Llama-2 tokenizer (RLKD_DATA_DIR/tokenizers/llama2)")
-    return str(save_tiny_llama(target, tokenizer_dir=tokenizer, vocab_size=32000, seed=TINY_SEEDS[role],
-                               pad_token_id=0, **TINY_SIZES[role]))
+    return str(save_tiny_llama(target, tokenizer_dir=tokenizer, seed=TINY_SEEDS[role], **_tiny_settings(role)))
+
+
+def _tiny_role(ref: str) -> str:
+    """``@tiny/student`` -> ``student``; a ModelRefError for an unknown one."""
+    role = ref.removeprefix("@tiny/")
+    if role not in TINY_SIZES:
+        raise ModelRefError(f"unknown tiny model {ref!r}; use @tiny/teacher or @tiny/student")
+    return role
+
+
+def _tiny_settings(role: str) -> dict:
+    """What ``@tiny/<role>`` is built with: the shared Llama-2 tokenizer's 32000 ids, pad id 0."""
+    return dict(vocab_size=32000, pad_token_id=0, **TINY_SIZES[role])
+
+
+def _smollm2_keep(ref: str) -> int | list[int] | None:
+    """The layers ``@smollm2/...`` keeps of the teacher's (a count, or the indices), None for the
+    teacher itself; a ModelRefError for a name that is neither."""
+    name = ref.removeprefix("@smollm2/")
+    if name == "teacher":
+        return None
+    if name.startswith("pruned-") and name.removeprefix("pruned-").isdigit():
+        return int(name.removeprefix("pruned-"))
+    if name.startswith("layers-") and (layer_list := _layer_list(name)) is not None:
+        return layer_list
+    raise ModelRefError(f"unknown SmolLM2 model {ref!r}; use @smollm2/teacher, @smollm2/pruned-N or "
+                        "@smollm2/layers-I.J.K (layer indices, increasing)")
 
 
 def _smollm2(ref: str, cache_dir: Path, create: bool) -> str:
-    name = ref.removeprefix("@smollm2/")
     teacher = cache_dir / "smollm2-135m-instruct"
-    keep: int | list[int] | None = None  # the layers a pruned copy keeps
-    if name == "teacher":
-        target = teacher
-    elif name.startswith("pruned-") and name.removeprefix("pruned-").isdigit():
-        target, keep = cache_dir / f"smollm2-{name}", int(name.removeprefix("pruned-"))
-    elif name.startswith("layers-") and (layer_list := _layer_list(name)) is not None:
-        target, keep = cache_dir / f"smollm2-{name}", layer_list
-    else:
-        raise ModelRefError(f"unknown SmolLM2 model {ref!r}; use @smollm2/teacher, @smollm2/pruned-N or "
-                            "@smollm2/layers-I.J.K (layer indices, increasing)")
+    keep = _smollm2_keep(ref)  # the layers a pruned copy keeps
+    target = teacher if keep is None else cache_dir / f"smollm2-{ref.removeprefix('@smollm2/')}"
     if not create:
         return str(target)
     if not (teacher / "model.safetensors").is_file():
@@ -125,25 +148,13 @@ def ref_config_source(ref: str) -> tuple[str | None, dict]:
     ``(Hub id, fields to override)`` for ``@smollm2/...`` (a pruned copy keeps fewer layers), ``(None,
     every field)`` for ``@tiny/...``; a Hub id or path is returned as ``(ref, {})``."""
     if ref.startswith("@tiny/"):
-        role = ref.removeprefix("@tiny/")
-        if role not in TINY_SIZES:
-            raise ModelRefError(f"unknown tiny model {ref!r}; use @tiny/teacher or @tiny/student")
-        size = TINY_SIZES[role]
-        return None, {"model_type": "llama", "vocab_size": 32000, "hidden_size": size["hidden"],
-                      "intermediate_size": size["hidden"] * 2, "num_hidden_layers": size["layers"],
-                      "num_attention_heads": size["heads"], "num_key_value_heads": size["heads"],
-                      "tie_word_embeddings": False}
+        return None, {"model_type": "llama", **tiny_llama_settings(**_tiny_settings(_tiny_role(ref)))}
     if not ref.startswith("@smollm2/"):
         return ref, {}
-    name = ref.removeprefix("@smollm2/")
-    if name == "teacher":
+    keep = _smollm2_keep(ref)
+    if keep is None:
         return SMOLLM2_HUB_ID, {}
-    if name.startswith("pruned-") and name.removeprefix("pruned-").isdigit():
-        return SMOLLM2_HUB_ID, {"num_hidden_layers": int(name.removeprefix("pruned-"))}
-    if name.startswith("layers-") and (layer_list := _layer_list(name)) is not None:
-        return SMOLLM2_HUB_ID, {"num_hidden_layers": len(layer_list)}
-    raise ModelRefError(f"unknown SmolLM2 model {ref!r}; use @smollm2/teacher, @smollm2/pruned-N or "
-                        "@smollm2/layers-I.J.K (layer indices, increasing)")
+    return SMOLLM2_HUB_ID, {"num_hidden_layers": keep if isinstance(keep, int) else len(keep)}
 
 
 def _layer_list(name: str) -> list[int] | None:
