@@ -39,18 +39,14 @@ from rlkd.teacher_topk_cache import TopKLogProbs  # noqa: E402
 
 def spec_sequences(spec_name: str, tokenizer, work: Path) -> tuple[list[list[int]], int]:
     """The training sequences of the spec's first distillation cell (every cell of mini/sparse_teacher
-    trains on the same ones) as the engine tokenises them, and its micro-batch size."""
+    trains on the same ones) as the benchmark's cells tokenise them, and its micro-batch size."""
     from rlkd.bench.cli import resolve_spec_path
-    from rlkd.bench.spec import expand, load_spec
-    from rlkd.bench.stages import engine_tree
-    from rlkd.config import load_config
-    from rlkd.data import build_samples
+    from rlkd.bench.executor import train_sequences
+    from rlkd.bench.spec import expand, load_spec, run_config
 
     cell = next(c for c in expand(load_spec(resolve_spec_path(spec_name))) if c.kind == "distill")
-    tree = engine_tree({**cell.run, "loss": {"objective": "ce"}}, work / "unused", cache_dir=work,
-                       create_models=False)
-    cfg = load_config(base=tree)
-    return [list(s.input_ids) for s in build_samples(cfg.data, tokenizer)], cfg.train.micro_batch_size
+    sequences = train_sequences(cell, work)(tokenizer)
+    return [list(ids) for ids in sequences], run_config(cell.run).train.micro_batch_size
 
 
 def entry_bytes(directory: Path) -> int:

@@ -61,7 +61,7 @@ def cell_engine_tree(cell: Cell, workdir: Path, *, cache_dir: Path, shared_dir: 
                        teacher_cache=cell.teacher_cache)
 
 
-def _train_sequences(cell: Cell, cache_dir: Path):
+def train_sequences(cell: Cell, cache_dir: Path):
     """The cell's training sequences, tokenised as the engine does (alignment on trained-on data)."""
     def sequences(tokenizer):
         from rlkd.config import load_config
@@ -84,7 +84,7 @@ def _evaluate(cell, model_path: str, workdir: Path, teacher: str | None, cache_d
 
     def run():
         return evaluate_model(cell.eval, model_path, workdir, teacher_path=teacher, task=cell.task,
-                              train_sequences=_train_sequences(cell, cache_dir), teacher_cache_dir=cached)
+                              train_sequences=train_sequences(cell, cache_dir), teacher_cache_dir=cached)
     try:
         return run()
     except RunMismatchError:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from rlkd.bench.executor import _train_sequences
+from rlkd.bench.executor import train_sequences
 from rlkd.bench.spec import expand, load_spec
 from rlkd.factory import shared_tokenizer
 
@@ -24,6 +24,6 @@ def test_a_top_k_cells_trained_on_sequences_are_the_exact_cells(tmp_path):
             if cell.arm.variant == "none" and cell.arm.objective_label == "KL"}
     assert set(by_k) == {None, 32, 128}
     tokenizer = AutoTokenizer.from_pretrained(shared_tokenizer())
-    exact = _train_sequences(by_k[None], tmp_path)(tokenizer)
+    exact = train_sequences(by_k[None], tmp_path)(tokenizer)
     assert exact and all(len(ids) > 1 for ids in exact)
-    assert _train_sequences(by_k[32], tmp_path)(tokenizer) == exact
+    assert train_sequences(by_k[32], tmp_path)(tokenizer) == exact

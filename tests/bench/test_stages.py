@@ -134,7 +134,7 @@ def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path,
     import torch
 
     from rlkd.bench import stages as stages_module
-    from rlkd.bench.executor import _train_sequences, run_cell_inprocess
+    from rlkd.bench.executor import train_sequences, run_cell_inprocess
     from rlkd.eval.alignment import compare_models
     from rlkd.eval.generate import load_checkpoint
 
@@ -156,7 +156,7 @@ def test_student_stage_runs_once_and_alignment_reads_the_exact_teacher(tmp_path,
     # recomputed here with plain models (no cache) it must agree.
     student, tokenizer = load_checkpoint(str(stages[0] / "export"), dtype="float32", device="cpu")
     teacher, _ = load_checkpoint(str(cache / "tiny-teacher"), dtype="float32", device="cpu")
-    slices = _train_sequences(cells["Start"], cache)(tokenizer)
+    slices = train_sequences(cells["Start"], cache)(tokenizer)
     assert len(slices) == 4 and all(len(s) == 32 for s in slices)
     with torch.no_grad():
         direct = compare_models(student, teacher, slices, batch_size=2).metrics
