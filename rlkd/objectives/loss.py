@@ -34,6 +34,7 @@ from rlkd.objectives.config import LossConfig
 from rlkd.objectives.ranking import gather_scores, official_batch_union, rank_loss_from_scores, topk_ids, union_ids_for
 from rlkd.objectives.registry import get_objective, is_builtin, objective_origin
 from rlkd.objectives.sparse_teacher import SparseTeacher
+from rlkd.objectives.stored_gradient import stored_gradient_backward
 
 CHUNK_ELEMENT_BUDGET = 2**22
 
@@ -478,21 +479,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_per_token):
-        (positions,) = ctx.saved_tensors
-        grad_flat = ctx.grad_flat
-        if grad_flat is None:
-            raise RuntimeError(
-                "DistillLoss: a second backward through the same loss; build it with "
-                "retain_gradient=True to allow that"
-            )
-        row_scale = torch.zeros(grad_flat.shape[0], dtype=grad_flat.dtype, device=grad_flat.device)
-        # The stored gradient already carries grad_scale (the factor backward brings, when the
-        # caller announced it right): what is left is ~1 and exactly representable.
-        row_scale.index_copy_(0, positions, (grad_per_token / ctx.grad_scale).to(grad_flat.dtype))
-        if ctx.retain:
-            return grad_flat * row_scale.unsqueeze(-1), None, None, None, None, None, None, None, None, None
-        ctx.grad_flat = None
-        return grad_flat.mul_(row_scale.unsqueeze(-1)), None, None, None, None, None, None, None, None, None
+        return (stored_gradient_backward(ctx, grad_per_token), *(None,) * 9)
 
 
 def contiguous_starts(host_positions: torch.Tensor, chunk: int) -> list[int | None]:

@@ -20,6 +20,7 @@ from rlkd.objectives.common import compute_dtype
 from rlkd.objectives.registry import get_objective
 from rlkd.objectives.sparse_ranking import sparse_rank_loss
 from rlkd.objectives.sparse_teacher import SparseTeacher, student_buckets, teacher_buckets
+from rlkd.objectives.stored_gradient import stored_gradient_backward
 
 CHUNK_ELEMENT_BUDGET = 2**22
 
@@ -141,15 +142,4 @@ class _SparseChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_per_token):
-        (positions,) = ctx.saved_tensors
-        grad_flat = ctx.grad_flat
-        if grad_flat is None:
-            raise RuntimeError("DistillLoss: a second backward through the same loss; build it with "
-                               "retain_gradient=True to allow that")
-        row_scale = torch.zeros(grad_flat.shape[0], dtype=grad_flat.dtype, device=grad_flat.device)
-        row_scale.index_copy_(0, positions, (grad_per_token / ctx.grad_scale).to(grad_flat.dtype))
-        nones = (None,) * 8
-        if ctx.retain:
-            return (grad_flat * row_scale.unsqueeze(-1), *nones)
-        ctx.grad_flat = None
-        return (grad_flat.mul_(row_scale.unsqueeze(-1)), *nones)
+        return (stored_gradient_backward(ctx, grad_per_token), *(None,) * 8)

@@ -109,6 +109,22 @@ def test_gradient_agrees_with_finite_differences_in_float64():
         torch.autograd.gradcheck(lambda s: loss_fn(s, sparse).per_token, student.double().requires_grad_(True))
 
 
+def test_a_second_backward_needs_retain_gradient_as_on_a_dense_teacher():
+    student, teacher = _logits(6)
+    sparse = sparse_from_dense(teacher, 8)
+    s = student.clone().requires_grad_(True)
+    out = DistillLoss(objective="kl", chunk_size=3)(s, sparse)
+    out.loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_gradient=True"):
+        out.loss_sum.backward()
+    s.grad = None
+    kept = DistillLoss(objective="kl", chunk_size=3, retain_gradient=True)(s, sparse)
+    kept.loss_sum.backward(retain_graph=True)
+    first = s.grad.clone()
+    kept.loss_sum.backward()
+    torch.testing.assert_close(s.grad, 2 * first)
+
+
 def test_akl_on_buckets_is_a_convex_combination_of_the_bucketed_kls():
     student, teacher = _logits(6)
     sparse = sparse_from_dense(teacher, 4)
