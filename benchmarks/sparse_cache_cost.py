@@ -45,8 +45,7 @@ def spec_sequences(spec_name: str, tokenizer, work: Path) -> tuple[list[list[int
     from rlkd.bench.spec import expand, load_spec, run_config
 
     cell = next(c for c in expand(load_spec(resolve_spec_path(spec_name))) if c.kind == "distill")
-    sequences = train_sequences(cell, work)(tokenizer)
-    return [list(ids) for ids in sequences], run_config(cell.run).train.micro_batch_size
+    return train_sequences(cell, work)(tokenizer), run_config(cell.run).train.micro_batch_size
 
 
 def entry_bytes(directory: Path) -> int:
