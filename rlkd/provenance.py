@@ -178,10 +178,17 @@ def load_average() -> str:
         return "unknown"
 
 
-def cpu_identity() -> dict[str, str]:
-    """The CPU's model name and the instruction set torch dispatches its CPU kernels to (``AVX2``,
-    ``AVX512``, ...). fp32 results on the CPU are bit-identical only where both agree: the same
-    healing stage, same code and config, gave different exports on machines of different kinds."""
+# Environment variables that pick the instruction set of torch's and its math libraries' CPU
+# kernels. Set to AVX2 on an AVX-512 machine, they reproduce an AVX2 machine's fp32 bits (the
+# healed student's export, for one: results/healed_student/heal.json), so a record must name them.
+KERNEL_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_identity() -> dict[str, Any]:
+    """The CPU's model name, the instruction set torch dispatches its CPU kernels to (``AVX2``,
+    ``AVX512``, ...) and, where any is set, the variables of ``KERNEL_ISA_VARIABLES``. fp32 results
+    on the CPU are bit-identical only where these agree: the same healing stage, same code and
+    config, gave different exports on machines of different kinds."""
     import torch  # lazily, as in benchmark_meta
 
     model = platform.processor() or "unknown"
@@ -192,7 +199,11 @@ def cpu_identity() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"cpu_model": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    identity: dict[str, Any] = {"cpu_model": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    overrides = {name: os.environ[name] for name in KERNEL_ISA_VARIABLES if os.environ.get(name)}
+    if overrides:  # absent when none is set, so records from before this field compare equal
+        identity["kernel_isa_overrides"] = overrides
+    return identity
 
 
 def benchmark_meta(script: str, argv: list[str] | None = None) -> dict[str, Any]:
@@ -202,8 +213,9 @@ def benchmark_meta(script: str, argv: list[str] | None = None) -> dict[str, Any]
     import torch  # lazily: importing torch takes seconds, and most of this module's callers never need it
 
     cpu = cpu_identity()
+    overrides = "".join(f", {name}={value}" for name, value in cpu.get("kernel_isa_overrides", {}).items())
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu['cpu_model']} "
-                       f"({cpu['torch_cpu_capability']})", "torch": torch.__version__,
+                       f"({cpu['torch_cpu_capability']}{overrides})", "torch": torch.__version__,
             "git": git_state(), "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])}  # quoted: pastes back into a shell
 
 

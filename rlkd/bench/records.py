@@ -100,6 +100,9 @@ class Machine(BaseModel):
     cpu_model: str | None = Field(None, description="The CPU's model name (/proc/cpuinfo); absent in older records.")
     torch_cpu_capability: str | None = Field(None, description="The instruction set torch's CPU kernels use "
                                              "(AVX2, AVX512, ...); absent in older records.")
+    kernel_isa_overrides: dict[str, str] | None = Field(
+        None, description="The kernel instruction-set variables that were set (ATEN_CPU_CAPABILITY, "
+                          "MKL_ENABLE_INSTRUCTIONS, ...: rlkd.provenance.KERNEL_ISA_VARIABLES); absent when none was.")
 
 
 class Provenance(BaseModel):

@@ -186,7 +186,10 @@ def check_stage_exports(cell: Cell, shared_dir: Path, results_dir: Path) -> None
                     f"stage {key}: this machine's export is {sha[:12]}..., but the finished cell "
                     f"{result.folder.name} started from {recorded[key][:12]}...; a cell from this export "
                     f"would be a different experiment. Run on a machine whose {key} reproduces "
-                    f"{recorded[key][:12]}..., or run the whole table from this export into another folder (--results-dir)")
+                    f"{recorded[key][:12]}... (an AVX-512 machine reproduced an AVX2 machine's healed student "
+                    f"with ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 set: "
+                    f"results/healed_student/README.md), or run the whole table from this export into another "
+                    f"folder (--results-dir)")
 
 
 def stage_seconds(cell: Cell, shared_dir: Path) -> dict[str, float]:

@@ -373,7 +373,7 @@ def test_benchmark_meta_names_the_commit_the_command_and_the_load(tmp_path, monk
     assert provenance.load_average() == "unknown"
 
 
-def test_cells_and_benchmarks_record_the_cpu_kind_their_fp32_bits_depend_on():
+def test_cells_and_benchmarks_record_the_cpu_kind_their_fp32_bits_depend_on(monkeypatch):
     """A healing stage gave a different export on another kind of CPU: a cell's provenance and a
     benchmark report name the CPU model and torch's kernel instruction set."""
     import torch
@@ -381,8 +381,33 @@ def test_cells_and_benchmarks_record_the_cpu_kind_their_fp32_bits_depend_on():
     from rlkd import provenance
     from rlkd.bench.runner import code_provenance
 
+    for name in provenance.KERNEL_ISA_VARIABLES:  # the next test covers them
+        monkeypatch.delenv(name, raising=False)
+
     capability = torch.backends.cpu.get_cpu_capability()
     names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
     machine = code_provenance().machine
     assert machine.torch_cpu_capability == capability and machine.cpu_model == names[0]
     assert f"{names[0]} ({capability})" in provenance.benchmark_meta("benchmarks/x.py", [])["machine"]
+
+
+def test_kernel_instruction_set_overrides_are_recorded_only_when_set(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2 on an AVX-512 machine change its fp32
+    bits (they reproduce an AVX2 machine's healed export): a record names them, and a record made
+    without them stays as it was before the field existed."""
+    from rlkd import provenance
+    from rlkd.bench.records import Machine
+    from rlkd.bench.runner import code_provenance
+
+    for name in provenance.KERNEL_ISA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert "kernel_isa_overrides" not in provenance.cpu_identity()
+    assert "kernel_isa_overrides" not in code_provenance().model_dump(exclude_none=True)["machine"]
+
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")  # set but empty: not an override
+    assert provenance.cpu_identity()["kernel_isa_overrides"] == {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    machine = code_provenance().machine
+    assert machine.kernel_isa_overrides == {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert Machine.model_validate(machine.model_dump()) == machine  # what is written reads back
+    assert "MKL_ENABLE_INSTRUCTIONS=AVX2)" in provenance.benchmark_meta("benchmarks/x.py", [])["machine"]
