@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -63,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         # aborting rank fails a Slurm job whose run had finished (seen once in a full test run).
         dist.barrier()
         dist.destroy_process_group()
+        # ...and skips the interpreter's finalisation. A gloo worker thread can still be releasing a
+        # finished collective whose tensors hold Python references (a barrier holding ZeRO-3's
+        # all-gathers); if finalisation has begun, its wait for the GIL ends the thread inside a
+        # destructor and std::terminate aborts a rank whose run had finished (a core dump showed
+        # ~AsyncBarrierWork -> decref -> take_gil -> pthread_exit; about 1 in 20 two-rank runs with
+        # another beside it). The run's files are closed by now: flush what is buffered and exit.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
